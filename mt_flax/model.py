@@ -1,0 +1,377 @@
+"""Encoder-decoder Transformer in ``flax.linen`` with an incremental-decoding cache.
+
+All masking goes through :mod:`mt_flax.masks`; the masks are built once per
+call at the top of the encoder/decoder and carried unchanged through every
+layer. Parameters carry logical axis names (``vocab``, ``embed``, ``heads``,
+``kv``, ``mlp``) so that :mod:`mt_flax.sharding` can map them onto a mesh.
+
+Incremental decoding (used by :mod:`mt_flax.decode`)::
+
+    enc = model.apply(v, src, method=Transformer.encode)
+    # 1) allocate the cache: self-attention K/V slots for max_len steps, and
+    #    the cross-attention K/V of the encoder output, computed once.
+    _, cache = model.apply(v, enc, src, jnp.zeros((B, max_len), jnp.int32),
+                           decode=True, method=Transformer.decode,
+                           mutable=["cache"])
+    # 2) one token per call; the cache index advances by one.
+    logits, cache = model.apply({**v, **cache}, None, src, tok,   # tok [B, 1]
+                                decode=True, method=Transformer.decode,
+                                mutable=["cache"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mt_flax import masks
+
+Array = jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of :class:`Transformer`.
+
+  ``share_embeddings`` uses one embedding table for source and target (needs
+  equal vocabulary sizes); ``tie_output`` projects decoder states to logits
+  with the transpose of the target embedding.
+  """
+  src_vocab_size: int
+  tgt_vocab_size: int
+  d_model: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  mlp_dim: int = 2048
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  share_embeddings: bool = False
+  tie_output: bool = False
+  pre_ln: bool = True
+  positions: str = "sinusoidal"   # "sinusoidal" or "learned"
+  max_len: int = 1024             # longest position for learned positions
+  dtype: str = "float32"          # compute dtype, e.g. "bfloat16"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by "
+                       f"model.num_heads={self.num_heads}")
+    if self.positions not in ("sinusoidal", "learned"):
+      raise ValueError(f"model.positions={self.positions!r}: expected 'sinusoidal' or 'learned'")
+    if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+      raise ValueError("model.share_embeddings needs equal source and target vocabulary "
+                       f"sizes, got {self.src_vocab_size} and {self.tgt_vocab_size}")
+    for field in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError:
+        raise ValueError(f"model.{field}={getattr(self, field)!r} is not a dtype name") from None
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, src_vocab_size: int, tgt_vocab_size: int,
+                  **overrides) -> "TransformerConfig":
+    """Builds from a ``config.model`` ConfigDict (or dict) plus vocabulary sizes."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(model_cfg)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; expected some of {sorted(fields)}")
+    values.update(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **overrides)
+    return cls(**values)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def sinusoidal_positions(positions: Array, d_model: int) -> Array:
+  """Sinusoidal encodings (Vaswani et al. 2017). ``[B, T]`` ints -> ``[B, T, D]`` float32."""
+  half = d_model // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  angles = positions.astype(jnp.float32)[..., None] * freqs
+  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if d_model % 2:
+    enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])
+  return enc
+
+
+def _dense_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; masking only through the boolean ``mask`` argument.
+
+  With ``decode=True`` it keeps a cache: self-attention stores keys/values per
+  step, cross-attention stores the keys/values of the encoder output once.
+  """
+  config: TransformerConfig
+  cross: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, kv: Optional[Array], mask: Array, *, train: bool,
+               decode: bool = False, index: Optional[Array] = None) -> Array:
+    """x: ``[B, T, D]`` queries; kv: ``[B, S, D]`` (cross) or None (self); mask ``[B|1, 1, T, S]``."""
+    cfg = self.config
+    n, h = cfg.num_heads, cfg.d_model // cfg.num_heads
+    proj = lambda name: nn.DenseGeneral(
+        (n, h), dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, use_bias=False,
+        kernel_init=_dense_init(("embed", "heads", "kv")), name=name)
+    q = proj("query")(x)
+    source = x if not self.cross else kv
+
+    if not decode:
+      k, v = proj("key")(source), proj("value")(source)
+    elif self.cross:
+      if self.has_variable("cache", "cached_key"):
+        k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+      else:  # allocating the cache: project the encoder output once
+        k, v = proj("key")(kv), proj("value")(kv)
+        self.put_variable("cache", "cached_key", k)
+        self.put_variable("cache", "cached_value", v)
+    else:
+      initialised = self.has_variable("cache", "cached_key")
+      k_new, v_new = proj("key")(x), proj("value")(x)
+      ck = self.variable("cache", "cached_key", jnp.zeros_like, k_new)
+      cv = self.variable("cache", "cached_value", jnp.zeros_like, v_new)
+      if initialised:
+        if x.shape[1] != 1:
+          raise ValueError(f"incremental decoding takes one token per call, got {x.shape[1]}")
+        start = (0, index, 0, 0)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_new.astype(ck.value.dtype), start)
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_new.astype(cv.value.dtype), start)
+        k, v = ck.value, cv.value
+      else:
+        k, v = k_new, v_new
+
+    dropout = cfg.attention_dropout_rate if train else 0.0
+    if dropout == 0.0:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      out = _attention_with_dropout(q, k, v, mask, dropout, self.make_rng("dropout"))
+    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
+                           param_dtype=cfg.params_dtype, use_bias=False,
+                           kernel_init=_dense_init(("heads", "kv", "embed")), name="out")(out)
+
+
+def _attention_with_dropout(q, k, v, mask, rate, rng):
+  """Reference attention with dropout on the weights. q ``[B,T,N,H]``, k/v ``[B,S,N,H]``."""
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min / 2)
+  weights = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+class MLP(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    cfg = self.config
+    y = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                 kernel_init=_dense_init(("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+    y = nn.Dropout(cfg.dropout_rate)(nn.relu(y), deterministic=not train)
+    return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                    kernel_init=_dense_init(("mlp", "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+
+
+def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def _sublayer(cfg: TransformerConfig, x: Array, f, name: str, train: bool) -> Array:
+  """``x + dropout(f(LN(x)))`` (pre-LN) or ``LN(x + dropout(f(x)))`` (post-LN)."""
+  norm = _layer_norm(cfg, f"{name}_norm")
+  drop = nn.Dropout(cfg.dropout_rate)
+  if cfg.pre_ln:
+    return x + drop(f(norm(x)), deterministic=not train)
+  return norm(x + drop(f(x), deterministic=not train))
+
+
+class EncoderLayer(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, *, train: bool) -> Array:
+    cfg = self.config
+    attn, mlp = Attention(cfg, name="self_attn"), MLP(cfg, name="mlp")
+    x = _sublayer(cfg, x, lambda y: attn(y, None, mask, train=train), "self_attn", train)
+    return _sublayer(cfg, x, lambda y: mlp(y, train=train), "mlp", train)
+
+
+class DecoderLayer(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Optional[Array], self_mask: Array, cross_mask: Array, *,
+               train: bool, decode: bool = False, index: Optional[Array] = None) -> Array:
+    cfg = self.config
+    self_attn = Attention(cfg, name="self_attn")
+    cross_attn = Attention(cfg, cross=True, name="cross_attn")
+    mlp = MLP(cfg, name="mlp")
+    x = _sublayer(cfg, x, lambda y: self_attn(y, None, self_mask, train=train, decode=decode,
+                                              index=index), "self_attn", train)
+    x = _sublayer(cfg, x, lambda y: cross_attn(y, encoded, cross_mask, train=train,
+                                               decode=decode), "cross_attn", train)
+    return _sublayer(cfg, x, lambda y: mlp(y, train=train), "mlp", train)
+
+
+class Embedder(nn.Module):
+  """Token embedding scaled by sqrt(D), plus sinusoidal or learned positions."""
+  config: TransformerConfig
+  vocab_size: int
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = nn.Embed(
+        self.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")))
+    if cfg.positions == "learned":
+      self.pos_embedding = nn.Embed(
+          cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                      (None, "embed")))
+
+  def __call__(self, tokens: Array, positions: Array) -> Array:
+    """tokens, positions: int ``[B, T]`` -> ``[B, T, D]``."""
+    cfg = self.config
+    x = self.embedding(tokens) * jnp.sqrt(cfg.d_model).astype(cfg.compute_dtype)
+    if cfg.positions == "learned":
+      pos = self.pos_embedding(positions)
+    else:
+      pos = sinusoidal_positions(positions, cfg.d_model).astype(cfg.compute_dtype)
+    return x + pos
+
+  def attend(self, x: Array) -> Array:
+    """Tied output projection: ``[B, T, D]`` -> ``[B, T, V]``."""
+    return self.embedding.attend(x)
+
+
+class DecodeIndex(nn.Module):
+  """Holds the position of the next token in incremental decoding (``cache/index``)."""
+
+  @nn.compact
+  def __call__(self) -> tuple[Optional[Array], bool]:
+    """Returns (index, stepping); index is None while the cache is being allocated."""
+    stepping = self.has_variable("cache", "index")
+    var = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not stepping:
+      return None, False
+    index = var.value
+    var.value = index + 1
+    return index, True
+
+
+def _default_positions(tokens: Array, positions: Optional[Array]) -> Array:
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder Transformer for translation.
+
+  ``__call__(src [B, S], tgt_in [B, T])`` -> logits ``[B, T, V_tgt]`` (float32).
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.src_embed = Embedder(cfg, cfg.src_vocab_size)
+    self.tgt_embed = (self.src_embed if cfg.share_embeddings
+                      else Embedder(cfg, cfg.tgt_vocab_size))
+    self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
+                           for i in range(cfg.num_encoder_layers)]
+    self.decoder_layers = [DecoderLayer(cfg, name=f"decoder_{i}")
+                           for i in range(cfg.num_decoder_layers)]
+    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.decode_index = DecodeIndex()
+    if cfg.pre_ln:
+      self.encoder_norm = _layer_norm(cfg, "encoder_norm")
+      self.decoder_norm = _layer_norm(cfg, "decoder_norm")
+    if not cfg.tie_output:
+      self.logits_dense = nn.Dense(
+          cfg.tgt_vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+          kernel_init=_dense_init(("embed", "vocab")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+
+  def encode(self, src: Array, *, train: bool = False, src_segments: Optional[Array] = None,
+             src_positions: Optional[Array] = None) -> Array:
+    """src: int ``[B, S]`` -> encoder output ``[B, S, D]`` (compute dtype)."""
+    mask = masks.encoder_self_mask(src, src_segments)
+    x = self.src_embed(src, _default_positions(src, src_positions))
+    x = self.embed_dropout(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    for layer in self.encoder_layers:
+      x = layer(x, mask, train=train)
+    return self.encoder_norm(x) if self.config.pre_ln else x
+
+  def decode(self, encoded: Optional[Array], src: Array, tgt_in: Array, *, train: bool = False,
+             src_segments: Optional[Array] = None, tgt_segments: Optional[Array] = None,
+             tgt_positions: Optional[Array] = None, decode: bool = False) -> Array:
+    """Decoder. encoded ``[B, S, D]``, src ``[B, S]`` (gives the cross mask), tgt_in ``[B, T]``.
+
+    Returns float32 logits ``[B, T, V_tgt]``. With ``decode=True`` see the
+    module docstring: the first call allocates the cache, later calls take
+    one token ``[B, 1]`` each (``encoded`` may then be None).
+    """
+    index = None
+    if decode:
+      index, stepping = self.decode_index()
+      if stepping:
+        if tgt_segments is not None:
+          raise ValueError("incremental decoding does not take packed rows")
+        cache_len = self.variables["cache"]["decoder_0"]["self_attn"]["cached_key"].shape[1]
+        self_mask = masks.cache_self_mask(index, cache_len)
+        tgt_positions = jnp.full(tgt_in.shape, index, jnp.int32)
+    if index is None:
+      self_mask = masks.decoder_self_mask(tgt_in, tgt_segments)
+    cross = masks.cross_mask(tgt_in, src, tgt_segments, src_segments)
+
+    x = self.tgt_embed(tgt_in, _default_positions(tgt_in, tgt_positions))
+    x = self.embed_dropout(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    for layer in self.decoder_layers:
+      x = layer(x, encoded, self_mask, cross, train=train, decode=decode, index=index)
+    if self.config.pre_ln:
+      x = self.decoder_norm(x)
+    logits = self.tgt_embed.attend(x) if self.config.tie_output else self.logits_dense(x)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
+               src_segments: Optional[Array] = None, tgt_segments: Optional[Array] = None,
+               src_positions: Optional[Array] = None,
+               tgt_positions: Optional[Array] = None) -> Array:
+    """src ``[B, S]``, tgt_in ``[B, T]`` -> logits ``[B, T, V_tgt]``."""
+    encoded = self.encode(src, train=train, src_segments=src_segments,
+                          src_positions=src_positions)
+    return self.decode(encoded, src, tgt_in, train=train, src_segments=src_segments,
+                       tgt_segments=tgt_segments, tgt_positions=tgt_positions)
+
+
+def init_params(model: Transformer, rng: jax.Array, batch: int = 1, length: int = 8):
+  """Initialises ``model`` on dummy tokens; returns the (logically boxed) params tree."""
+  src = jnp.ones((batch, length), jnp.int32)
+  return model.init(rng, src, src)["params"]
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params))))
