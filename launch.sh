@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# mt_flax launcher. Sets up .venv on first use, then:
-#   ./launch.sh test [pytest args]       run the test suite
+# mt_flax launcher. Sets up .venv (pinned dependencies, SWORD Bible packages) on first use, then:
+#   ./launch.sh [--config.key=value ...]   the default experiment end to end: train
+#                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
+#                                          eval report on test, sample translations
+#   ./launch.sh test [pytest args]         run the test suite
 #   ./launch.sh train|eval|translate|data-stats|audit ...   python -m mt_flax ...
+#   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
+#   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
+#       --accelerator TYPE [-- <mt_flax command and flags>]
+# Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3) to create it with,
+# MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) for the default run, MT_FLAX_NO_SETUP=1 to
+# skip the install check (the venv must exist).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${MT_FLAX_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 APT_PACKAGES="sword-text-web sword-text-sparv"
+DEFAULT_CONFIG=experiments/bible_en_es_tiny.py
+RUN_DIR=${MT_FLAX_RUN_DIR:-runs/bible_en_es_tiny}
 
-log() { echo "[launch] $*" >&2; }
+log() { echo "[launch $(date +%H:%M:%S)] $*" >&2; }
 
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
@@ -32,6 +43,10 @@ install_system_packages() {
 }
 
 setup() {
+  if [ "${MT_FLAX_NO_SETUP:-}" = 1 ]; then
+    [ -x "$VENV/bin/python" ] || { log "MT_FLAX_NO_SETUP=1 but $VENV/bin/python is missing"; exit 1; }
+    return 0
+  fi
   install_system_packages
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
@@ -48,27 +63,75 @@ setup() {
   fi
 }
 
+# Prints a few validation sentences, their translations and references (args: config overrides).
+sample_translations() {
+  "$VENV/bin/python" - "$DEFAULT_CONFIG" "$RUN_DIR" "$@" <<'EOF'
+import subprocess, sys
+from mt_flax.config import load_config
+from mt_flax.data import load_pairs
+
+config_path, workdir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+pairs = load_pairs(load_config(config_path, overrides), "validation")[:5]
+out = subprocess.run([sys.executable, "-m", "mt_flax", "translate", "--workdir", workdir],
+                     input="".join(src + "\n" for src, _ in pairs), text=True,
+                     stdout=subprocess.PIPE, check=True).stdout.splitlines()
+for (src, ref), hyp in zip(pairs, out):
+  print(f"  source:      {src}\n  translation: {hyp}\n  reference:   {ref}\n")
+EOF
+}
+
+default_run() {
+  local start=$SECONDS py="$VENV/bin/python"
+  setup
+  log "1/3 training $DEFAULT_CONFIG into $RUN_DIR (a re-run resumes it, or reuses a finished run)"
+  "$py" -m mt_flax train --config "$DEFAULT_CONFIG" --workdir "$RUN_DIR" "$@"
+  if [ -f "$RUN_DIR/report.md" ] && [ "$RUN_DIR/report.md" -nt "$RUN_DIR/metrics.jsonl" ]; then
+    log "2/3 $RUN_DIR/report.md is newer than the training run; not evaluating again"
+  else
+    log "2/3 evaluating the best checkpoint on the test split"
+    "$py" -m mt_flax eval --workdir "$RUN_DIR" --split test
+  fi
+  echo
+  cat "$RUN_DIR/report.md"
+  echo
+  log "3/3 sample translations of validation sentences"
+  sample_translations "$@"
+  log "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s; everything is in $RUN_DIR"
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
+  ""|--config.*)
+    [ -n "$cmd" ] && set -- "$cmd" "$@"
+    default_run "$@"
+    ;;
   test)
     setup
     set +e
-    "$VENV/bin/python" -m pytest "$@"
+    MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "$@"
     rc=$?
     set -e
     if [ $rc = 5 ]; then log "pytest collected no tests: that is an error"; exit 1; fi
     exit $rc
     ;;
-  train|eval|translate|data-stats|audit)
+  train|eval|translate|data-stats|audit|sweep)
     setup
     exec "$VENV/bin/python" -m mt_flax "$cmd" "$@"
+    ;;
+  tpu)
+    setup
+    exec "$VENV/bin/python" -m mt_flax.tpu "$@"
     ;;
   setup)
     setup
     ;;
+  -h|--help|help)
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
   *)
-    echo "usage: ./launch.sh test|setup|train|eval|translate|data-stats|audit [args]" >&2
+    echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \
+      "eval, translate, data-stats, audit, sweep or tpu (./launch.sh help)" >&2
     exit 2
     ;;
 esac

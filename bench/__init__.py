@@ -1,0 +1,93 @@
+"""Benchmarks of mt_flax: speed and memory, printed as JSON, never asserted in tests.
+
+Every benchmark module has ``run(quick: bool) -> dict``; ``python -m bench.all
+--quick`` runs each in its own process and writes ``bench/results.json``. The
+helpers here are shared: repeated timing, machine description, and a counter
+of XLA compilations.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+from jax import monitoring
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+  """Wall time of ``fn()``; ``fn`` must block until its result is ready."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+  """``warmup`` untimed calls, then the wall time of each of ``repeats`` calls."""
+  for _ in range(warmup):
+    fn()
+  return [seconds(fn) for _ in range(repeats)]
+
+
+def median(values: list[float]) -> float:
+  return float(statistics.median(values))
+
+
+def cpu_model() -> str:
+  """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers were measured on: CPU, threads, versions, devices, XLA flags."""
+  import flax
+  import jaxlib
+  device = jax.devices()[0]
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count()
+  return {
+      "cpu": cpu_model(), "cores_available": cores, "python": platform.python_version(),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+      "backend": jax.default_backend(), "device": device.device_kind,
+      "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+  }
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (and their seconds) inside a ``with`` block.
+
+  Listens to JAX's own compile event, so it sees every compilation, including
+  one caused by a new input shape of an already jitted function.
+  """
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+    self.names: list[str] = []
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+      self.count += 1
+      self.seconds += duration
+      self.names.append(str(kwargs.get("fun_name", "?")))
+
+  def __enter__(self) -> "CompileCounter":
+    monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    monitoring.unregister_event_duration_listener(self._listen)

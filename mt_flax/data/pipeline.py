@@ -1,0 +1,529 @@
+"""Grain input pipeline: tokenize, apply the length policy, shuffle, shard, batch.
+
+Training batches (`train_iterator`) are dicts of int32 numpy arrays, 0 = padding:
+
+    src      [B, S]   source tokens + EOS
+    tgt_in   [B, T]   BOS + target tokens
+    tgt_out  [B, T]   target tokens + EOS
+
+and, for packed batches only, `src_segments`, `tgt_segments` [B, S|T] (1, 2, …
+per pair in a row, 0 on padding) and `src_positions`, `tgt_positions` (0, 1, …
+restarting at each pair). `config.data.batching` picks how pairs become batches:
+
+- "bucket": length buckets chosen from the training length histogram
+  (`mt_flax.data.bucketing`), at most `data.num_buckets` shapes;
+- "pack": several pairs per row (Grain's first-fit packing), one shape;
+- "pad": every pair padded to `data.max_len` (the Keras example's way), one shape.
+
+`config.batch_tokens` bounds B * S and B * T of a global batch; each of
+`process_count` processes gets `1/process_count` of it. Pairs longer than
+`data.max_len` tokens on a side (EOS/BOS included) are dropped or truncated
+(`data.overlong`), counted and logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from mt_flax.data import bucketing, sources
+from mt_flax.data.sources import DataError
+from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+BATCHING_MODES = ("bucket", "pack", "pad")
+OVERLONG_MODES = ("drop", "truncate")
+DEFAULT_SRC_LEN_EDGES = (10, 20, 40, 80)
+DEFAULT_LONG_EXAMPLES = 50
+PACK_ALIGN = 8            # packed row lengths are multiples of this
+_READ_CHUNK = 8192
+
+Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def encode_pair(tokenizer: Tokenizer, src_text: str, tgt_text: str, max_len: int | None,
+                overlong: str = "drop") -> dict[str, np.ndarray] | None:
+  """One training example: `src` (+EOS), `tgt_in` (BOS+), `tgt_out` (+EOS), int32.
+
+  Returns None when a side is longer than `max_len` and `overlong` is "drop";
+  with "truncate" the tokens are cut so that each side has `max_len` positions.
+  """
+  return _example(tokenizer.encode_src(src_text), tokenizer.encode_tgt(tgt_text), max_len,
+                  overlong)
+
+
+def _example(src: list[int], tgt: list[int], max_len: int | None, overlong: str
+             ) -> dict[str, np.ndarray] | None:
+  if max_len is not None and (len(src) + 1 > max_len or len(tgt) + 1 > max_len):
+    if overlong == "drop":
+      return None
+    src, tgt = src[:max_len - 1], tgt[:max_len - 1]
+  return {"src": np.asarray(src + [EOS_ID], np.int32),
+          "tgt_in": np.asarray([BOS_ID] + tgt, np.int32),
+          "tgt_out": np.asarray(tgt + [EOS_ID], np.int32)}
+
+
+def _read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
+  indices = list(range(start, stop))
+  if hasattr(source, "__getitems__"):
+    return source.__getitems__(indices)
+  return [source[i] for i in indices]
+
+
+class _Tokenize(grain.transforms.Map):
+  """Record (dict of bytes) -> example dict; over-long pairs truncated (never dropped here)."""
+
+  def __init__(self, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, max_len: int):
+    self._tokenizer, self._src, self._tgt, self._max_len = tokenizer, src_lang, tgt_lang, max_len
+
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    (src_text, tgt_text), = sources.read_texts([record], self._src, self._tgt)
+    return encode_pair(self._tokenizer, src_text, tgt_text, self._max_len, "truncate")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSet:
+  """The training split after the length policy, with every kept pair's padded lengths."""
+  records: Sequence[Any]           # the split's data source
+  examples: grain.MapDataset       # stored pair index -> example dict (tokenized lazily)
+  kept: np.ndarray                 # [K] stored indices of the pairs used
+  src_lens: np.ndarray             # [K] len(src) (EOS included) after truncation
+  tgt_lens: np.ndarray             # [K] len(tgt_in) == len(tgt_out)
+  num_pairs: int                   # pairs in the split
+  dropped_src: int                 # dropped: source longer than max_len (target maybe too)
+  dropped_tgt: int                 # dropped: only the target longer than max_len
+  truncated: int                   # pairs cut to max_len
+  max_len: int
+
+  @property
+  def dropped(self) -> int:
+    return self.dropped_src + self.dropped_tgt
+
+  def example(self, i: int) -> dict[str, np.ndarray]:
+    """The example of the i-th kept pair."""
+    return self.examples[int(self.kept[i])]
+
+
+def _data_key(config: ml_collections.ConfigDict) -> tuple:
+  d = config.data
+  return (d.name, sources.tfds_data_dir(config), d.src_lang, d.tgt_lang, int(d.max_len),
+          d.overlong)
+
+
+def training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TrainingSet:
+  """Tokenizes the training split once (cached per config and tokenizer) and applies
+  `data.max_len` / `data.overlong`; logs what was dropped or truncated.
+
+  Raises:
+    DataError: bad `data.overlong`, or no pair left.
+  """
+  key = (_data_key(config), tokenizer)
+  if key not in _TRAINING_SETS:
+    if len(_TRAINING_SETS) >= 4:
+      _TRAINING_SETS.pop(next(iter(_TRAINING_SETS)))
+    _TRAINING_SETS[key] = _training_set(key[0], tokenizer, config)
+  return _TRAINING_SETS[key]
+
+
+_TRAINING_SETS: dict[tuple, TrainingSet] = {}
+
+
+def _training_set(key: tuple, tokenizer: Tokenizer, config: ml_collections.ConfigDict
+                  ) -> TrainingSet:
+  name, _, src_lang, tgt_lang, max_len, overlong = key
+  if overlong not in OVERLONG_MODES:
+    raise DataError(f"data.overlong={overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
+  if max_len < 2:
+    raise DataError(f"data.max_len={max_len}: expected at least 2 (a token and EOS)")
+  records = sources.data_source(config, "train")
+  src_raw, tgt_raw = [], []
+  for start in range(0, len(records), _READ_CHUNK):
+    texts = sources.read_texts(
+        _read_records(records, start, min(start + _READ_CHUNK, len(records))), src_lang,
+        tgt_lang)
+    src_raw.extend(len(ids) + 1 for ids in tokenizer.encode_src_batch([s for s, _ in texts]))
+    tgt_raw.extend(len(ids) + 1 for ids in tokenizer.encode_tgt_batch([t for _, t in texts]))
+  src_raw, tgt_raw = np.asarray(src_raw, np.int64), np.asarray(tgt_raw, np.int64)
+  src_over, tgt_over = src_raw > max_len, tgt_raw > max_len
+  over = src_over | tgt_over
+  if overlong == "drop":
+    kept = np.flatnonzero(~over)
+    src_lens, tgt_lens = src_raw[kept], tgt_raw[kept]
+    dropped_src, dropped_tgt, truncated = int(src_over.sum()), int((tgt_over & ~src_over).sum()), 0
+  else:
+    kept = np.arange(len(records))
+    src_lens, tgt_lens = np.minimum(src_raw, max_len), np.minimum(tgt_raw, max_len)
+    dropped_src = dropped_tgt = 0
+    truncated = int(over.sum())
+  if dropped_src + dropped_tgt:
+    log.warning("%s train: dropped %d of %d pairs longer than data.max_len=%d tokens "
+                "(%d by the source side, %d by the target side only)", name,
+                dropped_src + dropped_tgt, len(records), max_len, dropped_src, dropped_tgt)
+  if truncated:
+    log.warning("%s train: truncated %d of %d pairs to data.max_len=%d tokens", name,
+                truncated, len(records), max_len)
+  if len(kept) == 0:
+    raise DataError(f"{name} train: all {len(records)} pairs are longer than "
+                    f"data.max_len={max_len}; raise data.max_len or set data.overlong=truncate")
+  examples = grain.MapDataset.source(records).map(
+      _Tokenize(tokenizer, src_lang, tgt_lang, max_len))
+  return TrainingSet(records=records, examples=examples, kept=kept, src_lens=src_lens,
+                     tgt_lens=tgt_lens, num_pairs=len(records), dropped_src=dropped_src,
+                     dropped_tgt=dropped_tgt, truncated=truncated, max_len=max_len)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pad_batch(examples: Sequence[dict[str, np.ndarray]], rows: int, src_len: int,
+              tgt_len: int) -> Batch:
+  """Stacks examples into a [rows, src_len] / [rows, tgt_len] batch, zero-padded."""
+  batch = {"src": np.zeros((rows, src_len), np.int32),
+           "tgt_in": np.zeros((rows, tgt_len), np.int32),
+           "tgt_out": np.zeros((rows, tgt_len), np.int32)}
+  for r, ex in enumerate(examples):
+    for key, array in batch.items():
+      array[r, :len(ex[key])] = ex[key]
+  return batch
+
+
+class _BatchPlanIterator(grain.DatasetIterator):
+  """Yields (bucket, stored pair indices of this process's rows); see `_BatchPlan`."""
+
+  def __init__(self, plan: "_BatchPlan"):
+    super().__init__()
+    self._plan = plan
+    self._epoch, self._batch, self._carry = 0, 0, [[] for _ in plan.buckets]
+    self._batches: list[tuple[int, list[int]]] | None = None
+    self._carry_out: list[list[int]] = []
+
+  def _epoch_plan(self) -> list[tuple[int, list[int]]]:
+    if self._batches is None:
+      plan = self._plan
+      order = np.random.default_rng([plan.seed, self._epoch]).permutation(len(plan.bucket_of))
+      last = plan.num_epochs is not None and self._epoch == plan.num_epochs - 1
+      self._batches, self._carry_out = bucketing.plan_epoch(
+          order, plan.bucket_of, [b.rows for b in plan.buckets], self._carry, flush=last)
+    return self._batches
+
+  def __next__(self) -> tuple[int, list[int]]:
+    plan = self._plan
+    while True:
+      if plan.num_epochs is not None and self._epoch >= plan.num_epochs:
+        raise StopIteration
+      batches = self._epoch_plan()
+      if self._batch < len(batches):
+        break
+      self._epoch, self._batch, self._carry = self._epoch + 1, 0, self._carry_out
+      self._batches = None
+    k, ids = batches[self._batch]
+    self._batch += 1
+    local = plan.buckets[k].rows // plan.process_count
+    mine = ids[plan.process_index * local:(plan.process_index + 1) * local]
+    return k, [int(plan.kept[i]) for i in mine]
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self._epoch, "batch": self._batch,
+            "carry": [list(map(int, c)) for c in self._carry]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+    self._carry = [list(map(int, c)) for c in state["carry"]]
+    self._batches = None
+
+
+class _BatchPlan(grain.IterDataset):
+  """Global batch plan of bucketed (or pad-to-max) batching; each process takes its rows.
+
+  Every process plans the same global batches (same seed, same lengths), so the
+  processes' batches have the same shape at every step; process p takes rows
+  [p * rows / P, (p + 1) * rows / P) of each global batch.
+  """
+
+  def __init__(self, kept: np.ndarray, bucket_of: np.ndarray, buckets: list[bucketing.Bucket],
+               *, seed: int, num_epochs: int | None, process_index: int, process_count: int):
+    super().__init__()
+    self.kept, self.bucket_of, self.buckets = kept, bucket_of, buckets
+    self.seed, self.num_epochs = int(seed), num_epochs
+    self.process_index, self.process_count = process_index, process_count
+
+  def __iter__(self) -> _BatchPlanIterator:
+    return _BatchPlanIterator(self)
+
+
+class _Assemble(grain.transforms.Map):
+  """(bucket, stored indices) -> this process's padded batch of that bucket's shape."""
+
+  def __init__(self, examples: grain.MapDataset, buckets: list[bucketing.Bucket],
+               process_count: int):
+    self._examples, self._buckets, self._process_count = examples, buckets, process_count
+
+  def map(self, item: tuple[int, list[int]]) -> Batch:
+    k, indices = item
+    bucket = self._buckets[k]
+    return pad_batch([self._examples[i] for i in indices], bucket.rows // self._process_count,
+                     bucket.src_len, bucket.tgt_len)
+
+
+class _FinishPacked(grain.transforms.Map):
+  """Grain packer output -> our packed batch keys, padded with empty rows to `rows`."""
+
+  def __init__(self, rows: int):
+    self._rows = rows
+
+  def map(self, packed: dict[str, np.ndarray]) -> Batch:
+    names = {"src": "src", "tgt_in": "tgt_in", "tgt_out": "tgt_out",
+             "src_segment_ids": "src_segments", "src_positions": "src_positions",
+             "tgt_in_segment_ids": "tgt_segments", "tgt_in_positions": "tgt_positions"}
+    out = {}
+    for theirs, ours in names.items():
+      array = np.asarray(packed[theirs], np.int32)
+      if array.shape[0] < self._rows:
+        array = np.concatenate(
+            [array, np.zeros((self._rows - array.shape[0],) + array.shape[1:], np.int32)])
+      out[ours] = array
+    return out
+
+
+def pack_lengths(data: TrainingSet, pack_len: int) -> tuple[int, int]:
+  """Packed row lengths (S, T): the shorter side `pack_len`, the other scaled by the
+  training token ratio, so both sides fill alike; multiples of `PACK_ALIGN`."""
+  base = max(int(pack_len), data.max_len)
+  ratio = float(data.tgt_lens.sum()) / float(data.src_lens.sum())
+  align = lambda n: int(math.ceil(n / PACK_ALIGN) * PACK_ALIGN)
+  if ratio >= 1:
+    return align(base), align(base * ratio)
+  return align(base / ratio), align(base)
+
+
+def _row_multiple(process_count: int, batch_multiple: int) -> int:
+  if process_count < 1 or batch_multiple < 1:
+    raise DataError(f"process_count={process_count} and batch_multiple={batch_multiple} "
+                    "must be at least 1")
+  return process_count * batch_multiple
+
+
+def batch_buckets(config: ml_collections.ConfigDict, data: TrainingSet, *,
+                  process_count: int = 1, batch_multiple: int = 1
+                  ) -> tuple[list[bucketing.Bucket], np.ndarray]:
+  """Global buckets for `data.batching` "bucket" or "pad", and each kept pair's bucket."""
+  mode = config.data.batching
+  if mode == "bucket":
+    num = int(config.data.num_buckets)
+    if num < 1:
+      raise DataError(f"data.num_buckets={num}: expected at least 1")
+    boundaries = bucketing.optimal_boundaries(data.src_lens, data.tgt_lens, num)
+  elif mode == "pad":
+    boundaries = [(data.max_len, data.max_len)]
+  else:
+    raise DataError(f"data.batching={mode!r} has no buckets (expected 'bucket' or 'pad')")
+  try:
+    buckets = bucketing.make_buckets(boundaries, int(config.batch_tokens),
+                                     _row_multiple(process_count, batch_multiple))
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  return buckets, bucketing.assign(data.src_lens, data.tgt_lens, boundaries)
+
+
+def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                   process_index: int = 0, process_count: int = 1, batch_multiple: int = 1,
+                   num_epochs: int | None = None) -> grain.DatasetIterator:
+  """This process's stream of training batches (see the module docstring for keys).
+
+  Endless by default (epoch after epoch, reshuffled with `config.seed` and the
+  epoch number); `num_epochs` makes it finite, the last batches then part-filled
+  and padded with empty rows. Every batch has a multiple of `batch_multiple` rows;
+  for "bucket"/"pad" all processes get batches of the same shape at each step.
+
+  Checkpointing: `get_state()` is a JSON-serialisable dict and `set_state(state)`
+  resumes at exactly the next batch. With Orbax, save the iterator as an item
+  `grain.checkpoint.CheckpointSave(iterator)` and restore it with
+  `grain.checkpoint.CheckpointRestore(iterator)` (handler
+  `grain.checkpoint.CheckpointHandler`, one JSON file per process).
+
+  Raises:
+    DataError: unknown `data.batching`, a budget too small, or no usable pair.
+  """
+  mode = config.data.batching
+  if mode not in BATCHING_MODES:
+    raise DataError(f"data.batching={mode!r}: expected one of {', '.join(BATCHING_MODES)}")
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} not in [0, {process_count})")
+  data = training_set(config, tokenizer)
+  seed = int(config.get("seed", 0))
+  if mode == "pack":
+    return _packed_iterator(config, data, seed=seed, process_index=process_index,
+                            process_count=process_count, batch_multiple=batch_multiple,
+                            num_epochs=num_epochs)
+  buckets, bucket_of = batch_buckets(config, data, process_count=process_count,
+                                     batch_multiple=batch_multiple)
+  plan = _BatchPlan(data.kept, bucket_of, buckets, seed=seed, num_epochs=num_epochs,
+                    process_index=process_index, process_count=process_count)
+  return iter(plan.map(_Assemble(data.examples, buckets, process_count)))
+
+
+def packed_rows(config: ml_collections.ConfigDict, data: TrainingSet, *, process_count: int = 1,
+                batch_multiple: int = 1) -> tuple[int, int, int]:
+  """(rows per process, S, T) of packed batches."""
+  src_len, tgt_len = pack_lengths(data, int(config.data.get("pack_len", 0)))
+  budget = int(config.batch_tokens) // process_count
+  rows = budget // max(src_len, tgt_len) // batch_multiple * batch_multiple
+  if rows == 0:
+    raise DataError(f"batch_tokens={config.batch_tokens} over {process_count} process(es) "
+                    f"cannot hold {batch_multiple} packed row(s) of {max(src_len, tgt_len)} "
+                    "tokens; raise batch_tokens or lower data.pack_len / data.max_len")
+  return rows, src_len, tgt_len
+
+
+def _packed_iterator(config: ml_collections.ConfigDict, data: TrainingSet, *, seed: int,
+                     process_index: int, process_count: int, batch_multiple: int,
+                     num_epochs: int | None) -> grain.DatasetIterator:
+  _row_multiple(process_count, batch_multiple)
+  rows, src_len, tgt_len = packed_rows(config, data, process_count=process_count,
+                                       batch_multiple=batch_multiple)
+  ds = grain.MapDataset.source(data.kept)[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat(num_epochs).map(lambda i: data.examples[int(i)])
+  packed = grain.experimental.FirstFitPackIterDataset(
+      ds.to_iter_dataset(), length_struct={"src": src_len, "tgt_in": tgt_len, "tgt_out": tgt_len},
+      num_packing_bins=rows, seed=seed, shuffle_bins=True)
+  return iter(packed.batch(rows, drop_remainder=False).map(_FinishPacked(rows)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _src_len_slice(n: int, edges: Sequence[int]) -> str:
+  low = 1
+  for edge in edges:
+    if n <= edge:
+      return f"src_len:{low}-{edge}"
+    low = edge + 1
+  return f"src_len:{low}+"
+
+
+def _ratio_slice(ratio: float) -> str:
+  if ratio < 0.8:
+    return "ratio:<0.8"
+  if ratio <= 1.25:
+    return "ratio:0.8-1.25"
+  return "ratio:>1.25"
+
+
+def _eval_example(tokenizer: Tokenizer, src_text: str, ref_text: str, edges: Sequence[int],
+                  extra: Sequence[str] = ()) -> dict[str, Any]:
+  src, tgt = tokenizer.encode_src(src_text), tokenizer.encode_tgt(ref_text)
+  ratio = len(tgt) / max(len(src), 1)
+  return {"src_text": src_text, "ref_text": ref_text,
+          "src_ids": src + [EOS_ID], "tgt_ids": tgt + [EOS_ID],
+          "src_len": len(src), "ratio": ratio,
+          "slices": [*extra, _src_len_slice(len(src), edges), _ratio_slice(ratio)]}
+
+
+def eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, *,
+                  long_stress: bool = False) -> list[dict[str, Any]]:
+  """Evaluation examples of `split` with their length slices.
+
+  Each is a dict: `src_text`, `ref_text`; `src_ids` (source tokens + EOS, the
+  encoder input) and `tgt_ids` (reference tokens + EOS); `src_len` (source tokens,
+  EOS not counted); `ratio` (reference tokens / source tokens); `slices`, e.g.
+  ["src_len:11-20", "ratio:0.8-1.25"] with edges `data.eval_src_len_edges`.
+
+  The first `data.eval_max_examples` pairs of the split (all if 0). With
+  `long_stress=True` instead: the "long" stress set, made by joining consecutive
+  pairs of the split until the source exceeds `data.max_len` tokens (the longest
+  any training pair may be), `data.eval_long_examples` of them; their slices
+  start with "long".
+  """
+  pairs = sources.load_pairs(config, split)
+  edges = tuple(config.data.get("eval_src_len_edges", DEFAULT_SRC_LEN_EDGES))
+  if not long_stress:
+    limit = int(config.data.get("eval_max_examples", 0))
+    chosen = pairs[:limit] if limit > 0 else pairs
+    return [_eval_example(tokenizer, s, t, edges) for s, t in chosen]
+  wanted = int(config.data.get("eval_long_examples", DEFAULT_LONG_EXAMPLES))
+  max_len = int(config.data.max_len)
+  src_counts = [len(ids) for ids in tokenizer.encode_src_batch([s for s, _ in pairs])]
+  out, start = [], 0
+  while len(out) < wanted and start < len(pairs):
+    end, total = start, 0
+    while end < len(pairs) and total + 1 <= max_len:
+      total += src_counts[end]
+      end += 1
+    src_text = " ".join(s for s, _ in pairs[start:end])
+    while len(tokenizer.encode_src(src_text)) + 1 <= max_len and end < len(pairs):
+      end += 1
+      src_text = " ".join(s for s, _ in pairs[start:end])
+    if len(tokenizer.encode_src(src_text)) + 1 <= max_len:
+      break
+    ref_text = " ".join(t for _, t in pairs[start:end])
+    out.append(_eval_example(tokenizer, src_text, ref_text, edges, extra=("long",)))
+    start = end
+  if not out:
+    raise DataError(f"{config.data.name} {split}: its {len(pairs)} pairs together are not "
+                    f"longer than data.max_len={max_len} tokens; no long stress example")
+  return out
+
+
+def _ladder(n: int) -> int:
+  """The smallest of 8, 12, 16, 24, 32, 48, … that is at least n."""
+  size = 8
+  while True:
+    if n <= size:
+      return size
+    if n <= size * 3 // 2:
+      return size * 3 // 2
+    size *= 2
+
+
+def eval_batches(examples: Sequence[dict[str, Any]], batch_tokens: int, batch_multiple: int = 1
+                 ) -> list[tuple[Batch, list[int]]]:
+  """Padded batches covering every example exactly once, with their example indices.
+
+  Shapes come from a fixed ladder of lengths (8, 12, 16, 24, 32, …) on each side,
+  so the set of shapes is bounded; rows = batch_tokens // max(S, T) rounded down
+  to a multiple of `batch_multiple` (at least `batch_multiple`), empty rows pad
+  the last batch of a shape.
+  """
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, ex in enumerate(examples):
+    key = (_ladder(len(ex["src_ids"])), _ladder(len(ex["tgt_ids"])))
+    groups.setdefault(key, []).append(i)
+  out = []
+  for (src_len, tgt_len), indices in sorted(groups.items()):
+    rows = max(batch_multiple, batch_tokens // max(src_len, tgt_len)
+               // batch_multiple * batch_multiple)
+    for start in range(0, len(indices), rows):
+      chunk = indices[start:start + rows]
+      rows_examples = [{"src": np.asarray(examples[i]["src_ids"], np.int32),
+                        "tgt_in": np.asarray([BOS_ID] + list(examples[i]["tgt_ids"][:-1]),
+                                             np.int32),
+                        "tgt_out": np.asarray(examples[i]["tgt_ids"], np.int32)}
+                       for i in chunk]
+      out.append((pad_batch(rows_examples, rows, src_len, tgt_len), chunk))
+  return out
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def batch_efficiency(batches: Sequence[Batch]) -> dict[str, Any]:
+  """Real tokens / padded slots per side over `batches`, and their distinct shapes."""
+  real_src = sum(int((b["src"] != PAD_ID).sum()) for b in batches)
+  real_tgt = sum(int((b["tgt_out"] != PAD_ID).sum()) for b in batches)
+  slots_src = sum(b["src"].size for b in batches)
+  slots_tgt = sum(b["tgt_out"].size for b in batches)
+  shapes = sorted({(b["src"].shape[0], b["src"].shape[1], b["tgt_out"].shape[1])
+                   for b in batches})
+  return {"src_efficiency": real_src / max(slots_src, 1),
+          "tgt_efficiency": real_tgt / max(slots_tgt, 1),
+          "shapes": len(shapes), "shape_list": [list(s) for s in shapes],
+          "batches": len(batches)}

@@ -1,0 +1,233 @@
+"""Where raw sentence pairs come from: TFDS builders read as array_record.
+
+`config.data.name` names a TFDS builder: one of ours (`spa_eng`, `bible_en_es`)
+or any TFDS translation dataset such as `wmt14_translate/de-en`.
+`config.data.src_lang` / `config.data.tgt_lang` pick the direction. A builder is
+prepared (downloaded, parsed, written as array_record) on first use into
+`config.data.tfds_data_dir` ("" = TFDS default, i.e. `$TFDS_DATA_DIR` or
+`~/tensorflow_datasets`). Downloaded archives may instead be put in a folder
+named by `config.data.manual_dir` or the environment variable
+`MT_FLAX_MANUAL_DIR` (the config key wins).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import tensorflow_datasets as tfds
+from etils import epath
+
+SPLITS = ("train", "validation", "test")
+MANUAL_DIR_ENV = "MT_FLAX_MANUAL_DIR"
+OUR_BUILDERS = ("spa_eng", "bible_en_es")
+
+
+class DataError(ValueError):
+  """Data that cannot be used as asked; the message is one line for the user."""
+
+
+def manual_dir(config: ml_collections.ConfigDict) -> str | None:
+  """The folder holding downloaded archives: `data.manual_dir`, else `$MT_FLAX_MANUAL_DIR`."""
+  folder = config.data.get("manual_dir", "") or os.environ.get(MANUAL_DIR_ENV, "")
+  return os.path.abspath(os.path.expanduser(folder)) if folder else None
+
+
+def tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
+  """`data.tfds_data_dir`, or None for the TFDS default."""
+  folder = config.data.get("tfds_data_dir", "")
+  return os.path.abspath(os.path.expanduser(folder)) if folder else None
+
+
+def _register_builders() -> None:
+  """Imports our builders and TFDS's translation builders so TFDS knows their names."""
+  from mt_flax.data import bible, spa_eng  # noqa: F401  (registration on import)
+  try:
+    import tensorflow_datasets.translate  # noqa: F401
+  except ImportError:
+    pass
+
+
+def _known_names() -> list[str]:
+  from tensorflow_datasets.core import registered
+  return sorted(set(registered.list_imported_builders()) | set(OUR_BUILDERS))
+
+
+def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
+                ) -> tfds.core.DatasetBuilder:
+  """The TFDS builder named by `config.data.name`, prepared as array_record if needed.
+
+  Raises:
+    DataError: unknown name, missing data offline, or a failed preparation.
+  """
+  _register_builders()
+  name = config.data.name
+  try:
+    builder = tfds.builder(name, data_dir=tfds_data_dir(config), file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    base = name.split("/")[0]
+    near = difflib.get_close_matches(base, _known_names(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(near)}?" if near else (
+        f"expected {', '.join(OUR_BUILDERS)} or a TFDS dataset such as wmt14_translate/de-en")
+    raise DataError(f"unknown dataset data.name={name!r}; {hint}") from None
+  except ValueError as e:
+    raise DataError(f"data.name={name!r}: {_first_line(e)}") from None
+  if prepare and not builder.is_prepared():
+    try:
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+    except DataError:
+      raise
+    except Exception as e:  # a third-party builder failing deep inside TFDS
+      raise DataError(f"{name}: preparing the dataset in {builder.data_dir} failed: "
+                      f"{type(e).__name__}: {_first_line(e)}") from e
+  return builder
+
+
+def languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+  """The language keys of a translation builder's records, e.g. ("en", "es")."""
+  features = builder.info.features
+  if isinstance(features, tfds.features.Translation):
+    return tuple(features.languages)
+  if isinstance(features, tfds.features.FeaturesDict):
+    return tuple(k for k, v in features.items() if isinstance(v, tfds.features.Text))
+  return ()
+
+
+def check_direction(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+                    ) -> tuple[str, str]:
+  """Validates `data.src_lang`/`data.tgt_lang` against the builder; returns them."""
+  langs = languages(builder)
+  src, tgt = config.data.src_lang, config.data.tgt_lang
+  for key, lang in (("data.src_lang", src), ("data.tgt_lang", tgt)):
+    if lang not in langs:
+      raise DataError(f"{key}={lang!r} is not a language of {config.data.name} "
+                      f"(it has {', '.join(langs) or 'no text features'})")
+  if src == tgt:
+    raise DataError(f"data.src_lang and data.tgt_lang are both {src!r}")
+  return src, tgt
+
+
+def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict[str, Any]]:
+  """Random-access records of `split` (dicts of bytes), read with `tfds.data_source`.
+
+  Raises:
+    DataError: unknown or empty split, or data not stored as array_record.
+  """
+  builder = get_builder(config)
+  check_direction(config, builder)
+  splits = builder.info.splits
+  if split not in splits:
+    raise DataError(f"{config.data.name} has no split {split!r} "
+                    f"(it has {', '.join(sorted(splits.keys()))})")
+  if splits[split].num_examples == 0:
+    raise DataError(f"{config.data.name} split {split!r} is empty (0 examples in "
+                    f"{builder.data_dir})")
+  try:
+    return tfds.data_source(config.data.name, split=split, data_dir=tfds_data_dir(config),
+                            download=False)
+  except ValueError as e:
+    raise DataError(f"{config.data.name} in {builder.data_dir} cannot be read as "
+                    f"array_record ({_first_line(e)}); rebuild it with file_format="
+                    "array_record (see README, 'Preparing TFDS translation datasets')") from None
+
+
+def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Number of pairs in each split of the prepared dataset."""
+  builder = get_builder(config)
+  return {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+
+
+def report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the builder recorded while preparing (malformed lines, skipped verses), if any."""
+  builder = get_builder(config)
+  metadata = builder.info.metadata
+  return dict(metadata) if metadata else {}
+
+
+def read_texts(records: Sequence[dict[str, Any]], src_lang: str, tgt_lang: str
+               ) -> list[tuple[str, str]]:
+  """Decodes records (dicts of UTF-8 bytes) into (source, target) strings."""
+  def text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  return [(text(r[src_lang]), text(r[tgt_lang])) for r in records]
+
+
+def load_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str, str]]:
+  """All (source text, target text) pairs of `split` in the configured direction.
+
+  The order is the stored order of the array_record files (deterministic).
+  """
+  if split not in SPLITS:
+    raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+  source = data_source(config, split)
+  src, tgt = config.data.src_lang, config.data.tgt_lang
+  pairs: list[tuple[str, str]] = []
+  chunk = 4096
+  for start in range(0, len(source), chunk):
+    indices = list(range(start, min(start + chunk, len(source))))
+    records = source.__getitems__(indices) if hasattr(source, "__getitems__") else [
+        source[i] for i in indices]
+    pairs.extend(read_texts(records, src, tgt))
+  return pairs
+
+
+def manual_folder(dl_manager: tfds.download.DownloadManager) -> epath.Path:
+  """The folder where TFDS looks for manually downloaded files."""
+  try:
+    return dl_manager.manual_dir
+  except (AssertionError, ValueError):
+    configured = getattr(dl_manager, "_manual_dir", None)
+    return epath.Path(configured) if configured else dl_manager.download_dir / "manual"
+
+
+def unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+  """Why `url`'s host cannot be reached now ("no network: ..."), or None if it can.
+
+  A quick check that spares the download manager's retries when offline.
+  """
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  try:
+    with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+      return None
+  except OSError as e:
+    return f"no network: {parts.hostname}: {e.strerror or type(e).__name__}"
+
+
+def locate(dl_manager: tfds.download.DownloadManager, filename: str, url: str | list[str],
+           dataset: str, hint: str = "") -> epath.Path:
+  """A local copy of `filename` from the manual folder, else downloaded from `url`.
+
+  Raises:
+    DataError: neither a local copy nor a download; says which file to put where.
+  """
+  folder = manual_folder(dl_manager)
+  local = folder / filename
+  if local.exists():
+    return local
+  urls = [url] if isinstance(url, str) else list(url)
+  reasons = []
+  for candidate in urls:
+    problem = unreachable(candidate)
+    if problem:
+      reasons.append(problem)
+      continue
+    try:
+      return epath.Path(dl_manager.download(candidate))
+    except Exception as e:  # HTTP error, broken transfer: try the next URL
+      reasons.append(f"{type(e).__name__}")
+  raise DataError(
+      f"{dataset}: {filename} not found in {folder} and downloading {urls[0]} failed "
+      f"({'; '.join(reasons)}); put {filename} into {folder}, or into a folder named by "
+      f"data.manual_dir or ${MANUAL_DIR_ENV}{hint}")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

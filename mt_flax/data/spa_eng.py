@@ -1,0 +1,168 @@
+"""`spa_eng`: English–Spanish sentence pairs from Tatoeba (manythings.org/anki), 2018-05-13.
+
+The archive `spa-eng.zip` holds `spa-eng/spa.txt`: one `English<TAB>Spanish` pair a
+line. It is downloaded from its canonical URL, or read from the manual folder
+(`data.manual_dir` / `$MT_FLAX_MANUAL_DIR`, else `<tfds_data_dir>/downloads/manual`).
+
+Parsing keeps every well-formed line; a malformed one (no tab, an empty side,
+invalid UTF-8) is counted and listed with its line number in the dataset's
+metadata (`builder.info.metadata["malformed"]`) and in a logged warning.
+
+Splits are grouped by English sentence: all translations of one English sentence
+(compared case- and whitespace-insensitively) land in the same split, chosen by a
+hash of the sentence, so the split is deterministic and stable under reordering.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import hashlib
+import logging
+import os
+import zipfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mt_flax.data.sources import DataError, locate
+
+URL = "http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip"
+ARCHIVE = "spa-eng.zip"
+MEMBER = "spa-eng/spa.txt"
+VALIDATION_FRACTION = 0.05   # of English sentences
+TEST_FRACTION = 0.05
+MAX_LISTED = 20              # malformed lines named in the log message
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+  """A line that is not an `English<TAB>Spanish` pair."""
+  line: int      # 1-based line number in spa.txt
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  line: int      # 1-based line number in spa.txt
+  en: str
+  es: str
+
+
+def parse(data: bytes) -> tuple[list[Pair], list[Malformed]]:
+  """Splits the bytes of spa.txt into well-formed pairs and malformed lines.
+
+  A line may end in "\\r\\n"; columns after the second (the attribution column of
+  newer anki files) are ignored; both sides are stripped of surrounding spaces.
+  """
+  lines = data.split(b"\n")
+  if lines and lines[-1] == b"":
+    lines.pop()
+  pairs, malformed = [], []
+  for number, raw in enumerate(lines, start=1):
+    raw = raw.rstrip(b"\r")
+    if number == 1 and raw.startswith(codecs.BOM_UTF8):
+      raw = raw[len(codecs.BOM_UTF8):]
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      malformed.append(Malformed(number, f"invalid UTF-8 at byte {e.start}"))
+      continue
+    if "\t" not in text:
+      malformed.append(Malformed(number, "empty line" if not text.strip() else "no tab"))
+      continue
+    en, es = (field.strip() for field in text.split("\t")[:2])
+    if not en or not es:
+      side = "English" if not en else "Spanish"
+      malformed.append(Malformed(number, f"empty {side} side"))
+      continue
+    pairs.append(Pair(number, en, es))
+  return pairs, malformed
+
+
+def english_key(en: str) -> str:
+  """The grouping key of an English sentence: case-folded, whitespace collapsed."""
+  return " ".join(en.casefold().split())
+
+
+def split_of(en: str) -> str:
+  """"train", "validation" or "test" for every pair whose English side is `en`."""
+  digest = hashlib.blake2b(english_key(en).encode("utf-8"), digest_size=8).digest()
+  u = int.from_bytes(digest, "big") / 2.0**64
+  if u < VALIDATION_FRACTION:
+    return "validation"
+  if u < VALIDATION_FRACTION + TEST_FRACTION:
+    return "test"
+  return "train"
+
+
+def read_spa_txt(path: epath.PathLike) -> bytes:
+  """The bytes of spa.txt from `spa-eng.zip`, or from a plain `spa.txt`."""
+  path = os.fspath(path)
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      return f.read()
+  with zipfile.ZipFile(path) as archive:
+    names = [n for n in archive.namelist() if n == MEMBER or n.endswith("/spa.txt")
+             or n == "spa.txt"]
+    if not names:
+      raise DataError(f"{path}: no {MEMBER} in the archive")
+    return archive.read(names[0])
+
+
+class SpaEng(tfds.core.GeneratorBasedBuilder):
+  """English–Spanish Tatoeba pairs, split by English sentence."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # This file; TFDS's own lookup goes through package resources, which needs the
+    # `importlib_resources` backport on some installs.
+    return epath.Path(__file__)
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "spa-eng.zip of 2018-05-13; 90/5/5 split by English sentence."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f"Download {URL} and put {ARCHIVE} into the manual folder "
+      "(data.manual_dir or $MT_FLAX_MANUAL_DIR).")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="English-Spanish sentence pairs from Tatoeba via manythings.org/anki.",
+        features=tfds.features.FeaturesDict({
+            "en": tfds.features.Text(),
+            "es": tfds.features.Text(),
+            "line": np.int32,     # line number in spa.txt
+        }),
+        supervised_keys=("en", "es"),
+        homepage="https://www.manythings.org/anki/",
+        citation="CC-BY 2.0 (France); www.manythings.org/anki and tatoeba.org",
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    path = locate(dl_manager, ARCHIVE, URL, "spa_eng")
+    pairs, malformed = parse(read_spa_txt(path))
+    if malformed:
+      listed = "; ".join(f"line {m.line}: {m.reason}" for m in malformed[:MAX_LISTED])
+      more = f" (and {len(malformed) - MAX_LISTED} more)" if len(malformed) > MAX_LISTED else ""
+      log.warning("spa_eng: %d malformed line(s) in %s skipped: %s%s",
+                  len(malformed), path, listed, more)
+    by_split: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
+    for pair in pairs:
+      by_split[split_of(pair.en)].append(pair)
+    self.info.metadata.update({
+        "source": os.fspath(path),
+        "num_lines": len(pairs) + len(malformed),
+        "num_pairs": len(pairs),
+        "num_malformed": len(malformed),
+        "malformed": [dataclasses.asdict(m) for m in malformed],
+    })
+    return {name: self._generate_examples(items) for name, items in by_split.items()}
+
+  def _generate_examples(self, pairs: list[Pair]):
+    for pair in pairs:
+      yield pair.line, {"en": pair.en, "es": pair.es, "line": pair.line}

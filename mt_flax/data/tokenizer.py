@@ -1,0 +1,169 @@
+"""SentencePiece tokenizer trained on the training split, kept in `workdir/tokenizer/`.
+
+Ids: 0 pad, 1 unknown, 2 begin (BOS), 3 end (EOS); the rest are pieces. One
+vocabulary shared by both languages (`data.shared_vocab=True`, file `spm.model`)
+or one per side (`src.model`, `tgt.model`), each of `data.vocab_size` pieces, of
+type `data.tokenizer_type` ("unigram" or "bpe"). `tokenizer.json` records what
+the models were trained for; a workdir whose tokenizer does not match the config
+is an error rather than a silent mix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+from mt_flax.data.sources import DataError, load_pairs
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+TOKENIZER_DIR = "tokenizer"
+INFO_FILE = "tokenizer.json"
+SHARED_MODEL, SRC_MODEL, TGT_MODEL = "spm.model", "src.model", "tgt.model"
+MODEL_TYPES = ("unigram", "bpe")
+MAX_TRAINING_SENTENCES = 2_000_000   # SentencePiece samples this many per model
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+  """Source and target SentencePiece models (possibly the same one)."""
+
+  def __init__(self, src: spm.SentencePieceProcessor, tgt: spm.SentencePieceProcessor,
+               directory: str | None = None):
+    self._src, self._tgt = src, tgt
+    self.directory = directory
+
+  @classmethod
+  def load(cls, directory: str) -> "Tokenizer":
+    """Loads the models in `directory` (a `workdir/tokenizer/` folder)."""
+    shared = os.path.join(directory, SHARED_MODEL)
+    if os.path.exists(shared):
+      model = spm.SentencePieceProcessor(model_file=shared)
+      return cls(model, model, directory)
+    paths = [os.path.join(directory, name) for name in (SRC_MODEL, TGT_MODEL)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      raise DataError(f"{directory}: no tokenizer model ({SHARED_MODEL}, or "
+                      f"{SRC_MODEL} and {TGT_MODEL})")
+    return cls(*(spm.SentencePieceProcessor(model_file=p) for p in paths), directory)
+
+  @property
+  def shared(self) -> bool:
+    return self._src is self._tgt
+
+  @property
+  def src_vocab_size(self) -> int:
+    return int(self._src.get_piece_size())
+
+  @property
+  def tgt_vocab_size(self) -> int:
+    return int(self._tgt.get_piece_size())
+
+  def encode_src(self, text: str) -> list[int]:
+    """Source token ids, without BOS/EOS."""
+    return self._src.encode(text)
+
+  def encode_tgt(self, text: str) -> list[int]:
+    """Target token ids, without BOS/EOS."""
+    return self._tgt.encode(text)
+
+  def encode_src_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._src.encode(list(texts))
+
+  def encode_tgt_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._tgt.encode(list(texts))
+
+  def decode_src(self, ids: Iterable[int]) -> str:
+    """Text of source ids; stops at the first EOS, skips padding and BOS."""
+    return self._src.decode(_content_ids(ids))
+
+  def decode_tgt(self, ids: Iterable[int]) -> str:
+    """Text of target ids; stops at the first EOS, skips padding and BOS."""
+    return self._tgt.decode(_content_ids(ids))
+
+
+def _content_ids(ids: Iterable[int]) -> list[int]:
+  out = []
+  for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1):
+    i = int(i)
+    if i == EOS_ID:
+      break
+    if i not in (PAD_ID, BOS_ID):
+      out.append(i)
+  return out
+
+
+def train_model(texts: Iterable[str], path: str, *, vocab_size: int, model_type: str) -> None:
+  """Trains one SentencePiece model on `texts` and writes it to `path` (`….model`)."""
+  with open(path, "wb") as out:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=out, vocab_size=int(vocab_size),
+        model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        character_coverage=0.9999, hard_vocab_limit=False,
+        input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+
+
+def _expected_info(config: ml_collections.ConfigDict) -> dict:
+  d = config.data
+  return {"dataset": d.name, "src_lang": d.src_lang, "tgt_lang": d.tgt_lang,
+          "vocab_size": int(d.vocab_size), "shared_vocab": bool(d.shared_vocab),
+          "tokenizer_type": d.tokenizer_type}
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """Loads `workdir/tokenizer/`, or trains it on the training split if it has no model.
+
+  Raises:
+    DataError: the saved tokenizer was trained for another dataset/direction/vocabulary.
+  """
+  directory = os.path.join(workdir, TOKENIZER_DIR)
+  expected = _expected_info(config)
+  info_path = os.path.join(directory, INFO_FILE)
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      saved = json.load(f)
+    changed = [f"{k}: {saved.get(k)!r} there, {v!r} in the config"
+               for k, v in expected.items() if saved.get(k) != v]
+    if changed:
+      raise DataError(f"{directory} was trained for another setting ({'; '.join(changed)}); "
+                      "use a new workdir or delete that folder")
+    return Tokenizer.load(directory)
+  if config.data.tokenizer_type not in MODEL_TYPES:
+    raise DataError(f"data.tokenizer_type={config.data.tokenizer_type!r}: expected one of "
+                    f"{', '.join(MODEL_TYPES)}")
+  pairs = load_pairs(config, "train")
+  log.info("training a %s SentencePiece tokenizer (%d pieces, %s) on %d training pairs",
+           config.data.tokenizer_type, config.data.vocab_size,
+           "shared" if config.data.shared_vocab else "per side", len(pairs))
+  os.makedirs(workdir, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
+  try:
+    options = dict(vocab_size=config.data.vocab_size, model_type=config.data.tokenizer_type)
+    if config.data.shared_vocab:
+      texts = [s for s, _ in pairs] + [t for _, t in pairs]
+      train_model(texts, os.path.join(staging, SHARED_MODEL), **options)
+    else:
+      train_model([s for s, _ in pairs], os.path.join(staging, SRC_MODEL), **options)
+      train_model([t for _, t in pairs], os.path.join(staging, TGT_MODEL), **options)
+    with open(os.path.join(staging, INFO_FILE), "w") as f:
+      json.dump(expected, f, indent=2)
+    if os.path.isdir(directory):   # a folder without tokenizer.json: an interrupted run
+      shutil.rmtree(directory)
+    os.replace(staging, directory)
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging)
+  return Tokenizer.load(directory)

@@ -1,0 +1,95 @@
+"""Run logging: ``metrics.jsonl`` (one JSON object per line) and TensorBoard event files.
+
+Train lines: ``{"step", "loss", "nll", "learning_rate", "grad_norm", "tokens_per_s",
+"padding_efficiency", "steps_per_s", ...}``; validation lines:
+``{"step", "split": "validation", "eval_loss", "eval_accuracy", "eval_perplexity", ...}``.
+Only process 0 writes. On resume, lines past the restored step are dropped so
+every step appears once.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _clean(value: Any) -> Any:
+  """Python scalars for JSON; NaN/inf become strings ("nan", "inf") so lines stay valid JSON."""
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All complete JSON lines of ``workdir/metrics.jsonl`` (a torn last line is skipped)."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+class MetricWriter:
+  """Appends metric dicts to ``metrics.jsonl`` and TensorBoard (``<split>/<name>`` scalars)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: Optional[int] = None):
+    self.enabled = enabled
+    self.path = epath.Path(workdir) / METRICS_FILE
+    self._tb = None
+    if not enabled:
+      return
+    if resume_step is not None:
+      self._truncate_after(resume_step)
+    if "://" not in str(workdir):   # tensorboardX writes local files only
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR),
+                               purge_step=resume_step, flush_secs=30)
+    self._file = self.path.open("a")
+
+  def _truncate_after(self, step: int) -> None:
+    """Keeps lines with ``step <= step`` (a resumed run re-logs the later ones)."""
+    rows = [r for r in read_metrics(str(self.path.parent)) if int(r.get("step", 0)) <= step]
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    if split != "train":
+      row["split"] = split
+    row.update({k: _clean(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        v = _clean(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._file.flush()
+      if self._tb is not None:
+        self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()

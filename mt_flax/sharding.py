@@ -1,0 +1,330 @@
+"""Devices: mesh and logical axis rules for ``jax.jit``, ``jax.pmap`` plumbing, multi-host.
+
+Two ways to run the pure steps of :mod:`mt_flax.steps`, both behind the same
+small interface (:class:`JitPartitioner`, :class:`PmapPartitioner`):
+
+- ``jit``: one global program over a ``Mesh`` with axes ``(data, fsdp, tensor)``.
+  Parameters are placed by their logical axis names (``LOGICAL_AXIS_RULES``):
+  ``data`` only = pure data parallel, ``fsdp`` shards parameters and optimizer
+  state along ``embed`` (and the batch), ``tensor`` shards heads/MLP/vocab.
+- ``pmap``: data parallel over the local devices, state replicated per device,
+  gradients summed with ``psum``.
+
+On several hosts each process passes its own rows; :func:`global_batch`
+assembles them into one global array (padding every process to a common
+shape first, since buckets may differ between hosts).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axes, in order of precedence (see flax.linen.logical_to_mesh_axes)
+LOGICAL_AXIS_RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls ``jax.distributed.initialize`` when this is one of several processes.
+
+  Explicit: ``MT_FLAX_COORDINATOR`` (``host:port``), ``MT_FLAX_NUM_PROCESSES``,
+  ``MT_FLAX_PROCESS_ID`` (e.g. several processes on one machine, CPU
+  collectives over gloo). Detected: a multi-host Cloud TPU slice
+  (``TPU_WORKER_HOSTNAMES`` lists several hosts), a SLURM job with several
+  tasks, or ``MT_FLAX_DISTRIBUTED=1``; JAX then finds its peers itself.
+  Must run before anything touches a JAX backend.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if env.get("MT_FLAX_COORDINATOR"):
+    try:
+      num, pid = int(env["MT_FLAX_NUM_PROCESSES"]), int(env["MT_FLAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+      raise ValueError("MT_FLAX_COORDINATOR needs integer MT_FLAX_NUM_PROCESSES and "
+                       "MT_FLAX_PROCESS_ID") from None
+    jax.distributed.initialize(coordinator_address=env["MT_FLAX_COORDINATOR"],
+                               num_processes=num, process_id=pid)
+    return
+  tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if (env.get("MT_FLAX_DISTRIBUTED") == "1" or len(tpu_hosts) > 1
+      or int(env.get("SLURM_NTASKS", "1") or 1) > 1):
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+  """Resolves ``{data, fsdp, tensor}`` (one of them may be -1) against ``num_devices``."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))}: expected positive sizes with at "
+                     "most one -1 (fills the remaining devices)")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+                       f"divisible by {known}")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices; "
+                     f"expected {num_devices} (set one axis to -1 to fill)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _divisible_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[n] for n in names)
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh,
+                      rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a tree whose leaves may be boxed with logical axis names.
+
+  The result has the structure of the unboxed tree.
+  """
+  logical = nn.get_partition_spec(abstract_boxed)
+  shapes = nn.meta.unbox(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(logical, rules)
+  return jax.tree.map(
+      lambda x, spec: NamedSharding(mesh, _divisible_spec(x.shape, spec, mesh)),
+      shapes, mesh_specs)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """Number of distinct slices the batch dimension is cut into."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def common_batch_shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Pads this process's batch to the largest row count and lengths over all processes.
+
+  Padding rows and columns are 0 (pad), so they carry zero loss weight.
+  """
+  if jax.process_count() == 1:
+    return batch
+  keys = sorted(batch)
+  local = np.array([d for k in keys for d in batch[k].shape], np.int64)
+  target = np.max(multihost_utils.process_allgather(local), axis=0)
+  out, i = {}, 0
+  for k in keys:
+    x = batch[k]
+    want = target[i:i + x.ndim]
+    i += x.ndim
+    out[k] = np.pad(x, [(0, int(w) - s) for s, w in zip(x.shape, want)])
+  return out
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is True on any of them (a barrier on several hosts)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's contiguous share of rows of a batch that every process holds whole."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  rows = next(iter(batch.values())).shape[0]
+  if rows % n:
+    raise ValueError(f"a batch of {rows} rows does not split over {n} processes")
+  per = rows // n
+  return {k: v[i * per:(i + 1) * per] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- partitioners
+
+
+class JitPartitioner:
+  """Runs steps with ``jax.jit`` over a ``(data, fsdp, tensor)`` mesh."""
+
+  mode = "jit"
+
+  def __init__(self, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    self.mesh = mesh
+    self.rules = rules
+    self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    self.replicated = NamedSharding(mesh, P())
+    self.state_shardings = None
+
+  @property
+  def local_batch_multiple(self) -> int:
+    """Rows of a per-process batch must be a multiple of this."""
+    return max(1, batch_shards(self.mesh) // jax.process_count())
+
+  @property
+  def global_batch_multiple(self) -> int:
+    """Rows of a batch that every process holds whole must be a multiple of this."""
+    return max(batch_shards(self.mesh), jax.process_count())
+
+  def setup(self, boxed_init: Callable[[jax.Array], Any], rng: jax.Array) -> None:
+    """Derives the state shardings from the logical axis names of ``boxed_init(rng)``."""
+    self._boxed_init = boxed_init
+    self._abstract = jax.eval_shape(lambda r: nn.meta.unbox(boxed_init(r)), rng)
+    self.state_shardings = logical_shardings(jax.eval_shape(boxed_init, rng), self.mesh,
+                                             self.rules)
+
+  def init_state(self, rng: jax.Array) -> Any:
+    """Builds a fresh state directly in its shardings.
+
+    Traced without a context mesh: the output shardings place the arrays (a
+    context mesh would make flax constrain the flattened DenseGeneral kernels).
+    """
+    init = jax.jit(lambda r: nn.meta.unbox(self._boxed_init(r)),
+                   out_shardings=self.state_shardings)
+    return init(rng)
+
+  def abstract_state(self) -> Any:
+    """Shape, dtype and sharding of every state leaf (the restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self._abstract, self.state_shardings)
+
+  def to_checkpoint(self, state: Any) -> Any:
+    return state
+
+  def from_checkpoint(self, state: Any) -> Any:
+    return state
+
+  def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Per-process rows ``[B_local, ...]`` -> global arrays sharded along the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  def compile_train_step(self, step_fn: Callable) -> Callable:
+    """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
+    return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+
+  def compile_eval_step(self, eval_fn: Callable) -> Callable:
+    """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
+    return jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.batch_sharding),
+                   out_shardings=self.replicated)
+
+  def params_of(self, state: Any) -> Any:
+    return state.params
+
+  def metrics_to_host(self, metrics: Any) -> Any:
+    return jax.device_get(metrics)
+
+
+class PmapPartitioner:
+  """Runs steps with ``jax.pmap`` (data parallel over local devices, psum over ``batch``)."""
+
+  mode = "pmap"
+  axis_name = "batch"
+
+  def __init__(self, devices: Optional[Sequence[jax.Device]] = None):
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    self.n = len(self.devices)
+
+  @property
+  def local_batch_multiple(self) -> int:
+    return self.n
+
+  @property
+  def global_batch_multiple(self) -> int:
+    return self.n * jax.process_count()
+
+  def replicate(self, tree: Any) -> Any:
+    """One copy per device, stacked along a leading device axis."""
+    return jax_utils.replicate(tree, self.devices)
+
+  def setup(self, boxed_init: Callable[[jax.Array], Any], rng: jax.Array) -> None:
+    self._init = lambda r: nn.meta.unbox(boxed_init(r))
+    self._abstract = jax.eval_shape(self._init, rng)
+
+  def init_state(self, rng: jax.Array) -> Any:
+    return self.replicate(jax.device_get(jax.jit(self._init)(rng)))
+
+  def abstract_state(self) -> Any:
+    """Restore target: whole arrays on the first device (replicated afterwards)."""
+    one = jax.sharding.SingleDeviceSharding(self.devices[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                        self._abstract)
+
+  def to_checkpoint(self, state: Any) -> Any:
+    """Device 0's copy, on the host (identical on every device)."""
+    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+
+  def from_checkpoint(self, state: Any) -> Any:
+    return self.replicate(jax.device_get(state))
+
+  def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """``[B_local, ...]`` -> ``[n_devices, B_local / n, ...]``."""
+    def split(x):
+      if x.shape[0] % self.n:
+        raise ValueError(f"batch of {x.shape[0]} rows does not split over {self.n} devices")
+      return x.reshape((self.n, x.shape[0] // self.n) + x.shape[1:])
+    return {k: split(v) for k, v in local_batch.items()}
+
+  def compile_train_step(self, step_fn: Callable) -> Callable:
+    """``step_fn(state, batch, axis_name=...)`` mapped over devices."""
+    return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
+                    axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
+
+  def compile_eval_step(self, eval_fn: Callable) -> Callable:
+    return jax.pmap(functools.partial(eval_fn, axis_name=self.axis_name),
+                    axis_name=self.axis_name, devices=self.devices)
+
+  def params_of(self, state: Any) -> Any:
+    return state.params
+
+  def metrics_to_host(self, metrics: Any) -> Any:
+    """Metrics are psum'd, so device 0 holds the global values."""
+    return jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+
+
+def make_partitioner(config) -> JitPartitioner | PmapPartitioner:
+  """From ``config.parallelism`` (``jit`` or ``pmap``) and ``config.mesh``."""
+  mode = config.parallelism
+  if mode == "jit":
+    return JitPartitioner(make_mesh(config.mesh))
+  if mode == "pmap":
+    return PmapPartitioner()
+  raise ValueError(f"parallelism={mode!r}: expected 'jit' or 'pmap'")

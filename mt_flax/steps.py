@@ -1,0 +1,273 @@
+"""Pure training and evaluation steps: loss, optimizer, schedule, train/eval step.
+
+Nothing here knows about devices: :mod:`mt_flax.sharding` compiles these
+functions with ``jax.jit`` over a mesh or with ``jax.pmap``. A batch is a dict
+of int32 arrays ``src [B, S]``, ``tgt_in [B, T]``, ``tgt_out [B, T]`` (0 = pad)
+and, for packed rows, ``src_segments``, ``tgt_segments``, ``src_positions``,
+``tgt_positions``.
+
+For a benchmark on fixed shapes::
+
+    model = Transformer(TransformerConfig(...))
+    optimizer = make_optimizer(config)          # or any optax transformation
+    state = create_train_state(model, optimizer, jax.random.key(0))
+    train_step = make_train_step(model, optimizer, label_smoothing=0.1)
+    state, metrics = train_step(state, batch)   # jitted, donates ``state``
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from mt_flax.model import Transformer, init_params
+
+Array = jax.Array
+Batch = dict[str, Array]
+PAD_ID = 0
+MODEL_INPUTS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. ``rng`` is raw key data; dropout uses fold_in(rng, step)."""
+  step: Array        # int32 scalar: number of updates applied so far
+  params: Any
+  opt_state: Any
+  rng: Array         # uint32 key data of the base dropout key
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then ``rsqrt`` or ``cosine`` decay.
+
+  The schedule is evaluated at the 0-based update count; update ``n`` uses the
+  rate at step ``n + 1`` so the first update is not wasted at rate 0.
+  ``rsqrt``: ``lr * min(s / warmup, sqrt(warmup / s))`` (Vaswani et al. 2017 with
+  ``lr = d_model**-0.5 * warmup**-0.5``). ``cosine``: from ``lr`` after warmup to
+  ``lr * min_learning_rate_ratio`` at ``num_train_steps``.
+  """
+  peak = float(config.learning_rate)
+  warmup = max(int(config.warmup_steps), 1)
+  kind = config.get("schedule", "rsqrt")
+  total = max(int(config.num_train_steps), warmup + 1)
+  floor = float(config.get("min_learning_rate_ratio", 0.0))
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32) + 1.0
+    ramp = s / warmup
+    if kind == "rsqrt":
+      decay = jnp.sqrt(warmup / s)
+    else:
+      frac = jnp.clip((s - warmup) / (total - warmup), 0.0, 1.0)
+      decay = floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return peak * jnp.minimum(ramp, decay)
+
+  if kind not in ("rsqrt", "cosine"):
+    raise ValueError(f"schedule={kind!r}: expected 'rsqrt' or 'cosine'")
+  return schedule
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW on ``make_schedule(config)``.
+
+  Weight decay (decoupled, scaled by the learning rate) applies to matrices
+  only (``ndim >= 2``), not to biases and layer-norm scales.
+  """
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adam = optax.adamw(make_schedule(config), b1=float(config.get("adam_b1", 0.9)),
+                     b2=float(config.get("adam_b2", 0.98)),
+                     eps=float(config.get("adam_eps", 1e-9)),
+                     weight_decay=float(config.get("weight_decay", 0.0)), mask=decay_mask)
+  clip = float(config.get("grad_clip_norm", 0.0))
+  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def init_boxed_state(model: Transformer, optimizer: optax.GradientTransformation,
+                     rng: Array) -> TrainState:
+  """State whose params/optimizer leaves keep their logical-axis boxes (for shardings)."""
+  params_rng, dropout_rng = jax.random.split(rng)
+  params = init_params(model, params_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=jax.random.key_data(dropout_rng))
+
+
+def create_train_state(model: Transformer, optimizer: optax.GradientTransformation,
+                       rng: Array) -> TrainState:
+  """Fresh state with plain (unboxed) arrays on the default device. ``rng``: a JAX key."""
+  return jax.jit(lambda r: nn.meta.unbox(init_boxed_state(model, optimizer, r)))(rng)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def cross_entropy(logits: Array, labels: Array,
+                  label_smoothing: float = 0.0) -> tuple[Array, Array]:
+  """Per-token label-smoothed loss and plain negative log-likelihood, both ``[B, T]``.
+
+  From integer labels, no one-hot over the vocabulary: the smoothed target puts
+  ``1 - eps`` on the label and ``eps / V`` on every token, so
+  ``loss = (1 - eps) * nll + eps * mean_v(-log p_v)`` where
+  ``mean_v(-log p_v) = logsumexp(z) - mean(z)``.
+
+  Args:
+    logits: float ``[B, T, V]``.
+    labels: int ``[B, T]``.
+  """
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if not label_smoothing:
+    return nll, nll
+  uniform = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+  return (1.0 - label_smoothing) * nll + label_smoothing * uniform, nll
+
+
+def _apply(model: Transformer, params, batch: Batch, *, train: bool,
+           rng: Optional[Array] = None) -> Array:
+  kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+  rngs = {"dropout": rng} if train else None
+  return model.apply({"params": params}, batch["src"], batch["tgt_in"], train=train,
+                     rngs=rngs, **kwargs)
+
+
+def loss_sums(params, batch: Batch, rng: Array, *, model: Transformer,
+              label_smoothing: float) -> tuple[Array, dict[str, Array]]:
+  """Summed smoothed loss over non-pad targets (to differentiate) and metric sums."""
+  logits = _apply(model, params, batch, train=True, rng=rng)
+  labels = batch["tgt_out"]
+  weights = (labels != PAD_ID).astype(jnp.float32)
+  loss, nll = cross_entropy(logits, labels, label_smoothing)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  sums = {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights),
+          "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
+  return sums["loss"], sums
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _microbatches(batch: Batch, k: int) -> Batch:
+  """``[B, ...]`` -> ``[k, B/k, ...]`` taking rows ``j, j+k, ...`` for microbatch ``j``.
+
+  Interleaved rows keep a batch sharded in contiguous blocks evenly spread over
+  devices in every microbatch.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                       f"grad_accum_steps={k} microbatches")
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _grads_and_sums(params, batch: Batch, rng: Array, *, model, label_smoothing: float,
+                    grad_accum_steps: int):
+  """Gradients of the summed loss and metric sums, accumulated over microbatches."""
+  grad_fn = jax.grad(functools.partial(loss_sums, model=model, label_smoothing=label_smoothing),
+                     has_aux=True)
+  if grad_accum_steps == 1:
+    return grad_fn(params, batch, rng)
+
+  def body(carry, xs):
+    index, micro = xs
+    grads, sums = grad_fn(params, micro, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params),
+           {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll", "correct", "tokens")})
+  micro = _microbatches(batch, grad_accum_steps)
+  (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+  return grads, sums
+
+
+def train_step(state: TrainState, batch: Batch, *, model: Transformer,
+               optimizer: optax.GradientTransformation, label_smoothing: float = 0.0,
+               grad_accum_steps: int = 1, learning_rate_fn: Optional[optax.Schedule] = None,
+               axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update on the mean loss over all non-pad target tokens of ``batch``.
+
+  Dropout uses ``fold_in(rng, step)`` (and the device index under ``pmap``), so
+  a resumed run draws the same masks. With ``axis_name`` (``pmap``) gradients
+  and sums are summed over devices before normalising.
+
+  Returns the new state and scalar metrics: ``loss`` (smoothed objective),
+  ``nll``, ``accuracy``, ``grad_norm`` (before clipping), ``learning_rate``,
+  ``tokens`` (non-pad targets) and ``finite`` (1.0 if loss and grads are finite).
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  grads, sums = _grads_and_sums(state.params, batch, rng, model=model,
+                                label_smoothing=label_smoothing,
+                                grad_accum_steps=grad_accum_steps)
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  denom = jnp.maximum(sums["tokens"], 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  metrics = {"loss": sums["loss"] / denom, "nll": sums["nll"] / denom,
+             "accuracy": sums["correct"] / denom, "grad_norm": grad_norm,
+             "tokens": sums["tokens"],
+             "finite": jnp.isfinite(sums["loss"] + grad_norm).astype(jnp.float32)}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: Transformer,
+              axis_name: Optional[str] = None) -> dict[str, Array]:
+  """Sums over non-pad targets: ``nll``, ``correct``, ``tokens`` (no dropout).
+
+  :func:`eval_metrics` turns accumulated sums into loss, accuracy, perplexity.
+  """
+  logits = _apply(model, params, batch, train=False)
+  labels = batch["tgt_out"]
+  weights = (labels != PAD_ID).astype(jnp.float32)
+  _, nll = cross_entropy(logits, labels)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  sums = {"nll": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
+          "tokens": jnp.sum(weights)}
+  return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+
+
+def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+  """Accumulated eval sums -> ``eval_loss`` (nats/token), ``eval_accuracy``, ``eval_perplexity``."""
+  tokens = max(float(sums["tokens"]), 1.0)
+  loss = float(sums["nll"]) / tokens
+  return {"eval_loss": loss, "eval_accuracy": float(sums["correct"]) / tokens,
+          "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(sums["tokens"])}
+
+
+def make_train_step(model: Transformer, optimizer: optax.GradientTransformation, *,
+                    label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+                    learning_rate_fn: Optional[optax.Schedule] = None,
+                    jit: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """``(state, batch) -> (state, metrics)`` for fixed shapes, jitted on the default device.
+
+  With ``jit=False`` returns the pure function (for :mod:`mt_flax.sharding`).
+  The jitted version donates ``state``.
+  """
+  fn = functools.partial(train_step, model=model, optimizer=optimizer,
+                         label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
+                         learning_rate_fn=learning_rate_fn)
+  return jax.jit(fn, donate_argnums=0) if jit else fn
+
+
+def make_eval_step(model: Transformer, *, jit: bool = True) -> Callable[[Any, Batch], dict]:
+  """``(params, batch) -> sums`` (see :func:`eval_step`); jitted unless ``jit=False``."""
+  fn = functools.partial(eval_step, model=model)
+  return jax.jit(fn) if jit else fn

@@ -1,0 +1,426 @@
+r"""Hyperparameter sweeps: config-override trials run one after another, resumable.
+
+    python -m mt_flax sweep experiments/bible_en_es_tiny.py experiments/sweeps/bible_tiny_lr.py \
+        [--workdir runs/sweeps/NAME] [--shard I/N] [--table-only] [--config.key=value ...]
+
+A sweep file defines ``get_sweep() -> list[dict]``; each dict maps config keys
+(dotted, as on the command line) to values, e.g. ``{"learning_rate": 1e-3,
+"model.d_model": 64}``. :func:`grid` builds the cartesian product of axes.
+Every trial is validated against the config before any runs, then trained
+with the real ``python -m mt_flax train`` in its own workdir
+``<sweep dir>/trial_003_learning_rate=0.001,...``; the name follows from the
+trial's index and overrides, so a re-run finds it again: finished trials are
+skipped and an interrupted one resumes from its checkpoint. ``--config.x=y``
+flags apply to every trial (trial overrides win). ``--shard I/N`` runs trials
+``I, I+N, I+2N, ...`` only, to fan a sweep out over N machines sharing one
+(``gs://``) sweep directory.
+
+The results table (``results.csv``, ``results.md``) is sorted by the best
+validation BLEU in each trial's ``metrics.jsonl``, or by the best validation
+loss while no trial has BLEU (the table says which).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from etils import epath
+
+from mt_flax.config import ConfigError, load_config, split_config_args
+
+TRIAL_FILE = "sweep_trial.json"   # per trial workdir: overrides and attempt times
+DONE_FILE = "DONE"                # written by mt_flax.train when a run completes
+
+
+class SweepError(ValueError):
+  """A sweep file or sweep directory is wrong; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+
+def grid(axes: Mapping[str, Sequence[Any]] | None = None, **kwargs: Sequence[Any]) -> list[dict[str, Any]]:
+  """Cartesian product of axes, first axis slowest.
+
+  ``grid({"learning_rate": [1e-3, 3e-3], "model.d_model": [64, 128]})`` gives 4
+  override dicts. Dotted keys go in the mapping; plain keys may be keywords.
+  """
+  axes = {**(axes or {}), **kwargs}
+  for key, values in axes.items():
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+      raise SweepError(f"grid axis {key!r}: expected a non-empty list of values, got {values!r}")
+  keys = list(axes)
+  return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def load_sweep(path: str) -> list[dict[str, Any]]:
+  """Returns the trials (override dicts) of the sweep file ``path``."""
+  if not os.path.isfile(path):
+    raise SweepError(f"sweep file {path!r} not found; expected a Python file such as "
+                     "experiments/sweeps/bible_tiny_lr.py")
+  spec = importlib.util.spec_from_file_location("mt_flax_sweep_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise SweepError(f"sweep file {path!r} defines no get_sweep()")
+  trials = module.get_sweep()
+  if not isinstance(trials, list) or not trials:
+    raise SweepError(f"get_sweep() in {path!r} must return a non-empty list of dicts, got {trials!r}")
+  for i, trial in enumerate(trials):
+    if not isinstance(trial, dict) or not all(isinstance(k, str) for k in trial):
+      raise SweepError(f"get_sweep() in {path!r}: trial {i} is {trial!r}, expected a dict "
+                       "of config keys to values")
+  names = [trial_name(i, t) for i, t in enumerate(trials)]
+  for i, trial in enumerate(trials):
+    if trial in trials[:i]:
+      raise SweepError(f"get_sweep() in {path!r}: trial {i} repeats trial {trials.index(trial)} "
+                       f"({names[i]})")
+  return trials
+
+
+def format_value(value: Any) -> str:
+  """The command-line text of an override value (parsed back by mt_flax.config)."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return value
+  return repr(value)
+
+
+def override_args(overrides: Mapping[str, Any]) -> list[str]:
+  """``{"model.d_model": 64}`` -> ``["--config.model.d_model=64"]``."""
+  return [f"--config.{key}={format_value(value)}" for key, value in overrides.items()]
+
+
+def trial_name(index: int, overrides: Mapping[str, Any]) -> str:
+  """Deterministic workdir name, e.g. ``trial_003_learning_rate=0.001,model.d_model=64``."""
+  text = ",".join(f"{key}={format_value(value)}" for key, value in overrides.items())
+  text = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+  if len(text) > 80:  # keep paths short; the hash keeps names distinct
+    text = text[:71] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+  return f"trial_{index:03d}" + (f"_{text}" if text else "")
+
+
+def shard_indices(num_trials: int, shard: tuple[int, int]) -> list[int]:
+  """Trial indices of shard ``(i, n)``: ``i, i+n, i+2n, ...``."""
+  i, n = shard
+  return list(range(i, num_trials, n))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)/(\d+)", text)
+  if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+    raise SweepError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+  return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- trial state
+
+
+def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
+  """The JSON lines of ``workdir/metrics.jsonl`` (a torn last line is ignored)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a run killed mid-write leaves a partial line
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
+  return rows
+
+
+def _is_validation(row: Mapping[str, Any]) -> bool:
+  return row.get("split") == "validation"
+
+
+def _best(rows: Iterable[Mapping[str, Any]], key: str, mode: str) -> float | None:
+  values = [float(r[key]) for r in rows if _is_validation(r) and isinstance(r.get(key), (int, float))
+            and math.isfinite(float(r[key]))]
+  if not values:
+    return None
+  return max(values) if mode == "max" else min(values)
+
+
+def read_trial_file(workdir: epath.Path) -> dict[str, Any]:
+  path = workdir / TRIAL_FILE
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    raise SweepError(f"{path}: not valid JSON; delete it to restart this trial's bookkeeping") from None
+
+
+def wall_seconds(workdir: epath.Path, info: Mapping[str, Any]) -> float:
+  """Summed wall time of the trial's attempts; a killed attempt counts up to its last metrics write."""
+  total = 0.0
+  metrics = workdir / "metrics.jsonl"
+  for attempt in info.get("attempts", []):
+    end = attempt.get("end")
+    if end is None and metrics.exists():
+      end = metrics.stat().mtime
+    if end is not None:
+      total += max(0.0, end - attempt["start"])
+  return total
+
+
+def trial_summary(workdir: epath.Path, num_train_steps: int) -> dict[str, Any]:
+  """Status and results of one trial from its workdir.
+
+  status: "finished" (the trainer's DONE marker is there and the metrics reached
+  ``num_train_steps``, which a re-run with more steps raises), "failed" (the last
+  attempt exited nonzero), "partial" (started, not done) or "pending" (never started).
+  """
+  rows = read_metrics(workdir)
+  info = read_trial_file(workdir)
+  steps = max((int(r["step"]) for r in rows), default=0)
+  attempts = info.get("attempts", [])
+  if (workdir / DONE_FILE).exists() and steps >= num_train_steps:
+    status = "finished"
+  elif attempts and attempts[-1].get("rc") not in (None, 0):
+    status = "failed"
+  elif attempts or rows:
+    status = "partial"
+  else:
+    status = "pending"
+  return {
+      "status": status,
+      "steps": steps,
+      "wall_s": wall_seconds(workdir, info),
+      "best_bleu": _best(rows, "bleu", "max"),
+      "best_eval_loss": _best(rows, "eval_loss", "min"),
+  }
+
+
+# ----------------------------------------------------------------------------- results table
+
+
+def rank_rows(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+  """Sorts rows by best BLEU (descending), or by best eval loss when no row has BLEU.
+
+  Returns (the metric used, sorted rows); rows without the metric go last, in trial order.
+  """
+  metric = "best_bleu" if any(r.get("best_bleu") is not None for r in rows) else "best_eval_loss"
+  sign = -1.0 if metric == "best_bleu" else 1.0
+
+  def key(row):
+    value = row.get(metric)
+    return (value is None, sign * value if value is not None else 0.0, row["trial"])
+
+  return metric, sorted(rows, key=key)
+
+
+def _fmt(value: Any, digits: int) -> str:
+  return "" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_wall(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+COLUMNS = ["rank", "trial", "overrides", "status", "steps", "wall_s", "best_bleu", "best_eval_loss",
+           "workdir"]
+
+
+def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for rank, row in enumerate(rows, 1):
+    writer.writerow({**{c: row.get(c) for c in COLUMNS}, "rank": rank,
+                     "overrides": json.dumps(row["overrides"]),
+                     "wall_s": f"{row['wall_s']:.1f}",
+                     "best_bleu": _fmt(row["best_bleu"], 2),
+                     "best_eval_loss": _fmt(row["best_eval_loss"], 4)})
+  return out.getvalue()
+
+
+def table_markdown(metric: str, rows: Sequence[Mapping[str, Any]]) -> str:
+  by = ("best validation BLEU (higher is better)" if metric == "best_bleu" else
+        "best validation loss (lower is better; no trial has validation BLEU yet)")
+  lines = [f"Sweep results, sorted by {by}.", "",
+           "| rank | trial | overrides | status | steps | wall time | best BLEU | best eval loss |",
+           "|---:|---|---|---|---:|---:|---:|---:|"]
+  for rank, row in enumerate(rows, 1):
+    overrides = ", ".join(f"{k}={format_value(v)}" for k, v in row["overrides"].items())
+    lines.append(f"| {rank} | {row['trial']} | {overrides} | {row['status']} | {row['steps']} | "
+                 f"{_fmt_wall(row['wall_s'])} | {_fmt(row['best_bleu'], 2) or '-'} | "
+                 f"{_fmt(row['best_eval_loss'], 4) or '-'} |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _die_with_parent() -> None:
+  """In the child: get SIGTERM (save and exit) if the sweep process dies, even by SIGKILL."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: a killed sweep leaves its trainer running
+
+
+def run_trial(config_path: str, workdir: epath.Path, args: Sequence[str]) -> int:
+  """Runs ``python -m mt_flax train`` for one trial and records the attempt; returns its exit code.
+
+  SIGTERM to the sweep is passed on to the trainer (which checkpoints), then the sweep stops.
+  """
+  info = read_trial_file(workdir)
+  attempt = {"start": time.time(), "end": None, "rc": None}
+  info.setdefault("attempts", []).append(attempt)
+  (workdir / TRIAL_FILE).write_text(json.dumps(info, indent=1))
+  cmd = [sys.executable, "-m", "mt_flax", "train", "--config", config_path, "--workdir",
+         os.fspath(workdir), *args]
+  print("[sweep] $ " + " ".join(cmd), flush=True)
+  proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+  terminated = []
+
+  def forward(signum, frame):
+    terminated.append(signum)
+    proc.send_signal(signum)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    rc = proc.wait()
+  except KeyboardInterrupt:  # Ctrl-C reaches the trainer too (same process group); let it save
+    rc = proc.wait()
+    terminated.append(signal.SIGINT)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  attempt.update(end=time.time(), rc=rc)
+  (workdir / TRIAL_FILE).write_text(json.dumps(info, indent=1))
+  if terminated:
+    raise KeyboardInterrupt
+  return rc
+
+
+def collect(sweep_dir: epath.Path, trials: Sequence[Mapping[str, Any]],
+            steps: Sequence[int]) -> list[dict[str, Any]]:
+  """One summary row per trial (pending ones included)."""
+  rows = []
+  for i, overrides in enumerate(trials):
+    name = trial_name(i, overrides)
+    workdir = sweep_dir / name
+    rows.append({"trial": name, "overrides": dict(overrides), "workdir": os.fspath(workdir),
+                 **trial_summary(workdir, steps[i])})
+  return rows
+
+
+def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]]) -> str:
+  """Writes results.csv and results.md; returns the markdown."""
+  metric, ranked = rank_rows(rows)
+  md = table_markdown(metric, ranked)
+  (sweep_dir / "results.csv").write_text(table_csv(ranked))
+  (sweep_dir / "results.md").write_text(md)
+  return md
+
+
+def default_sweep_dir(config_path: str, sweep_path: str) -> str:
+  stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+  return os.path.join("runs", "sweeps", f"{stem(config_path)}-{stem(sweep_path)}")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  config_path, base, rest = split_config_args(argv)
+  parser = argparse.ArgumentParser(
+      prog="python -m mt_flax sweep",
+      description="Run a hyperparameter sweep: one training run per trial, then a results table.")
+  parser.add_argument("config", nargs="?", help="experiment config file, e.g. experiments/bible_en_es_tiny.py")
+  parser.add_argument("sweep", help="sweep file defining get_sweep(), e.g. experiments/sweeps/bible_tiny_lr.py")
+  parser.add_argument("--workdir", help="sweep directory (default runs/sweeps/<config>-<sweep>); "
+                      "a gs:// path needs gcsfs")
+  parser.add_argument("--shard", default="0/1", help="run trials I, I+N, ... only (I/N)")
+  parser.add_argument("--table-only", action="store_true", help="write and print the table, run nothing")
+  args = parser.parse_args(rest)
+  if config_path is not None:  # given as --config FILE
+    if args.config is not None:
+      parser.error("give the config file once, positionally or with --config")
+    args.config = config_path
+  if args.config is None:
+    parser.error("expected a config file and a sweep file")
+  return args, base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    args, base = parse_args(argv)
+    shard = parse_shard(args.shard)
+    trials = load_sweep(args.sweep)
+    steps = []
+    for i, overrides in enumerate(trials):  # every trial's overrides are checked before any runs
+      try:
+        steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
+      except ConfigError as e:
+        raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
+  except (SweepError, ConfigError) as e:
+    print(f"mt_flax sweep: {e}", file=sys.stderr)
+    return 2
+  sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
+  writer = os.environ.get("MT_FLAX_WORKER", "0") == "0"  # on a TPU pod, host 0 keeps the books
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  if writer:
+    (sweep_dir / "sweep.json").write_text(json.dumps(
+        {"config": args.config, "sweep": args.sweep, "base_overrides": base,
+         "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
+        indent=1, default=repr))
+
+  failed = []
+  if not args.table_only:
+    mine = shard_indices(len(trials), shard)
+    print(f"[sweep] {len(trials)} trials in {sweep_dir}; this run takes {len(mine)} of them "
+          f"(shard {shard[0]}/{shard[1]})", flush=True)
+    for n, i in enumerate(mine, 1):
+      name = trial_name(i, trials[i])
+      workdir = sweep_dir / name
+      summary = trial_summary(workdir, steps[i])
+      if summary["status"] == "finished":
+        print(f"[sweep] ({n}/{len(mine)}) {name}: finished at step {summary['steps']}, skipped",
+              flush=True)
+        continue
+      verb = "resuming" if summary["status"] in ("partial", "failed") else "starting"
+      print(f"[sweep] ({n}/{len(mine)}) {name}: {verb}", flush=True)
+      workdir.mkdir(parents=True, exist_ok=True)
+      args_i = [*base, *override_args(trials[i])]
+      try:
+        rc = run_trial(args.config, workdir, args_i) if writer else subprocess.call(
+            [sys.executable, "-m", "mt_flax", "train", "--config", args.config,
+             "--workdir", os.fspath(workdir), *args_i])
+      except KeyboardInterrupt:
+        print(f"[sweep] interrupted during {name}; re-run the same command to resume it",
+              file=sys.stderr)
+        return 130
+      if rc != 0:
+        print(f"[sweep] {name} failed (exit code {rc}); continuing with the next trial",
+              file=sys.stderr)
+        failed.append(name)
+  if writer:
+    print(write_table(sweep_dir, collect(sweep_dir, trials, steps)), end="")
+    print(f"[sweep] table written to {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
+  if failed:
+    print(f"[sweep] {len(failed)} trial(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

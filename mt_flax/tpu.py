@@ -1,0 +1,314 @@
+r"""Cloud TPU VMs: create, set up, run mt_flax on, sweep over, read logs of, delete.
+
+    ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME[,NAME...] \
+        --zone ZONE --accelerator TYPE [--project P] [--data-dir gs://...] [-- <mt_flax args>]
+
+Every action is a list of ``gcloud compute tpus tpu-vm`` command lines built by
+the pure functions below; ``--dry-run`` prints them instead of running them.
+On a multi-host slice (a pod, e.g. v4-32) commands go to every host with
+``--worker=all``, which is how JAX multi-host runs start: the same program on
+all hosts, ``jax.distributed.initialize()`` finding the others. Data comes from
+GCS (``--data-dir`` becomes ``TFDS_DATA_DIR``) and workdirs should be ``gs://``
+paths, so checkpoints outlive the VM; on a pod they must be.
+
+``run`` tees output to ``~/mt_flax.log`` on each host (``--detach`` keeps it
+running after you disconnect); ``logs`` shows that file. ``sweep`` with
+several names splits the trials of one sweep over the VMs (``--shard i/N``),
+all writing into one ``gs://`` sweep directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+from mt_flax.config import ConfigError
+from mt_flax import sweep
+from mt_flax.sweep import SweepError
+
+REMOTE_DIR = "~/mt_flax"
+LOG_FILE = "~/mt_flax.log"
+ARCHIVE = "mt_flax-src.tar.gz"
+MT_FLAX_COMMANDS = ("train", "eval", "translate", "data-stats", "audit", "sweep")
+# The host's index in its slice, from the TPU VM metadata server (as JAX reads it).
+WORKER_ID = ("$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/"
+             "computeMetadata/v1/instance/attributes/agent-worker-number)")
+
+
+class TpuError(ValueError):
+  """A bad TPU command line; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tpu:
+  """One TPU VM (single host or a multi-host slice)."""
+  name: str
+  zone: str
+  accelerator: str = ""
+  project: str = ""
+
+
+def parse_accelerator(accelerator: str) -> tuple[str, int]:
+  """``"v4-32"`` -> ``("v4", 32)``."""
+  m = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)", accelerator)
+  if not m:
+    raise TpuError(f"--accelerator {accelerator!r}: expected a TPU type such as v4-8, v4-32, "
+                   "v5p-8, v5litepod-8 or v6e-8")
+  return m.group(1), int(m.group(2))
+
+
+def num_hosts(accelerator: str) -> int:
+  """Hosts (VM workers) of a slice.
+
+  v2/v3/v4/v5p count TensorCores, 8 per host; v5e/v6e count chips, up to 8 on one
+  host, 4 per host in larger slices.
+  """
+  family, n = parse_accelerator(accelerator)
+  if family in ("v5litepod", "v6e"):
+    return 1 if n <= 8 else n // 4
+  return max(1, n // 8)
+
+
+def runtime_version(accelerator: str) -> str:
+  """The TPU software version to create a VM with, for JAX."""
+  family, _ = parse_accelerator(accelerator)
+  return {"v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
+          "v6e": "v2-alpha-tpuv6e"}.get(family, "tpu-ubuntu2204-base")
+
+
+def _gcloud(tpu: Tpu, verb: str, *args: str) -> list[str]:
+  project = [f"--project={tpu.project}"] if tpu.project else []
+  return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, f"--zone={tpu.zone}", *project]
+
+
+def _workers(tpu: Tpu) -> list[str]:
+  return ["--worker=all"] if num_hosts(tpu.accelerator) > 1 else []
+
+
+def _distributed(tpu: Tpu) -> list[str]:
+  """On a multi-host slice the trainer joins the other hosts (mt_flax.sharding)."""
+  return ["MT_FLAX_DISTRIBUTED=1"] if num_hosts(tpu.accelerator) > 1 else []
+
+
+def create_command(tpu: Tpu, *, version: str = "", spot: bool = False) -> list[str]:
+  return _gcloud(tpu, "create", tpu.name, f"--accelerator-type={tpu.accelerator}",
+                 f"--version={version or runtime_version(tpu.accelerator)}",
+                 *(["--spot"] if spot else []))
+
+
+def delete_command(tpu: Tpu) -> list[str]:
+  return _gcloud(tpu, "delete", tpu.name)
+
+
+def ssh_command(tpu: Tpu, remote: str, workers: Sequence[str] | None = None) -> list[str]:
+  """``gcloud ... ssh NAME --command=REMOTE``; on all hosts of a pod unless ``workers`` says."""
+  workers = _workers(tpu) if workers is None else list(workers)
+  return _gcloud(tpu, "ssh", tpu.name, *workers, f"--command={remote}")
+
+
+def archive_command(root: str, archive: str) -> list[str]:
+  """Local: packs the working tree (no .git, .venv, runs) for copying to the VMs."""
+  excludes = ["--exclude-vcs", "--exclude=./.venv", "--exclude=./runs", "--exclude=__pycache__",
+              "--exclude=*.egg-info", "--exclude=.pytest_cache"]
+  return ["tar", "-czf", archive, *excludes, "-C", root, "."]
+
+
+def setup_commands(tpu: Tpu, root: str, archive: str) -> list[list[str]]:
+  """Pack the code, copy it to every host, install it there in a venv with JAX for TPU.
+
+  gcsfs lets TFDS and the sweep read and write ``gs://`` paths.
+  """
+  remote = " && ".join([
+      "sudo apt-get update -q",
+      "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv",
+      f"mkdir -p {REMOTE_DIR}",
+      f"tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR}",
+      f"cd {REMOTE_DIR}",
+      "python3 -m venv .venv",
+      ".venv/bin/pip install -q --upgrade pip",
+      ".venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]' gcsfs",
+  ])
+  scp = _gcloud(tpu, "scp", archive, f"{tpu.name}:{ARCHIVE}", *_workers(tpu))
+  return [archive_command(root, archive), scp, ssh_command(tpu, remote)]
+
+
+def workdir_of(mt_args: Sequence[str]) -> str | None:
+  """The ``--workdir`` value in an mt_flax command line, if any."""
+  for i, arg in enumerate(mt_args):
+    if arg == "--workdir" and i + 1 < len(mt_args):
+      return mt_args[i + 1]
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def remote_mt_flax(mt_args: Sequence[str], *, data_dir: str = "", detach: bool = False,
+                   env: Sequence[str] = ()) -> str:
+  """The shell line that runs ``python -m mt_flax <mt_args>`` in the VM's checkout."""
+  exports = [f"TFDS_DATA_DIR={shlex.quote(data_dir)}"] if data_dir else []
+  exports += list(env)
+  run = shlex.join([".venv/bin/python", "-m", "mt_flax", *mt_args])
+  parts = [f"cd {REMOTE_DIR}"]
+  if exports:
+    parts.append("export " + " ".join(exports))
+  if detach:
+    parts.append(f"(nohup {run} >> {LOG_FILE} 2>&1 < /dev/null &)")
+  else:
+    parts.append(f"{run} 2>&1 | tee -a {LOG_FILE}")
+  return " && ".join(parts)
+
+
+def _check_mt_args(tpu: Tpu, mt_args: Sequence[str], *, shared: bool) -> None:
+  if not mt_args:
+    raise TpuError("expected the mt_flax command after --, e.g. -- train --config "
+                   "experiments/bible_en_es_tiny.py --workdir gs://BUCKET/runs/x")
+  if mt_args[0] not in MT_FLAX_COMMANDS:
+    raise TpuError(f"unknown mt_flax command {mt_args[0]!r} after --; expected one of "
+                   f"{', '.join(MT_FLAX_COMMANDS)}")
+  workdir = workdir_of(mt_args)
+  if (shared or num_hosts(tpu.accelerator) > 1) and mt_args[0] in ("train", "sweep") and (
+      not workdir or not workdir.startswith("gs://")):
+    raise TpuError(f"{mt_args[0]} on {'a multi-host slice' if not shared else 'several VMs'} "
+                   f"needs --workdir gs://BUCKET/...; got {workdir!r}")
+
+
+def run_command(tpu: Tpu, mt_args: Sequence[str], *, data_dir: str = "",
+                detach: bool = False) -> list[str]:
+  """Runs one mt_flax command on the VM (on every host of a pod)."""
+  _check_mt_args(tpu, mt_args, shared=False)
+  return ssh_command(tpu, remote_mt_flax(mt_args, data_dir=data_dir, detach=detach,
+                                         env=_distributed(tpu)))
+
+
+def sweep_commands(tpus: Sequence[Tpu], sweep_args: Sequence[str], *,
+                   data_dir: str = "") -> list[list[str]]:
+  """One detached ``mt_flax sweep ... --shard i/N`` per VM; together they cover every trial."""
+  if any(a == "--shard" or a.startswith("--shard=") for a in sweep_args):
+    raise TpuError("tpu sweep assigns --shard itself; remove it from the sweep arguments")
+  commands = []
+  for i, tpu in enumerate(tpus):
+    args = ["sweep", *sweep_args, "--shard", f"{i}/{len(tpus)}"]
+    _check_mt_args(tpu, args, shared=len(tpus) > 1)
+    env = [*_distributed(tpu), f"MT_FLAX_WORKER={WORKER_ID}"]  # host 0 keeps the sweep's books
+    commands.append(ssh_command(tpu, remote_mt_flax(args, data_dir=data_dir, detach=True, env=env)))
+  return commands
+
+
+def logs_command(tpu: Tpu, *, worker: str = "0", follow: bool = False, lines: int = 100) -> list[str]:
+  tail = f"tail -n {lines}" + (" -f" if follow else "") + f" {LOG_FILE}"
+  return ssh_command(tpu, tail, workers=[f"--worker={worker}"])
+
+
+def sweep_plan(tpus: Sequence[Tpu], sweep_args: Sequence[str]) -> list[str]:
+  """Comment lines naming which trials each VM runs (reads the sweep file locally)."""
+  args, _ = sweep.parse_args(list(sweep_args))
+  trials = sweep.load_sweep(args.sweep)
+  lines = []
+  for i, tpu in enumerate(tpus):
+    names = [sweep.trial_name(j, trials[j]) for j in sweep.shard_indices(len(trials), (i, len(tpus)))]
+    lines.append(f"# {tpu.name}: {', '.join(names) or 'no trials'}")
+  return lines
+
+
+# ----------------------------------------------------------------------------- command line
+
+ACTIONS = ("create", "setup", "run", "sweep", "logs", "delete")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="./launch.sh tpu", description=__doc__.split("\n\n")[0])
+  p.add_argument("action", choices=ACTIONS)
+  p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  p.add_argument("--name", required=True, help="TPU VM name; several, comma-separated, for sweep")
+  p.add_argument("--zone", required=True, help="e.g. us-central2-b")
+  p.add_argument("--accelerator", default="", help="TPU type, e.g. v4-8 or v4-32 (a pod)")
+  p.add_argument("--project", default="", help="GCP project (default: gcloud's configured one)")
+  p.add_argument("--version", default="", help="TPU software version (default: by accelerator)")
+  p.add_argument("--spot", action="store_true", help="create spot (preemptible) VMs")
+  p.add_argument("--data-dir", default="", help="gs:// folder of prepared TFDS data (TFDS_DATA_DIR)")
+  p.add_argument("--detach", action="store_true", help="run: keep running after disconnecting")
+  p.add_argument("--worker", default="0", help="logs: which host's log")
+  p.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
+  return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Splits ``[options] [-- mt_flax args]`` into parsed options and the mt_flax args."""
+  argv = list(argv)
+  cut = argv.index("--") if "--" in argv else len(argv)
+  return _parser().parse_args(argv[:cut]), argv[cut + 1:]
+
+
+def build(args: argparse.Namespace, mt_args: Sequence[str], root: str) -> list[list[str]]:
+  """All command lines of one ``tpu`` invocation; comment lines are ``["#", text]``."""
+  names = [n for n in args.name.split(",") if n]
+  for name in names:
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+      raise TpuError(f"--name {name!r}: expected lowercase letters, digits and hyphens, "
+                     "starting with a letter")
+  if len(names) > 1 and args.action not in ("create", "setup", "sweep", "delete"):
+    raise TpuError(f"tpu {args.action} takes one --name; got {len(names)}")
+  if args.action in ("create", "setup", "run", "sweep"):
+    if not args.accelerator:
+      raise TpuError(f"tpu {args.action} needs --accelerator, e.g. v4-8")
+    parse_accelerator(args.accelerator)
+  if mt_args and args.action not in ("run", "sweep"):
+    raise TpuError(f"tpu {args.action} takes no mt_flax command after --")
+  tpus = [Tpu(n, args.zone, args.accelerator, args.project) for n in names]
+  if args.action == "create":
+    return [create_command(t, version=args.version, spot=args.spot) for t in tpus]
+  if args.action == "setup":
+    archive = os.path.join(tempfile.gettempdir(), ARCHIVE)
+    cmds = setup_commands(tpus[0], root, archive)
+    return cmds + [c for t in tpus[1:] for c in setup_commands(t, root, archive)[1:]]
+  if args.action == "run":
+    return [run_command(tpus[0], mt_args, data_dir=args.data_dir, detach=args.detach)]
+  if args.action == "sweep":
+    cmds = sweep_commands(tpus, mt_args, data_dir=args.data_dir)
+    return [["#", line[2:]] for line in sweep_plan(tpus, mt_args)] + cmds
+  if args.action == "logs":
+    return [logs_command(tpus[0], worker=args.worker, follow=args.follow)]
+  return [delete_command(t) for t in tpus]
+
+
+def format_command(cmd: Sequence[str]) -> str:
+  return "# " + cmd[1] if cmd and cmd[0] == "#" else shlex.join(cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args, mt_args = parse_args(argv)
+  try:
+    cmds = build(args, mt_args, root)
+  except (TpuError, SweepError, ConfigError) as e:
+    print(f"mt_flax tpu: {e}", file=sys.stderr)
+    return 2
+  if args.dry_run:
+    for cmd in cmds:
+      print(format_command(cmd))
+    return 0
+  for cmd in cmds:
+    print(format_command(cmd), file=sys.stderr, flush=True)
+    if cmd[0] == "#":
+      continue
+    try:
+      rc = subprocess.call(cmd)
+    except FileNotFoundError:
+      print(f"mt_flax tpu: {cmd[0]!r} not found; install the Google Cloud CLI "
+            "(https://cloud.google.com/sdk) or use --dry-run", file=sys.stderr)
+      return 127
+    if rc != 0:
+      print(f"mt_flax tpu: command failed with exit code {rc}: {format_command(cmd)}", file=sys.stderr)
+      return rc
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

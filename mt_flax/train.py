@@ -1,0 +1,439 @@
+r"""Training: ``python -m mt_flax train --config FILE --workdir DIR [--config.key=value ...]``.
+
+Re-running the same command on an existing workdir resumes from its latest good
+checkpoint (params, optimizer state, step, RNG and data-iterator state), so
+the per-step losses continue exactly as if uninterrupted; on a finished run
+it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
+with status 143. A non-finite loss stops the run (status 1) and keeps the last
+good checkpoint.
+
+The workdir receives ``config.json`` (resolved config), ``git_commit.txt``,
+``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
+``DONE`` once ``num_train_steps`` are reached.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from mt_flax import checkpoint, sharding, steps
+from mt_flax.config import ConfigError, load_config, split_config_args
+from mt_flax.metrics import MetricWriter, read_metrics
+from mt_flax.model import Transformer, TransformerConfig, count_params
+
+DONE_FILE = "DONE"
+GIT_FILE = "git_commit.txt"
+PREEMPTED_EXIT = 143   # 128 + SIGTERM
+BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
+
+# Every config has these top-level keys (see experiments/*.py).
+REQUIRED_KEYS = ("num_train_steps", "warmup_steps", "learning_rate", "batch_tokens",
+                 "checkpoint_every_steps", "eval_every_steps", "seed", "parallelism")
+# Optional top-level keys and their defaults; the resolved config records them.
+DEFAULTS = {
+    "schedule": "rsqrt",              # "rsqrt" or "cosine"
+    "min_learning_rate_ratio": 0.0,   # cosine: final rate / peak rate
+    "adam_b1": 0.9,
+    "adam_b2": 0.98,
+    "adam_eps": 1e-9,
+    "weight_decay": 0.0,              # AdamW, on matrices only
+    "grad_clip_norm": 0.0,            # 0 = no clipping
+    "grad_accum_steps": 1,            # microbatches per update
+    "label_smoothing": 0.0,
+    "keep_checkpoints": 2,            # the last K, plus the best
+    "async_checkpointing": True,
+    "best_metric": "eval_loss",       # validation metric that picks the best checkpoint
+    "best_mode": "min",               # "min" or "max"
+    "log_every_steps": 50,
+    "progress_bar": True,
+}
+# Sections the resumed run must share with the run that made the workdir.
+FIXED_ON_RESUME = ("model", "data", "seed")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradients became NaN/inf."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the training keys, fills optional ones with defaults; returns a copy."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  missing = [k for k in REQUIRED_KEYS if k not in config]
+  if missing:
+    raise ConfigError(f"config lacks required key(s) {', '.join(missing)}; every config "
+                      f"defines {', '.join(REQUIRED_KEYS)}")
+  if "data" not in config or "manual_dir" not in config.data:
+    raise ConfigError("config lacks data.manual_dir (the folder of downloaded archives, "
+                      "'' if none)")
+  if "model" not in config:
+    raise ConfigError("config lacks the model section")
+  known = set(REQUIRED_KEYS) | set(DEFAULTS) | {"mesh"}
+  for key, value in config.items():
+    if key in known or isinstance(value, ml_collections.ConfigDict):
+      continue
+    near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.75)
+    if near:
+      raise ConfigError(f"unknown config key {key!r}; did you mean {', '.join(near)}?")
+  for key, value in DEFAULTS.items():
+    if key not in config:
+      config[key] = value
+  if "mesh" not in config:
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  checks = [
+      (config.parallelism in ("jit", "pmap"), "parallelism", "'jit' or 'pmap'"),
+      (config.schedule in ("rsqrt", "cosine"), "schedule", "'rsqrt' or 'cosine'"),
+      (config.best_mode in ("min", "max"), "best_mode", "'min' or 'max'"),
+      (int(config.num_train_steps) > 0, "num_train_steps", "a positive integer"),
+      (int(config.eval_every_steps) > 0, "eval_every_steps", "a positive integer"),
+      (int(config.checkpoint_every_steps) > 0, "checkpoint_every_steps", "a positive integer"),
+      (int(config.log_every_steps) > 0, "log_every_steps", "a positive integer"),
+      (int(config.grad_accum_steps) >= 1, "grad_accum_steps", "an integer >= 1"),
+      (int(config.batch_tokens) > 0, "batch_tokens", "a positive integer"),
+      (0.0 <= float(config.label_smoothing) < 1.0, "label_smoothing", "a number in [0, 1)"),
+      (float(config.learning_rate) > 0, "learning_rate", "a positive number"),
+  ]
+  for ok, key, expected in checks:
+    if not ok:
+      raise ConfigError(f"{key}={config[key]!r}: expected {expected}")
+  return config
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _differences(a.get(k, "<unset>"), b.get(k, "<unset>"), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
+
+
+def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes ``config.json`` and ``git_commit.txt``; refuses a workdir made with other settings."""
+  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
+  new = json.loads(json.dumps(config.to_dict()))
+  if path.exists():
+    old = json.loads(path.read_text())
+    diffs = [d for k in FIXED_ON_RESUME
+             for d in _differences(new.get(k), old.get(k), k + ".")]
+    if diffs:
+      raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
+                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same config")
+  if sharding.is_primary():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    (epath.Path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
+
+
+def git_commit() -> str:
+  """The source tree's commit (``-dirty`` with uncommitted changes), or ``unknown``."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Preemption:
+  """Records SIGTERM so the loop can checkpoint and stop between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:   # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS if k in batch}
+
+
+def _token_stats(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+  """(non-pad source+target tokens, all source+target slots) of one host batch."""
+  src, tgt = batch["src"], batch["tgt_out"]
+  real = int(np.count_nonzero(src)) + int(np.count_nonzero(tgt))
+  return real, src.size + tgt.size
+
+
+def evaluate_validation(eval_fn: Callable, params: Any, batches: Sequence[dict],
+                        partitioner) -> dict[str, float]:
+  """Validation metrics of ``params``: ``eval_loss``, ``eval_accuracy``, ``eval_perplexity``.
+
+  The one place validation metrics are computed; further metrics (e.g. BLEU
+  from decoding) belong in the returned dict. ``batches`` are whole batches
+  (the same on every process); each process feeds its share of rows.
+  """
+  totals = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
+  outs = [eval_fn(params, partitioner.shard_batch(sharding.process_rows(b))) for b in batches]
+  for out in outs:
+    for k, v in partitioner.metrics_to_host(out).items():
+      totals[k] += float(v)
+  return steps.eval_metrics(totals)
+
+
+def _log(message: str) -> None:
+  if sharding.is_primary():
+    tqdm.write(f"[train] {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in ``workdir``; returns a summary dict.
+
+  Summary keys: ``step``, ``wall_s``, ``train_steps_run``, ``tokens_per_s``
+  (mean over this invocation's logged intervals, compile excluded),
+  ``preempted``, and the last validation metrics (``eval_loss``, ...).
+  """
+  from mt_flax import data   # the input pipeline (TFDS + Grain)
+
+  t_start = time.time()
+  config = resolve_config(config)
+  sharding.maybe_initialize_distributed()
+  write_run_info(workdir, config)
+  tokenizer = _tokenizer(config, workdir)
+  try:
+    model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
+                                              tokenizer.tgt_vocab_size)
+    partitioner = sharding.make_partitioner(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  model = Transformer(model_cfg)
+  optimizer = steps.make_optimizer(config)
+  accum = int(config.grad_accum_steps)
+  partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
+                    jax.random.key(int(config.seed)))
+  manager = checkpoint.make_manager(
+      workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+      best_mode=config.best_mode, async_save=config.async_checkpointing)
+
+  train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                   process_count=jax.process_count(),
+                                   batch_multiple=partitioner.local_batch_multiple * accum)
+  restored = checkpoint.restore_latest_good(manager, partitioner.abstract_state())
+  if restored is None:
+    state, start = partitioner.init_state(jax.random.key(int(config.seed))), 0
+  else:
+    host_state, data_state, start = restored
+    state = partitioner.from_checkpoint(host_state)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    _log(f"resumed from checkpoint step {start} in {manager.directory}")
+
+  num_steps = int(config.num_train_steps)
+  if start >= num_steps:
+    manager.close()
+    _mark_done(workdir)
+    last = [r for r in read_metrics(workdir) if r.get("split") == "validation"]
+    _log(f"{workdir} already trained to step {start} (num_train_steps={num_steps}); nothing to do")
+    return {"step": start, "wall_s": time.time() - t_start, "train_steps_run": 0,
+            "preempted": False, **(last[-1] if last else {})}
+
+  _log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
+       f"{partitioner.mode} over {jax.device_count()} device(s), "
+       f"{jax.process_count()} process(es); steps {start} -> {num_steps}")
+  eval_examples = data.eval_examples(config, tokenizer, "validation")
+  eval_batches = [_host_batch(b) for b, _ in data.eval_batches(
+      eval_examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple)]
+  schedule = steps.make_schedule(config)
+  train_fn = partitioner.compile_train_step(steps.make_train_step(
+      model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
+      learning_rate_fn=schedule, jit=False))
+  eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
+
+  writer = MetricWriter(workdir, enabled=sharding.is_primary(),
+                        resume_step=start if restored is not None else None)
+  loop = _Loop(config, workdir, partitioner, manager, writer, train_iter, train_fn, eval_fn,
+               eval_batches, start)
+  try:
+    with _Preemption() as preemption:
+      summary = loop.run(state, preemption)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  if not summary["preempted"]:
+    _mark_done(workdir)
+  summary["wall_s"] = time.time() - t_start
+  return summary
+
+
+def _tokenizer(config, workdir):
+  """Process 0 trains (or loads) the tokenizer first; the others then load it."""
+  from mt_flax import data
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if sharding.is_primary():
+      tok = data.load_or_train_tokenizer(config, workdir)
+    multihost_utils.sync_global_devices("mt_flax_tokenizer")
+    if not sharding.is_primary():
+      tok = data.load_or_train_tokenizer(config, workdir)
+    return tok
+  return data.load_or_train_tokenizer(config, workdir)
+
+
+def _mark_done(workdir: str) -> None:
+  if sharding.is_primary():
+    (epath.Path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+class _Loop:
+  """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
+
+  def __init__(self, config, workdir, partitioner, manager, writer, train_iter, train_fn,
+               eval_fn, eval_batches, start):
+    self.config, self.workdir, self.partitioner = config, workdir, partitioner
+    self.manager, self.writer, self.train_iter = manager, writer, train_iter
+    self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
+    self.start = start
+    self.pending: list[tuple[int, Any, tuple[int, int]]] = []
+    self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
+    self.last_eval: dict = {}
+
+  def _flush(self, t0: float) -> dict:
+    """Fetches pending step metrics, writes train lines, raises on a non-finite loss."""
+    elapsed = max(time.time() - t0, 1e-9)
+    fetched = [(s, self.partitioner.metrics_to_host(m), st) for s, m, st in self.pending]
+    real = sum(st[0] for _, _, st in fetched)
+    slots = sum(st[1] for _, _, st in fetched)
+    rates = {"tokens_per_s": real / elapsed, "steps_per_s": len(fetched) / elapsed,
+             "padding_efficiency": real / max(slots, 1)}
+    for step, m, _ in fetched:
+      row = {k: float(v) for k, v in m.items() if k != "finite"}
+      row.update(rates)
+      self.writer.write(step, row)
+      if not m["finite"]:
+        self.writer.flush()
+        latest = self.manager.latest_step()
+        raise TrainingDiverged(
+            f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
+            f"grad_norm={float(m['grad_norm'])}); stopped. The last good checkpoint "
+            f"(step {latest}) is kept in {self.manager.directory}; lower learning_rate, raise "
+            "warmup_steps or set grad_clip_norm, then re-run to resume from it")
+    self.throughput.append((real, elapsed))
+    self.pending = []
+    return {k: float(v) for k, v in fetched[-1][1].items()}
+
+  def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
+    data_state = self.train_iter.get_state()
+    checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
+                    self.config, metrics)
+
+  def run(self, state, preemption: _Preemption) -> dict:
+    c = self.config
+    num_steps = int(c.num_train_steps)
+    every = lambda n, s: s % int(n) == 0
+    bar = tqdm(total=num_steps, initial=self.start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0)
+    step, preempted = self.start, False
+    t0 = time.time()
+    try:
+      while step < num_steps and not preempted:
+        step += 1
+        batch = _host_batch(next(self.train_iter))
+        stats = _token_stats(batch)
+        batch = sharding.common_batch_shape(batch)
+        state, metrics = self.train_fn(state, self.partitioner.shard_batch(batch))
+        self.pending.append((step, metrics, stats))
+        bar.update(1)
+        if step == self.start + 1:   # the first step compiles: keep it out of throughput
+          self._flush(t0)
+          self.throughput.pop()
+          t0 = time.time()
+        preempted = sharding.any_process(preemption.requested)
+        do_eval = every(c.eval_every_steps, step) or step == num_steps
+        do_save = every(c.checkpoint_every_steps, step) or do_eval or preempted
+        if self.pending and (every(c.log_every_steps, step) or do_save):
+          last = self._flush(t0)
+          bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+          t0 = time.time()
+        if do_eval:
+          self.last_eval = evaluate_validation(self.eval_fn, self.partitioner.params_of(state),
+                                               self.eval_batches, self.partitioner)
+          self.writer.write(step, self.last_eval, split="validation")
+          _log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
+        if do_save:
+          self._save(step, state, dict(self.last_eval) if do_eval else None)
+        if do_eval or do_save:
+          t0 = time.time()
+      if preempted:
+        self.manager.wait_until_finished()
+        _log(f"SIGTERM: saved checkpoint step {step}; re-run the same command to resume")
+    finally:
+      bar.close()
+    tokens = sum(t for t, _ in self.throughput)
+    seconds = sum(s for _, s in self.throughput)
+    return {"step": step, "train_steps_run": step - self.start, "preempted": preempted,
+            "tokens_per_s": tokens / seconds if seconds else None, **self.last_eval}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str]) -> int:
+  """``train --config FILE --workdir DIR [--config.key=value ...]``; returns the exit status."""
+  try:
+    path, overrides, rest = split_config_args(list(argv))
+    workdir = None
+    it = iter(rest)
+    for arg in it:
+      if arg == "--workdir":
+        workdir = next(it, None)
+      elif arg.startswith("--workdir="):
+        workdir = arg.split("=", 1)[1]
+      elif arg in ("-h", "--help"):
+        print(__doc__)
+        return 0
+      else:
+        raise ConfigError(f"unknown argument {arg!r}; expected --config FILE --workdir DIR "
+                          "[--config.key=value ...]")
+    if not path:
+      raise ConfigError("--config FILE is required (e.g. experiments/bible_en_es_tiny.py)")
+    if not workdir:
+      raise ConfigError("--workdir DIR is required (where checkpoints and logs go)")
+    config = load_config(path, overrides)
+    summary = train_and_evaluate(config, workdir)
+  except (ConfigError, checkpoint.CheckpointError, TrainingDiverged) as e:
+    print(f"mt_flax train: error: {e}", file=sys.stderr)
+    return 1 if isinstance(e, TrainingDiverged) else 2
+  if summary.get("preempted"):
+    return PREEMPTED_EXIT
+  shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
+  _log("done: " + json.dumps(shown))
+  return 0

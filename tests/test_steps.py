@@ -1,0 +1,186 @@
+"""Pure train/eval steps: loss, schedule, optimizer, accumulation, dropout RNG."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mt_flax import steps
+from mt_flax.model import Transformer, TransformerConfig
+
+V = 40
+
+
+def tiny_model(dropout: float = 0.0) -> Transformer:
+  return Transformer(TransformerConfig(
+      src_vocab_size=V, tgt_vocab_size=V, d_model=16, num_heads=2, num_encoder_layers=1,
+      num_decoder_layers=1, mlp_dim=32, dropout_rate=dropout))
+
+
+def train_config(**kw) -> ml_collections.ConfigDict:
+  base = dict(learning_rate=3e-3, warmup_steps=4, num_train_steps=50, schedule="rsqrt",
+              grad_clip_norm=1.0, weight_decay=0.0)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """One tiny model (no dropout), optimizer, jitted train step and initial state.
+
+  The train step donates its state argument: pass it ``fresh(state)``.
+  """
+  model = tiny_model()
+  cfg = train_config()
+  opt = steps.make_optimizer(cfg)
+  step = steps.make_train_step(model, opt, label_smoothing=0.1,
+                               learning_rate_fn=steps.make_schedule(cfg))
+  return model, opt, step, steps.create_train_state(model, opt, jax.random.key(0))
+
+
+def fresh(state):
+  return jax.tree.map(jnp.copy, state)
+
+
+def make_batch(seed: int, rows: int = 8, s_len: int = 9, t_len: int = 7) -> dict:
+  """Real token rows with ragged padding: src [B,S], tgt_in (BOS+y) and tgt_out (y+EOS) [B,T]."""
+  rng = np.random.default_rng(seed)
+  src = np.zeros((rows, s_len), np.int32)
+  tgt_in = np.zeros((rows, t_len), np.int32)
+  tgt_out = np.zeros((rows, t_len), np.int32)
+  for r in range(rows):
+    n, m = rng.integers(2, s_len + 1), rng.integers(2, t_len + 1)
+    src[r, :n] = rng.integers(4, V, n)
+    y = rng.integers(4, V, m - 1)
+    tgt_in[r, :m] = np.concatenate([[2], y])
+    tgt_out[r, :m] = np.concatenate([y, [3]])
+  return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+
+def test_cross_entropy_matches_explicit_smoothed_target():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, V)).astype(np.float32) * 3
+  labels = rng.integers(0, V, (3, 5))
+  eps = 0.1
+  loss, nll = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps)
+  logp = jax.nn.log_softmax(logits, -1)
+  target = np.full((3, 5, V), eps / V)
+  np.put_along_axis(target, labels[..., None], 1 - eps + eps / V, axis=-1)
+  np.testing.assert_allclose(loss, -(target * logp).sum(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nll, -np.take_along_axis(logp, labels[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  plain, same = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.0)
+  np.testing.assert_array_equal(plain, same)
+
+
+def test_loss_and_gradients_ignore_pad_targets(setup):
+  model, _, _, state = setup
+  fn = functools.partial(steps.loss_sums, model=model, label_smoothing=0.1)
+  grad_fn = jax.jit(jax.grad(fn, has_aux=True))
+  batch = make_batch(1)
+  grads, sums = grad_fn(state.params, batch, jax.random.key(1))
+  # Extending every row with extra pad columns changes neither sums nor gradients.
+  padded = {k: np.pad(v, [(0, 0), (0, 5)]) for k, v in batch.items()}
+  grads2, sums2 = grad_fn(state.params, padded, jax.random.key(1))
+  assert float(sums["tokens"]) == float((batch["tgt_out"] != 0).sum())
+  for k in sums:
+    np.testing.assert_allclose(sums[k], sums2[k], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads2)
+
+
+def test_schedules():
+  rsqrt = steps.make_schedule(train_config(warmup_steps=10, learning_rate=1.0))
+  lrs = np.array([float(rsqrt(i)) for i in range(40)])
+  np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)   # linear warmup
+  assert lrs.argmax() == 9
+  np.testing.assert_allclose(lrs[39], np.sqrt(10 / 40), rtol=1e-6)         # inverse sqrt
+  cos = steps.make_schedule(train_config(warmup_steps=10, learning_rate=2.0, schedule="cosine",
+                                         num_train_steps=30, min_learning_rate_ratio=0.1))
+  vals = np.array([float(cos(i)) for i in range(30)])
+  assert vals.argmax() == 9 and np.all(np.diff(vals[9:]) <= 1e-7)
+  np.testing.assert_allclose(vals[-1], 0.2, rtol=1e-5)                      # floor at the end
+  with pytest.raises(ValueError, match="schedule"):
+    steps.make_schedule(train_config(schedule="linear"))
+
+
+def test_train_step_learns_and_reports_metrics(setup):
+  _, _, step, state = setup
+  state = fresh(state)
+  batch = make_batch(2)
+  losses = []
+  for i in range(30):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+    if i == 0:
+      assert float(m["learning_rate"]) == pytest.approx(3e-3 / 4)
+      assert float(m["tokens"]) == (batch["tgt_out"] != 0).sum()
+      assert float(m["finite"]) == 1.0 and float(m["grad_norm"]) > 0
+  assert int(state.step) == 30
+  assert losses[-1] < 0.6 * losses[0]
+
+
+def test_gradient_accumulation_matches_full_batch(setup):
+  model, opt, full_step, state0 = setup
+  batch = make_batch(3, rows=8)
+  accum_step = steps.make_train_step(model, opt, label_smoothing=0.1, grad_accum_steps=4,
+                                     learning_rate_fn=steps.make_schedule(train_config()))
+  results = []
+  for step in (full_step, accum_step):
+    state = fresh(state0)
+    for _ in range(3):
+      state, m = step(state, batch)
+    results.append((float(m["loss"]), state.params))
+  assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               results[1][1], results[0][1])
+  with pytest.raises(ValueError, match="grad_accum_steps=4"):
+    accum_step(state, make_batch(3, rows=6))
+
+
+def test_dropout_rng_comes_from_seed_and_step():
+  model = tiny_model(dropout=0.3)
+  opt = steps.make_optimizer(train_config())
+  step = jax.jit(steps.make_train_step(model, opt, jit=False))
+  batch = make_batch(4)
+  state = steps.create_train_state(model, opt, jax.random.key(0))
+  _, m_a = step(state, batch)
+  _, m_b = step(state, batch)
+  assert float(m_a["loss"]) == float(m_b["loss"])                 # same (seed, step): same masks
+  _, m_c = step(state.replace(step=state.step + 7), batch)
+  assert float(m_a["loss"]) != float(m_c["loss"])                 # another step: other masks
+  # eval has no dropout: repeated evaluation is identical
+  eval_step = steps.make_eval_step(model)
+  assert jax.device_get(eval_step(state.params, batch)) == jax.device_get(
+      eval_step(state.params, batch))
+
+
+def test_weight_decay_spares_vectors(setup):
+  _, _, _, state = setup
+  opt = steps.make_optimizer(train_config(weight_decay=0.5, grad_clip_norm=0.0))
+  opt_state = jax.jit(opt.init)(state.params)
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = jax.jit(opt.update)(zero_grads, opt_state, state.params)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    assert (np.abs(np.asarray(u)).max() > 0) == (u.ndim >= 2), jax.tree_util.keystr(path)
+
+
+def test_eval_step_and_metrics(setup):
+  model, _, _, state = setup
+  batch = make_batch(5)
+  eval_step = steps.make_eval_step(model)
+  sums = jax.device_get(eval_step(state.params, batch))
+  assert sums["tokens"] == (batch["tgt_out"] != 0).sum()
+  m = steps.eval_metrics(sums)
+  assert m["eval_loss"] == pytest.approx(sums["nll"] / sums["tokens"])
+  assert m["eval_perplexity"] == pytest.approx(np.exp(m["eval_loss"]))
+  assert 0.0 <= m["eval_accuracy"] <= 1.0
+  assert m["eval_loss"] == pytest.approx(np.log(V), rel=0.2)       # untrained: near uniform
+
+
+def test_non_finite_loss_is_flagged(setup):
+  _, _, step, state = setup
+  bad = fresh(state).replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+  _, m = step(bad, make_batch(6))
+  assert float(m["finite"]) == 0.0

@@ -1,0 +1,89 @@
+"""A real sweep: two tiny trials through the training CLI, killed mid-trial, re-run, resumed."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from etils import epath
+
+from mt_flax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+STEPS = 24
+TINY = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
+        "--config.checkpoint_every_steps=8", "--config.eval_every_steps=12",
+        "--config.log_every_steps=4", "--config.batch_tokens=512", "--config.data.vocab_size=300",
+        "--config.data.max_len=32", "--config.data.eval_max_examples=16",
+        "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"]
+SWEEP = "def get_sweep():\n  return [{'learning_rate': 0.001}, {'learning_rate': 0.003}]\n"
+
+
+def sweep_command(sweep_file: str, sweep_dir: str) -> list[str]:
+  return [sys.executable, "-m", "mt_flax", "sweep", CONFIG, sweep_file, "--workdir", sweep_dir, *TINY]
+
+
+def one_device_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device: the sweep, not sharding, is under test
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
+  deadline = time.time() + timeout_s
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"sweep exited (rc={proc.returncode}) before {what}")
+    if time.time() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.5)
+
+
+def train_steps(workdir: str) -> list[int]:
+  rows = sweep.read_metrics(epath.Path(workdir))
+  return [r["step"] for r in rows if "loss" in r and r.get("split") is None]
+
+
+def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_path):
+  sweep_file = tmp_path / "two.py"
+  sweep_file.write_text(SWEEP)
+  sweep_dir = tmp_path / "sw"
+  names = [sweep.trial_name(i, t) for i, t in enumerate(sweep.load_sweep(str(sweep_file)))]
+  second = sweep_dir / names[1]
+  log = open(tmp_path / "first.log", "w")
+  proc = subprocess.Popen(sweep_command(str(sweep_file), str(sweep_dir)), stdout=log,
+                          stderr=subprocess.STDOUT, env=one_device_env(), cwd=ROOT,
+                          start_new_session=True)
+  try:
+    # Trial 0 runs to the end; kill everything once trial 1 is past its first checkpoint.
+    wait_for(lambda: os.path.isdir(second / "checkpoints" / "8") and
+             max(train_steps(second), default=0) >= 12, proc, 240, "trial 1's checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+  assert os.path.exists(sweep_dir / names[0] / "DONE") and not os.path.exists(second / "DONE")
+
+  rerun = subprocess.run(sweep_command(str(sweep_file), str(sweep_dir)), capture_output=True,
+                         text=True, env=one_device_env(), cwd=ROOT, timeout=240)
+  out = rerun.stdout + rerun.stderr
+  assert rerun.returncode == 0, out[-3000:]
+  assert f"{names[0]}: finished at step {STEPS}, skipped" in out
+  assert f"{names[1]}: resuming" in out
+  resumed = re.search(r"resumed from checkpoint step (\d+)", out)
+  assert resumed and 8 <= int(resumed.group(1)) < STEPS, out[-3000:]
+
+  steps = train_steps(second)  # every logged step once, up to the end: continued, not restarted
+  assert steps == sorted(set(steps)) and steps[-1] == STEPS and steps[0] == 1
+  attempts = json.loads((second / sweep.TRIAL_FILE).read_text())["attempts"]
+  assert len(attempts) == 2 and attempts[0]["end"] is None and attempts[1]["rc"] == 0
+  rows = list((sweep_dir / "results.csv").read_text().splitlines())
+  assert len(rows) == 3 and all(",finished," in r for r in rows[1:])
+  assert "| rank | trial |" in out and names[0] in out and names[1] in out
