@@ -9,8 +9,9 @@
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
 #       --accelerator TYPE [-- <mt_flax command and flags>]
 # Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3) to create it with,
-# MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) for the default run, MT_FLAX_NO_SETUP=1 to
-# skip the install check (the venv must exist).
+# MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
+# "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
+# check (the venv must exist).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -72,10 +73,12 @@ from mt_flax.data import load_pairs
 
 config_path, workdir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 pairs = load_pairs(load_config(config_path, overrides), "validation")[:5]
-out = subprocess.run([sys.executable, "-m", "mt_flax", "translate", "--workdir", workdir],
+run = subprocess.run([sys.executable, "-m", "mt_flax", "translate", "--workdir", workdir],
                      input="".join(src + "\n" for src, _ in pairs), text=True,
-                     stdout=subprocess.PIPE, check=True).stdout.splitlines()
-for (src, ref), hyp in zip(pairs, out):
+                     stdout=subprocess.PIPE)
+if run.returncode != 0:
+  sys.exit(run.returncode)
+for (src, ref), hyp in zip(pairs, run.stdout.splitlines()):
   print(f"  source:      {src}\n  translation: {hyp}\n  reference:   {ref}\n")
 EOF
 }
@@ -85,15 +88,15 @@ default_run() {
   setup
   log "1/3 training $DEFAULT_CONFIG into $RUN_DIR (a re-run resumes it, or reuses a finished run)"
   "$py" -m mt_flax train --config "$DEFAULT_CONFIG" --workdir "$RUN_DIR" "$@"
-  if [ -f "$RUN_DIR/report.md" ] && [ "$RUN_DIR/report.md" -nt "$RUN_DIR/metrics.jsonl" ]; then
-    log "2/3 $RUN_DIR/report.md is newer than the training run; not evaluating again"
+  local report="$RUN_DIR/eval/test/report.md"
+  if [ -f "$report" ] && [ "$report" -nt "$RUN_DIR/metrics.jsonl" ]; then
+    log "2/3 $report is newer than the training run; not evaluating again"
+    echo; cat "$report"; echo
   else
     log "2/3 evaluating the best checkpoint on the test split"
-    "$py" -m mt_flax eval --workdir "$RUN_DIR" --split test
+    # shellcheck disable=SC2086  # MT_FLAX_EVAL_ARGS is a list of flags
+    "$py" -m mt_flax eval --workdir "$RUN_DIR" --split test ${MT_FLAX_EVAL_ARGS:-}
   fi
-  echo
-  cat "$RUN_DIR/report.md"
-  echo
   log "3/3 sample translations of validation sentences"
   sample_translations "$@"
   log "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s; everything is in $RUN_DIR"
@@ -127,7 +130,7 @@ case "$cmd" in
     setup
     ;;
   -h|--help|help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \

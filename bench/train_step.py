@@ -46,8 +46,8 @@ def model_config(size: str, vocab: int, **overrides) -> TransformerConfig:
   """The ``size`` model (a key of :data:`SIZES`) with a shared, tied vocabulary."""
   if size not in SIZES:
     raise ValueError(f"model size {size!r}: expected one of {sorted(SIZES)}")
-  return TransformerConfig(src_vocab_size=vocab, tgt_vocab_size=vocab, share_embeddings=True,
-                           tie_output=True, dropout_rate=0.1, **{**SIZES[size], **overrides})
+  fields = dict(share_embeddings=True, tie_output=True, dropout_rate=0.1, **SIZES[size])
+  return TransformerConfig(src_vocab_size=vocab, tgt_vocab_size=vocab, **{**fields, **overrides})
 
 
 def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

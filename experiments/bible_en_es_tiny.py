@@ -15,17 +15,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 300
   c.learning_rate = 2e-3          # peak learning rate
   c.schedule = "rsqrt"            # "rsqrt" or "cosine"
-  c.weight_decay = 0.0
-  c.grad_clip_norm = 1.0
-  c.grad_accum_steps = 1
+  c.min_learning_rate_ratio = 0.0  # cosine only: final / peak rate
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.98
+  c.adam_eps = 1e-9
+  c.weight_decay = 0.0            # AdamW, matrices only
+  c.grad_clip_norm = 1.0          # 0 = no clipping
+  c.grad_accum_steps = 1          # microbatches per update
   c.label_smoothing = 0.1
   c.batch_tokens = 4096           # token budget of one global batch (per side)
   c.checkpoint_every_steps = 250
   c.eval_every_steps = 500
-  c.keep_checkpoints = 2
+  c.keep_checkpoints = 2          # the last K checkpoints, plus the best one
+  c.async_checkpointing = True
+  c.best_metric = "eval_loss"     # validation metric that picks the best checkpoint
+  c.best_mode = "min"             # "min" or "max"
   c.log_every_steps = 25
+  c.progress_bar = True
   c.parallelism = "jit"           # "jit" (NamedSharding over a mesh) or "pmap"
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: fill the devices
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "bible_en_es"     # TFDS builder name, e.g. "spa_eng", "wmt14_translate/de-en"

@@ -17,6 +17,7 @@ A checkpoint that cannot be read (corrupt or partial) is reported, moved to
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,19 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 CONFIG_FILE = "config.json"
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops Orbax warnings about things we do on purpose: checkpoints saved between
+  validations carry no metrics; inference opens the directory read-only."""
+  EXPECTED = ("did not provide metrics", "read_only=True", "directory is read only")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 class CheckpointError(RuntimeError):
@@ -80,9 +94,12 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
       best_fn=metric_fn, best_mode=best_mode, preservation_policy=policy,
       enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  return ocp.CheckpointManager(
-      directory, options=options,
-      item_names=("params", "opt_state", "train", "data", "config"))
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "opt_state": ocp.StandardCheckpointHandler(),
+              "train": ocp.StandardCheckpointHandler(),
+              "data": grain.checkpoint.CheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict],
@@ -189,7 +206,7 @@ def restore_for_inference(workdir: str, which: str = "best"
   errors = []
   for step in candidates:
     try:
-      meta = manager.item_metadata(step)["params"]
+      meta = manager.item_metadata(step)["params"].tree
       target = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
       params = manager.restore(step, args=ocp.args.Composite(

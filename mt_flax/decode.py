@@ -41,7 +41,7 @@ from mt_flax.model import Transformer
 Array = jnp.ndarray
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 NEG_INF = -jnp.inf
-LENGTH_QUANTUM = 16   # padded source widths are multiples of this
+MIN_WIDTH = 16        # padded source widths: 16, 24, 32, 48, 64, 96, 128, ...
 
 
 class Decoded(NamedTuple):
@@ -246,18 +246,29 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+def padded_width(n: int) -> int:
+  """The smallest of 16, 24, 32, 48, 64, 96, ... (steps of x1.5 / x4/3) that holds ``n``."""
+  width = MIN_WIDTH
+  while True:
+    if n <= width:
+      return width
+    if n <= width * 3 // 2:
+      return width * 3 // 2
+    width *= 2
+
+
 def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
                  max_tokens: int = 4096) -> list[tuple[int, int, list[int]]]:
   """Groups sources by padded width: a list of (rows, width, source indices).
 
-  Widths are multiples of ``LENGTH_QUANTUM``; the row count is a power of two
+  Widths come from :func:`padded_width`; the row count is a power of two
   with ``rows * width <= max_tokens`` (at least one row), so the set of
   compiled shapes stays small. The last batch of a width may hold fewer
   sources than rows (the rest are empty rows).
   """
   groups: dict[int, list[int]] = {}
   for i, n in enumerate(lengths):
-    width = LENGTH_QUANTUM * max(1, -(-n // LENGTH_QUANTUM))
+    width = padded_width(n)
     groups.setdefault(width, []).append(i)
   plan = []
   for width in sorted(groups):

@@ -1,7 +1,7 @@
 r"""BLEU and chrF of a trained run: the whole split, length slices, the long stress set.
 
     python -m mt_flax eval --workdir DIR [--split test] [--beam 4] [--checkpoint best|latest]
-        [--max-examples N] [--no-long] [--out DIR] [--config.key=value ...]
+        [--max-examples N] [--long-examples N] [--out DIR] [--config.key=value ...]
 
 Scores are sacrebleu's corpus BLEU and chrF on detokenized text, with their
 signatures. Slices: source length buckets (``src_len:…``) and reference/source
@@ -169,15 +169,23 @@ def _markdown(report: dict) -> str:
 
 
 def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optional[int] = None,
-                 max_examples: Optional[int] = None, long_stress: bool = True,
+                 max_examples: Optional[int] = None, long_examples: Optional[int] = None,
                  which: str = "best", cached: bool = True) -> dict:
-  """The full ``eval`` command on a loaded run; writes the files and returns the report."""
+  """The full ``eval`` command on a loaded run; writes the files and returns the report.
+
+  ``max_examples``: the first N examples of the split (0 = all; None = the
+  config's ``data.eval_max_examples``). ``long_examples``: size of the long
+  stress set (0 = none; None = the data default).
+  """
   from mt_flax import data
 
   config = trained.config
-  if max_examples is not None:
-    with config.data.ignore_type():
+  with config.data.ignore_type():
+    if max_examples is not None:
       config.data.eval_max_examples = int(max_examples)
+    if long_examples is not None:
+      config.data.eval_long_examples = int(long_examples)
+  long_stress = long_examples is None or long_examples > 0
   settings = decode_settings(config, beam_size)
   examples = data.eval_examples(config, trained.tokenizer, split)
   if not examples:
@@ -220,7 +228,8 @@ def main(argv: Sequence[str]) -> int:
                       help="beam size (default decode.beam_size; 1 = greedy)")
   parser.add_argument("--max-examples", type=int, default=0,
                       help="evaluate the first N examples of the split (default 0: all)")
-  parser.add_argument("--no-long", action="store_true", help="skip the long stress set")
+  parser.add_argument("--long-examples", type=int, default=None,
+                      help="size of the long stress set (0: none; default: the data default)")
   parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/SPLIT)")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
@@ -231,7 +240,7 @@ def main(argv: Sequence[str]) -> int:
                            overrides=overrides)
     out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
     report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
-                          max_examples=args.max_examples, long_stress=not args.no_long,
+                          max_examples=args.max_examples, long_examples=args.long_examples,
                           which=args.checkpoint, cached=not args.full_recompute)
   except (ConfigError, checkpoint.CheckpointError, DataError) as e:
     print(f"mt_flax eval: error: {e}", file=sys.stderr)

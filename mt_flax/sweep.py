@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def run_trial(config_path: str, workdir: epath.Path, args: Sequence[str]) -> int
   (workdir / TRIAL_FILE).write_text(json.dumps(info, indent=1))
   cmd = [sys.executable, "-m", "mt_flax", "train", "--config", config_path, "--workdir",
          os.fspath(workdir), *args]
-  print("[sweep] $ " + " ".join(cmd), flush=True)
+  print("[sweep] $ " + shlex.join(cmd), flush=True)
   proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
   terminated = []
 
@@ -301,7 +302,7 @@ def run_trial(config_path: str, workdir: epath.Path, args: Sequence[str]) -> int
   previous = signal.signal(signal.SIGTERM, forward)
   try:
     rc = proc.wait()
-  except KeyboardInterrupt:  # Ctrl-C reaches the trainer too (same process group); let it save
+  except KeyboardInterrupt:  # Ctrl-C reaches the trainer too (same process group): let it exit
     rc = proc.wait()
     terminated.append(signal.SIGINT)
   finally:

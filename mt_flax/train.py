@@ -9,7 +9,9 @@ good checkpoint.
 
 The workdir receives ``config.json`` (resolved config), ``git_commit.txt``,
 ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
-``DONE`` once ``num_train_steps`` are reached.
+``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
+programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
+``$JAX_COMPILATION_CACHE_DIR``) so resumed and repeated runs skip compiling.
 """
 from __future__ import annotations
 
@@ -31,12 +33,14 @@ from tqdm import tqdm
 
 from mt_flax import checkpoint, sharding, steps
 from mt_flax.config import ConfigError, load_config, split_config_args
+from mt_flax.data.sources import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 
 DONE_FILE = "DONE"
 GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
+COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
 # Every config has these top-level keys (see experiments/*.py).
@@ -190,6 +194,15 @@ def _token_stats(batch: dict[str, np.ndarray]) -> tuple[int, int]:
   return real, src.size + tgt.size
 
 
+def square_eval_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Pads source and target to one length ``max(S, T)``: fewer distinct shapes to compile.
+
+  Padding carries no weight and is masked, so the metrics do not change.
+  """
+  length = max(batch["src"].shape[1], batch["tgt_out"].shape[1])
+  return {k: np.pad(v, [(0, 0), (0, length - v.shape[1])]) for k, v in batch.items()}
+
+
 def evaluate_validation(eval_fn: Callable, params: Any, batches: Sequence[dict],
                         partitioner) -> dict[str, float]:
   """Validation metrics of ``params``: ``eval_loss``, ``eval_accuracy``, ``eval_perplexity``.
@@ -269,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f"{partitioner.mode} over {jax.device_count()} device(s), "
        f"{jax.process_count()} process(es); steps {start} -> {num_steps}")
   eval_examples = data.eval_examples(config, tokenizer, "validation")
-  eval_batches = [_host_batch(b) for b, _ in data.eval_batches(
+  eval_batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
       eval_examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple)]
   schedule = steps.make_schedule(config)
   train_fn = partitioner.compile_train_step(steps.make_train_step(
@@ -428,8 +441,10 @@ def main(argv: Sequence[str]) -> int:
     if not workdir:
       raise ConfigError("--workdir DIR is required (where checkpoints and logs go)")
     config = load_config(path, overrides)
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
+      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
     summary = train_and_evaluate(config, workdir)
-  except (ConfigError, checkpoint.CheckpointError, TrainingDiverged) as e:
+  except (ConfigError, DataError, checkpoint.CheckpointError, TrainingDiverged) as e:
     print(f"mt_flax train: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, TrainingDiverged) else 2
   if summary.get("preempted"):

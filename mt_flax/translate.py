@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -77,7 +78,10 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   """
   from mt_flax.data import tokenizer as tok_lib
 
-  config, params, step = checkpoint.restore_for_inference(workdir, which)
+  config = checkpoint.read_config(workdir) if os.path.isdir(workdir) else None
+  if config is None:
+    raise checkpoint.CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir "
+                                     "of a `python -m mt_flax train` run")
   if config_path:
     wanted = load_config(config_path)
     diffs = _model_differences(dict(wanted.get("model", {})), dict(config.model))
@@ -88,6 +92,8 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
       with config.ignore_type():
         config.decode = ml_collections.ConfigDict(wanted.decode.to_dict())
   apply_overrides(config, overrides)
+  decode_settings(config)                                 # fails early on a bad beam size
+  _, params, step = checkpoint.restore_for_inference(workdir, which)
   tokenizer = tok_lib.Tokenizer.load(f"{workdir}/{tok_lib.TOKENIZER_DIR}")
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
@@ -237,6 +243,8 @@ def main(argv: Sequence[str]) -> int:
   warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
   try:
     args, config_path, overrides = parse(parser, argv)
+    if args.beam is not None and args.beam < 1:
+      raise ConfigError(f"beam size {args.beam}: expected an integer >= 1")
     raw = sys.stdin.buffer.read()
     lines, problems = read_lines(raw, replace=args.invalid == "replace")
     for number, reason in problems[:MAX_ERRORS_SHOWN]:

@@ -194,8 +194,9 @@ def test_plan_batches_covers_each_source_once_with_few_shapes():
   assert covered == list(range(500))
   for rows, width, idx in plan:
     assert len(idx) <= rows and all(lengths[i] <= width for i in idx)
-    assert rows & (rows - 1) == 0 and width % decode.LENGTH_QUANTUM == 0
-  assert len({(r, w) for r, w, _ in plan}) <= 6 * 7   # widths x powers of two
+    assert rows & (rows - 1) == 0 and width == decode.padded_width(width)
+  assert len({w for _, w, _ in plan}) <= 6                # 16, 24, 32, 48, 64, 96
+  assert len({(r, w) for r, w, _ in plan}) <= 6 * 7       # widths x powers of two
 
 
 def test_beam_size_must_be_positive(tiny):

@@ -32,3 +32,32 @@ def test_pass_through_reaches_mt_flax():
 def test_no_tests_collected_is_an_error():
   r = launch("test", "tests/test_launch.py", "-k", "no_such_test_anywhere", "-q")
   assert r.returncode == 1 and "collected no tests" in r.stderr
+
+
+TINY = ["--config.num_train_steps=12", "--config.warmup_steps=4", "--config.checkpoint_every_steps=12",
+        "--config.eval_every_steps=12", "--config.log_every_steps=4", "--config.batch_tokens=512",
+        "--config.data.vocab_size=300", "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
+        "--config.data.batching=pack", "--config.data.eval_max_examples=16",
+        "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+        "--config.decode.max_len_b=2"]
+
+
+def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
+  env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": str(tmp_path / "run"),
+         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --no-long"}
+  env.pop("XLA_FLAGS", None)
+  first = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  for stage in ("1/3 training", "2/3 evaluating", "3/3 sample translations", "done in"):
+    assert stage in first.stderr
+  assert os.path.exists(tmp_path / "run" / "DONE")
+  assert os.path.exists(tmp_path / "run" / "eval" / "test" / "report.md")
+  assert "BLEU signature" in first.stdout
+  assert first.stdout.count("  source:") == 5 and first.stdout.count("  translation:") == 5
+
+  again = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "nothing to do" in again.stderr and "not evaluating again" in again.stderr
+  assert "| slice | examples | BLEU | chrF |" in again.stdout
+  assert again.stdout.count("  translation:") == 5

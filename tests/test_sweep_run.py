@@ -17,7 +17,8 @@ STEPS = 24
 TINY = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
         "--config.checkpoint_every_steps=8", "--config.eval_every_steps=12",
         "--config.log_every_steps=4", "--config.batch_tokens=512", "--config.data.vocab_size=300",
-        "--config.data.max_len=32", "--config.data.eval_max_examples=16",
+        "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
+        "--config.data.batching=pack", "--config.data.eval_max_examples=16",
         "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
         "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"]
 SWEEP = "def get_sweep():\n  return [{'learning_rate': 0.001}, {'learning_rate': 0.003}]\n"

@@ -197,7 +197,10 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
     by_split: dict[str, list[tuple[str, str, str]]] = {"train": [], "validation": [], "test": []}
     for pair in pairs:
       by_split[splits[pair[0]]].append(pair)
-    return {name: self._generate_examples(items) for name, items in by_split.items()}
+    # TFDS writes no empty split; the metadata says which ones are empty.
+    self.info.metadata["empty_splits"] = [n for n, items in by_split.items() if not items]
+    return {name: self._generate_examples(items) for name, items in by_split.items()
+            if items}
 
   def _generate_examples(self, pairs: list[tuple[str, str, str]]
                          ) -> Iterator[tuple[str, dict[str, str]]]:

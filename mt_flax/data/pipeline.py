@@ -1,4 +1,6 @@
-"""Grain input pipeline: tokenize, apply the length policy, shuffle, shard, batch.
+"""Input pipeline: the training split tokenized once into memory, then a Grain
+pipeline that applies the length policy, shuffles per epoch, shards by process
+and batches.
 
 Training batches (`train_iterator`) are dicts of int32 numpy arrays, 0 = padding:
 
@@ -23,8 +25,10 @@ restarting at each pair). `config.data.batching` picks how pairs become batches:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +44,7 @@ BATCHING_MODES = ("bucket", "pack", "pad")
 OVERLONG_MODES = ("drop", "truncate")
 DEFAULT_SRC_LEN_EDGES = (10, 20, 40, 80)
 DEFAULT_LONG_EXAMPLES = 50
-PACK_ALIGN = 8            # packed row lengths are multiples of this
+EVAL_SHAPES = 8           # most (S, T) shapes of evaluation batches
 _READ_CHUNK = 8192
 
 Batch = dict[str, np.ndarray]
@@ -57,12 +61,7 @@ def encode_pair(tokenizer: Tokenizer, src_text: str, tgt_text: str, max_len: int
   Returns None when a side is longer than `max_len` and `overlong` is "drop";
   with "truncate" the tokens are cut so that each side has `max_len` positions.
   """
-  return _example(tokenizer.encode_src(src_text), tokenizer.encode_tgt(tgt_text), max_len,
-                  overlong)
-
-
-def _example(src: list[int], tgt: list[int], max_len: int | None, overlong: str
-             ) -> dict[str, np.ndarray] | None:
+  src, tgt = tokenizer.encode_src(src_text), tokenizer.encode_tgt(tgt_text)
   if max_len is not None and (len(src) + 1 > max_len or len(tgt) + 1 > max_len):
     if overlong == "drop":
       return None
@@ -72,29 +71,114 @@ def _example(src: list[int], tgt: list[int], max_len: int | None, overlong: str
           "tgt_out": np.asarray(tgt + [EOS_ID], np.int32)}
 
 
-def _read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
-  indices = list(range(start, stop))
-  if hasattr(source, "__getitems__"):
-    return source.__getitems__(indices)
-  return [source[i] for i in indices]
+@dataclasses.dataclass(frozen=True)
+class TokenStore:
+  """Token ids (no BOS/EOS) of every pair of a split, concatenated: pair i's source is
+  `src[src_offsets[i]:src_offsets[i + 1]]`, likewise the target."""
+  src: np.ndarray           # [total source tokens]
+  src_offsets: np.ndarray   # [N + 1]
+  tgt: np.ndarray           # [total target tokens]
+  tgt_offsets: np.ndarray   # [N + 1]
+
+  def __len__(self) -> int:
+    return len(self.src_offsets) - 1
+
+  def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    return (self.src[self.src_offsets[i]:self.src_offsets[i + 1]],
+            self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]])
+
+  @property
+  def src_counts(self) -> np.ndarray:
+    return np.diff(self.src_offsets)
+
+  @property
+  def tgt_counts(self) -> np.ndarray:
+    return np.diff(self.tgt_offsets)
 
 
-class _Tokenize(grain.transforms.Map):
-  """Record (dict of bytes) -> example dict; over-long pairs truncated (never dropped here)."""
+def _flatten(token_lists: list[list[int]], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+  offsets = np.zeros(len(token_lists) + 1, np.int64)
+  np.cumsum([len(ids) for ids in token_lists], out=offsets[1:])
+  flat = np.fromiter((t for ids in token_lists for t in ids), dtype, count=int(offsets[-1]))
+  return flat, offsets
 
-  def __init__(self, tokenizer: Tokenizer, src_lang: str, tgt_lang: str, max_len: int):
-    self._tokenizer, self._src, self._tgt, self._max_len = tokenizer, src_lang, tgt_lang, max_len
 
-  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    (src_text, tgt_text), = sources.read_texts([record], self._src, self._tgt)
-    return encode_pair(self._tokenizer, src_text, tgt_text, self._max_len, "truncate")
+def tokenize_split(records: Sequence[Any], tokenizer: Tokenizer, src_lang: str, tgt_lang: str
+                   ) -> TokenStore:
+  """Reads every record of a split in bulk and tokenizes it into a `TokenStore`."""
+  dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 2**16 \
+      else np.int32
+  src_ids: list[list[int]] = []
+  tgt_ids: list[list[int]] = []
+  for start in range(0, len(records), _READ_CHUNK):
+    texts = sources.read_texts(sources.read_records(records, start, start + _READ_CHUNK),
+                               src_lang, tgt_lang)
+    src_ids.extend(tokenizer.encode_src_batch([s for s, _ in texts]))
+    tgt_ids.extend(tokenizer.encode_tgt_batch([t for _, t in texts]))
+  src, src_offsets = _flatten(src_ids, dtype)
+  tgt, tgt_offsets = _flatten(tgt_ids, dtype)
+  return TokenStore(src, src_offsets, tgt, tgt_offsets)
+
+
+def _store_cache_path(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                      builder: Any) -> str | None:
+  """`<tokenizer dir>/cache/train-<digest>.npz`, keyed by dataset, direction and models."""
+  if not tokenizer.directory:
+    return None
+  digest = hashlib.sha256()
+  for part in (config.data.name, str(builder.data_dir), config.data.src_lang,
+               config.data.tgt_lang, str(builder.info.splits["train"].num_examples)):
+    digest.update(part.encode() + b"\0")
+  for name in sorted(os.listdir(tokenizer.directory)):
+    if name.endswith(".model"):
+      with open(os.path.join(tokenizer.directory, name), "rb") as f:
+        digest.update(f.read())
+  return os.path.join(tokenizer.directory, "cache", f"train-{digest.hexdigest()[:16]}.npz")
+
+
+def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                      records: Sequence[Any]) -> TokenStore:
+  path = _store_cache_path(config, tokenizer, sources.get_builder(config))
+  if path and os.path.exists(path):
+    with np.load(path) as saved:
+      store = TokenStore(**{k: saved[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
+    if len(store) == len(records):
+      return store
+  store = tokenize_split(records, tokenizer, config.data.src_lang, config.data.tgt_lang)
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(staging, **dataclasses.asdict(store))
+    os.replace(staging, path)
+  return store
+
+
+class _Examples:
+  """Random access to training examples (dicts of int32 arrays) of a `TokenStore`,
+  cut to `max_len` positions per side."""
+
+  def __init__(self, store: TokenStore, max_len: int):
+    self._store, self._max_len = store, max_len
+
+  def __len__(self) -> int:
+    return len(self._store)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    src, tgt = self._store.pair(int(i))
+    cut = self._max_len - 1
+    src, tgt = src[:cut], tgt[:cut]
+    out = {"src": np.empty(len(src) + 1, np.int32), "tgt_in": np.empty(len(tgt) + 1, np.int32),
+           "tgt_out": np.empty(len(tgt) + 1, np.int32)}
+    out["src"][:-1], out["src"][-1] = src, EOS_ID
+    out["tgt_in"][0], out["tgt_in"][1:] = BOS_ID, tgt
+    out["tgt_out"][:-1], out["tgt_out"][-1] = tgt, EOS_ID
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSet:
   """The training split after the length policy, with every kept pair's padded lengths."""
-  records: Sequence[Any]           # the split's data source
-  examples: grain.MapDataset       # stored pair index -> example dict (tokenized lazily)
+  examples: grain.MapDataset       # stored pair index -> example dict
   kept: np.ndarray                 # [K] stored indices of the pairs used
   src_lens: np.ndarray             # [K] len(src) (EOS included) after truncation
   tgt_lens: np.ndarray             # [K] len(tgt_in) == len(tgt_out)
@@ -108,10 +192,6 @@ class TrainingSet:
   def dropped(self) -> int:
     return self.dropped_src + self.dropped_tgt
 
-  def example(self, i: int) -> dict[str, np.ndarray]:
-    """The example of the i-th kept pair."""
-    return self.examples[int(self.kept[i])]
-
 
 def _data_key(config: ml_collections.ConfigDict) -> tuple:
   d = config.data
@@ -119,40 +199,35 @@ def _data_key(config: ml_collections.ConfigDict) -> tuple:
           d.overlong)
 
 
+_TRAINING_SETS: dict[tuple, TrainingSet] = {}
+
+
 def training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TrainingSet:
-  """Tokenizes the training split once (cached per config and tokenizer) and applies
-  `data.max_len` / `data.overlong`; logs what was dropped or truncated.
+  """The tokenized training split under `data.max_len` / `data.overlong`.
+
+  Tokenized once, kept in memory (and cached in `<tokenizer dir>/cache/` when the
+  tokenizer has a folder); what is dropped or truncated is counted and logged.
 
   Raises:
-    DataError: bad `data.overlong`, or no pair left.
+    DataError: bad `data.overlong` / `data.max_len`, or no pair left.
   """
   key = (_data_key(config), tokenizer)
   if key not in _TRAINING_SETS:
     if len(_TRAINING_SETS) >= 4:
       _TRAINING_SETS.pop(next(iter(_TRAINING_SETS)))
-    _TRAINING_SETS[key] = _training_set(key[0], tokenizer, config)
+    _TRAINING_SETS[key] = _training_set(config, tokenizer)
   return _TRAINING_SETS[key]
 
 
-_TRAINING_SETS: dict[tuple, TrainingSet] = {}
-
-
-def _training_set(key: tuple, tokenizer: Tokenizer, config: ml_collections.ConfigDict
-                  ) -> TrainingSet:
-  name, _, src_lang, tgt_lang, max_len, overlong = key
+def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TrainingSet:
+  name, max_len, overlong = config.data.name, int(config.data.max_len), config.data.overlong
   if overlong not in OVERLONG_MODES:
     raise DataError(f"data.overlong={overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
   if max_len < 2:
     raise DataError(f"data.max_len={max_len}: expected at least 2 (a token and EOS)")
   records = sources.data_source(config, "train")
-  src_raw, tgt_raw = [], []
-  for start in range(0, len(records), _READ_CHUNK):
-    texts = sources.read_texts(
-        _read_records(records, start, min(start + _READ_CHUNK, len(records))), src_lang,
-        tgt_lang)
-    src_raw.extend(len(ids) + 1 for ids in tokenizer.encode_src_batch([s for s, _ in texts]))
-    tgt_raw.extend(len(ids) + 1 for ids in tokenizer.encode_tgt_batch([t for _, t in texts]))
-  src_raw, tgt_raw = np.asarray(src_raw, np.int64), np.asarray(tgt_raw, np.int64)
+  store = _load_or_tokenize(config, tokenizer, records)
+  src_raw, tgt_raw = store.src_counts + 1, store.tgt_counts + 1
   src_over, tgt_over = src_raw > max_len, tgt_raw > max_len
   over = src_over | tgt_over
   if overlong == "drop":
@@ -160,25 +235,24 @@ def _training_set(key: tuple, tokenizer: Tokenizer, config: ml_collections.Confi
     src_lens, tgt_lens = src_raw[kept], tgt_raw[kept]
     dropped_src, dropped_tgt, truncated = int(src_over.sum()), int((tgt_over & ~src_over).sum()), 0
   else:
-    kept = np.arange(len(records))
+    kept = np.arange(len(store))
     src_lens, tgt_lens = np.minimum(src_raw, max_len), np.minimum(tgt_raw, max_len)
     dropped_src = dropped_tgt = 0
     truncated = int(over.sum())
   if dropped_src + dropped_tgt:
     log.warning("%s train: dropped %d of %d pairs longer than data.max_len=%d tokens "
                 "(%d by the source side, %d by the target side only)", name,
-                dropped_src + dropped_tgt, len(records), max_len, dropped_src, dropped_tgt)
+                dropped_src + dropped_tgt, len(store), max_len, dropped_src, dropped_tgt)
   if truncated:
     log.warning("%s train: truncated %d of %d pairs to data.max_len=%d tokens", name,
-                truncated, len(records), max_len)
+                truncated, len(store), max_len)
   if len(kept) == 0:
-    raise DataError(f"{name} train: all {len(records)} pairs are longer than "
+    raise DataError(f"{name} train: all {len(store)} pairs are longer than "
                     f"data.max_len={max_len}; raise data.max_len or set data.overlong=truncate")
-  examples = grain.MapDataset.source(records).map(
-      _Tokenize(tokenizer, src_lang, tgt_lang, max_len))
-  return TrainingSet(records=records, examples=examples, kept=kept, src_lens=src_lens,
-                     tgt_lens=tgt_lens, num_pairs=len(records), dropped_src=dropped_src,
-                     dropped_tgt=dropped_tgt, truncated=truncated, max_len=max_len)
+  return TrainingSet(examples=grain.MapDataset.source(_Examples(store, max_len)), kept=kept,
+                     src_lens=src_lens, tgt_lens=tgt_lens, num_pairs=len(store),
+                     dropped_src=dropped_src, dropped_tgt=dropped_tgt, truncated=truncated,
+                     max_len=max_len)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -295,14 +369,13 @@ class _FinishPacked(grain.transforms.Map):
 
 
 def pack_lengths(data: TrainingSet, pack_len: int) -> tuple[int, int]:
-  """Packed row lengths (S, T): the shorter side `pack_len`, the other scaled by the
-  training token ratio, so both sides fill alike; multiples of `PACK_ALIGN`."""
+  """Packed row lengths (S, T): the shorter side `max(pack_len, max_len)`, the other
+  scaled by the training token ratio, so that both sides fill alike."""
   base = max(int(pack_len), data.max_len)
   ratio = float(data.tgt_lens.sum()) / float(data.src_lens.sum())
-  align = lambda n: int(math.ceil(n / PACK_ALIGN) * PACK_ALIGN)
   if ratio >= 1:
-    return align(base), align(base * ratio)
-  return align(base / ratio), align(base)
+    return base, int(math.ceil(base * ratio))
+  return int(math.ceil(base / ratio)), base
 
 
 def _row_multiple(process_count: int, batch_multiple: int) -> int:
@@ -393,7 +466,8 @@ def _packed_iterator(config: ml_collections.ConfigDict, data: TrainingSet, *, se
   ds = grain.MapDataset.source(data.kept)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(num_epochs).map(lambda i: data.examples[int(i)])
   packed = grain.experimental.FirstFitPackIterDataset(
-      ds.to_iter_dataset(), length_struct={"src": src_len, "tgt_in": tgt_len, "tgt_out": tgt_len},
+      ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
+      length_struct={"src": src_len, "tgt_in": tgt_len, "tgt_out": tgt_len},
       num_packing_bins=rows, seed=seed, shuffle_bins=True)
   return iter(packed.batch(rows, drop_remainder=False).map(_FinishPacked(rows)))
 
@@ -473,32 +547,25 @@ def eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split
   return out
 
 
-def _ladder(n: int) -> int:
-  """The smallest of 8, 12, 16, 24, 32, 48, … that is at least n."""
-  size = 8
-  while True:
-    if n <= size:
-      return size
-    if n <= size * 3 // 2:
-      return size * 3 // 2
-    size *= 2
-
-
-def eval_batches(examples: Sequence[dict[str, Any]], batch_tokens: int, batch_multiple: int = 1
-                 ) -> list[tuple[Batch, list[int]]]:
+def eval_batches(examples: Sequence[dict[str, Any]], batch_tokens: int, batch_multiple: int = 1,
+                 *, num_shapes: int = EVAL_SHAPES) -> list[tuple[Batch, list[int]]]:
   """Padded batches covering every example exactly once, with their example indices.
 
-  Shapes come from a fixed ladder of lengths (8, 12, 16, 24, 32, …) on each side,
-  so the set of shapes is bounded; rows = batch_tokens // max(S, T) rounded down
-  to a multiple of `batch_multiple` (at least `batch_multiple`), empty rows pad
-  the last batch of a shape.
+  Lengths are bucketed like training batches (`bucketing.optimal_boundaries` over
+  these examples), so there are at most `num_shapes` (S, T) shapes; rows =
+  batch_tokens // max(S, T) rounded down to a multiple of `batch_multiple` (at
+  least `batch_multiple`); empty rows pad the last batch of a shape. Batches come
+  in order of shape, examples in their given order.
   """
-  groups: dict[tuple[int, int], list[int]] = {}
-  for i, ex in enumerate(examples):
-    key = (_ladder(len(ex["src_ids"])), _ladder(len(ex["tgt_ids"])))
-    groups.setdefault(key, []).append(i)
+  if not examples:
+    return []
+  src_lens = np.asarray([len(ex["src_ids"]) for ex in examples])
+  tgt_lens = np.asarray([len(ex["tgt_ids"]) for ex in examples])
+  boundaries = bucketing.optimal_boundaries(src_lens, tgt_lens, num_shapes)
+  bucket_of = bucketing.assign(src_lens, tgt_lens, boundaries)
   out = []
-  for (src_len, tgt_len), indices in sorted(groups.items()):
+  for k, (src_len, tgt_len) in enumerate(boundaries):
+    indices = np.flatnonzero(bucket_of == k).tolist()
     rows = max(batch_multiple, batch_tokens // max(src_len, tgt_len)
                // batch_multiple * batch_multiple)
     for start in range(0, len(indices), rows):

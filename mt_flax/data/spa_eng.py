@@ -161,7 +161,10 @@ class SpaEng(tfds.core.GeneratorBasedBuilder):
         "num_malformed": len(malformed),
         "malformed": [dataclasses.asdict(m) for m in malformed],
     })
-    return {name: self._generate_examples(items) for name, items in by_split.items()}
+    # TFDS writes no empty split; the metadata says which ones are empty.
+    self.info.metadata["empty_splits"] = [n for n, items in by_split.items() if not items]
+    return {name: self._generate_examples(items) for name, items in by_split.items()
+            if items}
 
   def _generate_examples(self, pairs: list[Pair]):
     for pair in pairs:

@@ -1,0 +1,221 @@
+"""The training loop end to end on the real Bible data, with tiny settings.
+
+One tokenizer is trained for the module and copied into every workdir. The
+preemption test runs the real command line (``python -m mt_flax train``) in
+subprocesses, kills it with SIGTERM or SIGKILL after a checkpoint, resumes it
+and compares the per-step losses with an uninterrupted run.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mt_flax import checkpoint, train
+from mt_flax.config import ConfigError, load_config
+from mt_flax.metrics import read_metrics
+from mt_flax.model import Transformer, TransformerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+VOCAB = 256
+
+TINY = {
+    "data.vocab_size": VOCAB, "data.num_buckets": 2, "data.eval_max_examples": 24,
+    "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
+    "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
+    "model.num_decoder_layers": 1, "model.mlp_dim": 64,
+}
+
+
+def overrides(**kw) -> list[str]:
+  values = {**TINY, **{k.replace("__", "."): v for k, v in kw.items()}}
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  """Trains the tiny tokenizer once; workdirs get a copy (it is then loaded, not retrained)."""
+  from mt_flax import data
+  workdir = tmp_path_factory.mktemp("tokenizer_source")
+  data.load_or_train_tokenizer(load_config(CONFIG, overrides()), str(workdir))
+  return workdir / "tokenizer"
+
+
+def new_workdir(tmp_path, tokenizer_dir, name: str) -> str:
+  workdir = tmp_path / name
+  shutil.copytree(tokenizer_dir, workdir / "tokenizer")
+  return str(workdir)
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_train_end_to_end(tmp_path, tokenizer_dir):
+  workdir = new_workdir(tmp_path, tokenizer_dir, "run")
+  config = load_config(CONFIG, overrides(num_train_steps=24, eval_every_steps=12,
+                                         checkpoint_every_steps=12))
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["step"] == 24 and summary["train_steps_run"] == 24
+  assert summary["tokens_per_s"] > 0
+
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 25))
+  for r in train_rows:
+    for key in ("loss", "nll", "learning_rate", "grad_norm", "tokens_per_s",
+                "padding_efficiency", "steps_per_s", "accuracy"):
+      assert math.isfinite(r[key]), (key, r)
+    assert 0 < r["padding_efficiency"] <= 1
+  assert train_rows[7]["learning_rate"] == pytest.approx(3e-3)       # peak after 8 warmup steps
+  val = [r for r in rows if r.get("split") == "validation"]
+  assert [r["step"] for r in val] == [12, 24]
+  for r in val:
+    assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-6)
+  # learns: below the uniform baseline and falling
+  assert val[1]["eval_loss"] < val[0]["eval_loss"] < math.log(VOCAB)
+  assert summary["eval_loss"] == pytest.approx(val[1]["eval_loss"])
+
+  files = set(os.listdir(workdir))
+  assert {"config.json", "git_commit.txt", "metrics.jsonl", "tensorboard", "checkpoints",
+          "tokenizer", "DONE"} <= files
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+  assert saved["model"]["d_model"] == 32 and saved["best_metric"] == "eval_loss"
+
+  # the best checkpoint for inference, usable on one device
+  config2, params, step = checkpoint.restore_for_inference(workdir, "best")
+  assert step == 24
+  model = Transformer(TransformerConfig.from_config(config2.model, VOCAB, VOCAB))
+  logits = jax.jit(model.apply)({"params": params}, np.array([[5, 6, 3]], np.int32),
+                                np.array([[2, 7]], np.int32))
+  assert logits.shape == (1, 2, VOCAB) and np.isfinite(np.asarray(logits)).all()
+
+  # re-running a finished run does nothing and changes no log
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  again = train.train_and_evaluate(config, workdir)
+  assert again["train_steps_run"] == 0 and again["step"] == 24
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--config", CONFIG,
+                           "--workdir", workdir, *args], env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int, timeout: float = 240):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(path):
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before checkpoint {step}: {proc.stderr.read()[-2000:]}")
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f"no checkpoint {step} after {timeout}s")
+    time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+  try:
+    _, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return proc.returncode, err
+
+
+def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
+  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 100, resume: same losses."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  args = overrides(num_train_steps=200, checkpoint_every_steps=20, eval_every_steps=1000,
+                   progress_bar=False)
+  reference = new_workdir(tmp_path, tokenizer_dir, "uninterrupted")
+  code, err = finish(run_cli(reference, args, env))
+  assert code == 0, err[-2000:]
+  want = train_losses(reference)
+  assert sorted(want) == list(range(1, 201))
+
+  workdir = new_workdir(tmp_path, tokenizer_dir, "interrupted")
+  proc = run_cli(workdir, args, env)
+  wait_for_checkpoint(proc, workdir, 20)
+  proc.send_signal(signal.SIGTERM)
+  code, err = finish(proc)
+  assert code == train.PREEMPTED_EXIT, err[-2000:]        # saved and stopped, not finished
+  assert "SIGTERM: saved checkpoint step" in err
+
+  proc = run_cli(workdir, args, env)
+  wait_for_checkpoint(proc, workdir, 100)
+  proc.send_signal(signal.SIGKILL)
+  code, err = finish(proc)
+  assert code == -signal.SIGKILL, err[-2000:]
+  assert "resumed from checkpoint step" in err
+  assert not os.path.exists(os.path.join(workdir, "DONE"))
+
+  code, err = finish(run_cli(workdir, args, env))
+  assert code == 0, err[-2000:]
+  assert "resumed from checkpoint step" in err
+  got = train_losses(workdir)
+  assert got == want                                      # every step, bit for bit
+  rows = read_metrics(workdir)
+  assert len([r for r in rows if "loss" in r]) == 200     # each step logged once
+  assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [
+      r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer_dir, capsys):
+  workdir = new_workdir(tmp_path, tokenizer_dir, "diverges")
+  code = train.main(["--config", CONFIG, "--workdir", workdir, *overrides(
+      num_train_steps=20, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
+      checkpoint_every_steps=1, eval_every_steps=1000)])
+  err = capsys.readouterr().err
+  assert code == 1
+  line = [l for l in err.splitlines() if "not finite" in l]
+  assert line and "last good checkpoint (step 1)" in line[0], err[-2000:]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "DONE"))
+
+
+def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
+  def error(argv):
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("mt_flax train: error:"), err
+    return err[0]
+
+  workdir = new_workdir(tmp_path, tokenizer_dir, "errors")
+  assert "did you mean learning_rate" in error(
+      ["--config", CONFIG, "--workdir", workdir, "--config.learning_rat=1e-3"])
+  assert "--workdir DIR is required" in error(["--config", CONFIG])
+  assert "--config FILE is required" in error(["--workdir", workdir])
+  assert "not found" in error(["--config", "experiments/nope.py", "--workdir", workdir])
+  assert "parallelism='pjit'" in error(
+      ["--config", CONFIG, "--workdir", workdir, "--config.parallelism=pjit"])
+  # a workdir made with another model refuses to resume with this one
+  (tmp_path / "errors" / "config.json").write_text(json.dumps(
+      {**load_config(CONFIG, overrides()).to_dict(), "model": {"d_model": 64}}))
+  assert "different settings" in error(["--config", CONFIG, "--workdir", workdir])
+
+
+def test_resolve_config_fills_defaults_and_catches_typos():
+  config = load_config(CONFIG)
+  resolved = train.resolve_config(config)
+  assert resolved.best_metric == "eval_loss" and resolved.best_mode == "min"
+  for key in train.REQUIRED_KEYS:
+    assert key in config                                  # the default config has them all
+  config.learnin_rate = 1.0
+  with pytest.raises(ConfigError, match="did you mean learning_rate"):
+    train.resolve_config(config)
+  config = load_config(CONFIG)
+  del config["eval_every_steps"]
+  with pytest.raises(ConfigError, match="lacks required key"):
+    train.resolve_config(config)

@@ -1,0 +1,96 @@
+"""`python -m mt_flax translate`: line alignment, over-long lines, bad input, on a real trained run."""
+import pytest
+
+from mt_flax import translate
+from test_decode_run import call_main, loaded_run, run_cli, trained_run
+
+VERSES = ["In the beginning God created the heavens and the earth.",
+          "Jesus wept.",
+          "",
+          "   ",
+          "The LORD is my shepherd; I shall not want.",
+          "Blessed are the meek, for they shall inherit the earth."]
+
+
+def long_line(words: int = 120) -> str:
+  return " ".join(["And the light shone in the darkness."] * (words // 7 + 1))
+
+
+def test_translate_cli_keeps_one_line_per_input_line_in_order():
+  workdir = trained_run()
+  proc = run_cli("translate", "--workdir", workdir, "--beam", "1",
+                 stdin=("\n".join(VERSES) + "\n").encode())
+  assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+  out = proc.stdout.decode().split("\n")
+  assert out[-1] == "" and len(out[:-1]) == len(VERSES)
+  out = out[:-1]
+  assert out[2] == "" and out[3] == ""
+  # each line is the translation of that line alone: order kept, batching changes nothing
+  alone = [translate.translate_lines(loaded_run(), [v], beam_size=1)[0] for v in VERSES]
+  assert out == alone
+
+
+def test_overlong_lines_are_truncated_with_a_warning_naming_the_line(monkeypatch, capsys):
+  text = "\n".join(["Jesus wept.", "", long_line()]).encode()
+  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1"], text, monkeypatch)
+  out, err = capsys.readouterr()
+  assert rc == 0
+  assert len(out.split("\n")) == 4 and out.endswith("\n")
+  assert "line 3:" in err and "truncated" in err and "data.max_len=48" in err
+  assert "line 1:" not in err
+
+
+def test_overlong_lines_can_be_split_into_pieces(monkeypatch, capsys):
+  text = (long_line() + "\n").encode()
+  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1", "--long", "split"],
+                 text, monkeypatch)
+  out, err = capsys.readouterr()
+  assert rc == 0 and out.count("\n") == 1
+  assert "line 1:" in err and "pieces" in err
+
+
+def test_invalid_utf8_is_reported_with_its_line_number(monkeypatch, capsys):
+  text = b"Jesus wept.\nok\n\xff\xfe broken\nfine\n"
+  rc = call_main(translate.main, ["--workdir", "/nonexistent"], text, monkeypatch)
+  out, err = capsys.readouterr()
+  assert rc == 2 and out == ""
+  assert "line 3:" in err and "UTF-8" in err and "Traceback" not in err
+
+
+def test_invalid_utf8_can_be_replaced(monkeypatch, capsys):
+  text = b"Jesus wept.\n\xff bad\n"
+  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1", "--invalid",
+                                  "replace"], text, monkeypatch)
+  out, err = capsys.readouterr()
+  assert rc == 0 and out.count("\n") == 2
+  assert "warning: line 2:" in err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--workdir", "/nonexistent/run"], "/nonexistent/run"),
+    (["--workdir", "WORKDIR", "--config.decode.alpah=0.5"], "did you mean decode.alpha"),
+    (["--workdir", "WORKDIR", "--beam", "0"], "beam size 0"),
+])
+def test_bad_input_gives_a_one_line_error(monkeypatch, capsys, argv, expected):
+  argv = [trained_run() if a == "WORKDIR" else a for a in argv]
+  rc = call_main(translate.main, argv, b"Jesus wept.\n", monkeypatch)
+  _, err = capsys.readouterr()
+  errors = [line for line in err.splitlines() if line.startswith("mt_flax translate: error")]
+  assert rc == 2 and len(errors) == 1 and expected in errors[0]
+  assert "Traceback" not in err
+
+
+def test_read_lines_handles_endings_and_reports_bad_bytes():
+  assert translate.read_lines(b"") == ([], [])
+  assert translate.read_lines(b"a\r\nb\n\nc") == (["a", "b", "", "c"], [])
+  lines, problems = translate.read_lines(b"ok\n\xc3(\n")
+  assert lines == [] and problems[0][0] == 2 and "0xc3" in problems[0][1]
+  lines, _ = translate.read_lines(b"ok\n\xc3(\n", replace=True)
+  assert lines == ["ok", "\ufffd("]
+
+
+def test_split_to_fit_cuts_at_sentence_ends_then_words():
+  fits = lambda text: len(text.split()) <= 4
+  assert translate.split_to_fit("One two. Three four five. Six", fits) == [
+      "One two.", "Three four five. Six"]
+  assert translate.split_to_fit("a b c d e f g", fits) == ["a b c d", "e f g"]
