@@ -94,7 +94,8 @@ def bench_size(size: str, *, batch: int, length: int, vocab: int, repeats: int,
 
   rates = [flops / s / 1e9 for s in step_s]
   return {
-      "size": size, "params": n_params, **SIZES[size], "batch": batch, "length": length,
+      "size": size, "params": n_params, **{k: getattr(config, k) for k in SIZES[size]},
+      "dropout_rate": config.dropout_rate, "batch": batch, "length": length,
       "vocab": vocab, "flops_per_step": flops, "step_s": [round(s, 4) for s in step_s],
       "step_s_median": round(median(step_s), 4),
       "target_tokens_per_s": round(batch * length / median(step_s), 1),

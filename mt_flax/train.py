@@ -339,14 +339,20 @@ class _Loop:
     self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
     self.last_eval: dict = {}
 
-  def _flush(self, t0: float) -> dict:
-    """Fetches pending step metrics, writes train lines, raises on a non-finite loss."""
-    elapsed = max(time.time() - t0, 1e-9)
+  def _flush(self, t0: float, compiled: bool = False) -> dict:
+    """Waits for the pending steps, writes their train lines, raises on a non-finite loss.
+
+    Rates cover the wall time since ``t0``; an interval that ``compiled`` a new
+    batch shape is marked ``includes_compile`` and left out of the run's mean.
+    """
     fetched = [(s, self.partitioner.metrics_to_host(m), st) for s, m, st in self.pending]
+    elapsed = max(time.time() - t0, 1e-9)
     real = sum(st[0] for _, _, st in fetched)
     slots = sum(st[1] for _, _, st in fetched)
     rates = {"tokens_per_s": real / elapsed, "steps_per_s": len(fetched) / elapsed,
              "padding_efficiency": real / max(slots, 1)}
+    if compiled:
+      rates["includes_compile"] = True
     for step, m, _ in fetched:
       row = {k: float(v) for k, v in m.items() if k != "finite"}
       row.update(rates)
@@ -359,7 +365,8 @@ class _Loop:
             f"grad_norm={float(m['grad_norm'])}); stopped. The last good checkpoint "
             f"(step {latest}) is kept in {self.manager.directory}; lower learning_rate, raise "
             "warmup_steps or set grad_clip_norm, then re-run to resume from it")
-    self.throughput.append((real, elapsed))
+    if not compiled:
+      self.throughput.append((real, elapsed))
     self.pending = []
     return {k: float(v) for k, v in fetched[-1][1].items()}
 
@@ -375,6 +382,7 @@ class _Loop:
     bar = tqdm(total=num_steps, initial=self.start, desc="train", unit="step", dynamic_ncols=True,
                disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0)
     step, preempted = self.start, False
+    seen_shapes: set = set()
     t0 = time.time()
     try:
       while step < num_steps and not preempted:
@@ -382,12 +390,18 @@ class _Loop:
         batch = _host_batch(next(self.train_iter))
         stats = _token_stats(batch)
         batch = sharding.common_batch_shape(batch)
+        shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        compiles = shape not in seen_shapes   # a new shape compiles: time it on its own
+        if compiles:
+          seen_shapes.add(shape)
+          if self.pending:
+            self._flush(t0)
+          t0 = time.time()
         state, metrics = self.train_fn(state, self.partitioner.shard_batch(batch))
         self.pending.append((step, metrics, stats))
         bar.update(1)
-        if step == self.start + 1:   # the first step compiles: keep it out of throughput
-          self._flush(t0)
-          self.throughput.pop()
+        if compiles:
+          self._flush(t0, compiled=True)
           t0 = time.time()
         preempted = sharding.any_process(preemption.requested)
         do_eval = every(c.eval_every_steps, step) or step == num_steps

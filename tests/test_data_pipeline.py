@@ -3,6 +3,7 @@ examples and batches, and the data-stats command, on a synthetic spa_eng fixture
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import random
@@ -177,11 +178,21 @@ def test_bucket_boundaries_are_optimal_over_nested_sets():
     def cost(chain):
       return sum(bucketing.padded_slots(src, tgt, chain)[i] ** -1 * s.sum()
                  for i, s in enumerate((src, tgt)))
-    import itertools
     options = [sorted(set(c) | {last}) for c in itertools.combinations(grid, k - 1)]
     nested = [c for c in options if all(x[0] <= y[0] and x[1] <= y[1] for x, y in zip(c, c[1:]))]
     assert len(boundaries) <= k and boundaries[-1] == last
     assert best <= min(cost(c) for c in nested) + 1e-6
+
+
+def test_many_distinct_lengths_use_quantile_candidates():
+  rng = np.random.default_rng(2)
+  src = rng.integers(1, 400, size=3000)
+  tgt = rng.integers(1, 300, size=3000)
+  boundaries = bucketing.optimal_boundaries(src, tgt, 8)
+  assert len(boundaries) <= 8 and boundaries[-1] == (int(src.max()), int(tgt.max()))
+  k = bucketing.assign(src, tgt, boundaries)
+  shapes = np.asarray(boundaries)[k]
+  assert (shapes[:, 0] >= src).all() and (shapes[:, 1] >= tgt).all()
 
 
 def test_efficiency_bound_is_an_upper_bound():

@@ -31,7 +31,7 @@ def get_config():
   c.log_every_steps = 20
   c.batch_tokens = 1024
   c.progress_bar = False
-  c.data.vocab_size, c.data.tokenizer_type, c.data.max_len = 300, "bpe", 48
+  c.data.vocab_size, c.data.tokenizer_type, c.data.max_len = 1000, "bpe", 64
   c.data.batching, c.data.eval_max_examples = "pad", 24
   c.model.d_model, c.model.num_heads, c.model.mlp_dim = 32, 2, 64
   c.model.num_encoder_layers = c.model.num_decoder_layers = 1

@@ -45,8 +45,10 @@ TINY = ["--config.num_train_steps=12", "--config.warmup_steps=4", "--config.chec
 
 def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
   env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": str(tmp_path / "run"),
-         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --no-long"}
-  env.pop("XLA_FLAGS", None)
+         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),  # the re-run reuses compiles
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("XLA_FLAGS", None)  # one CPU device
   first = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
   for stage in ("1/3 training", "2/3 evaluating", "3/3 sample translations", "done in"):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 V = 48
 NUM_STEPS = 3
@@ -132,9 +133,6 @@ def test_two_processes_match_one(tmp_path):
     assert r["metrics"]["eval_tokens"] == metrics["eval_tokens"]
     assert r["restored_step"] == NUM_STEPS and r["restored_same"]
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
-
-
-import pytest  # noqa: E402  (after the worker entry point's imports on purpose)
 
 if __name__ == "__main__":
   worker(sys.argv[1])

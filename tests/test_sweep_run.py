@@ -13,25 +13,27 @@ from mt_flax import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
-STEPS = 24
+STEPS = 16      # trial 0; trial 1 runs 48
 TINY = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
-        "--config.checkpoint_every_steps=8", "--config.eval_every_steps=12",
+        "--config.checkpoint_every_steps=8", "--config.eval_every_steps=8",
         "--config.log_every_steps=4", "--config.batch_tokens=512", "--config.data.vocab_size=300",
         "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
         "--config.data.batching=pack", "--config.data.eval_max_examples=16",
         "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
         "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"]
-SWEEP = "def get_sweep():\n  return [{'learning_rate': 0.001}, {'learning_rate': 0.003}]\n"
+# Same programs in both trials (compiled once); the second runs longer, to be killed midway.
+SWEEP = "def get_sweep():\n  return [{'seed': 1}, {'seed': 2, 'num_train_steps': 48}]\n"
 
 
 def sweep_command(sweep_file: str, sweep_dir: str) -> list[str]:
   return [sys.executable, "-m", "mt_flax", "sweep", CONFIG, sweep_file, "--workdir", sweep_dir, *TINY]
 
 
-def one_device_env() -> dict[str, str]:
+def one_device_env(cache_dir) -> dict[str, str]:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device: the sweep, not sharding, is under test
-  env["PYTHONPATH"] = ROOT
+  env.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 
@@ -42,7 +44,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout_s: float, what: str) -> 
       raise AssertionError(f"sweep exited (rc={proc.returncode}) before {what}")
     if time.time() > deadline:
       raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.5)
+    time.sleep(0.2)
 
 
 def train_steps(workdir: str) -> list[int]:
@@ -58,7 +60,7 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
   second = sweep_dir / names[1]
   log = open(tmp_path / "first.log", "w")
   proc = subprocess.Popen(sweep_command(str(sweep_file), str(sweep_dir)), stdout=log,
-                          stderr=subprocess.STDOUT, env=one_device_env(), cwd=ROOT,
+                          stderr=subprocess.STDOUT, env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT,
                           start_new_session=True)
   try:
     # Trial 0 runs to the end; kill everything once trial 1 is past its first checkpoint.
@@ -73,16 +75,16 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
   assert os.path.exists(sweep_dir / names[0] / "DONE") and not os.path.exists(second / "DONE")
 
   rerun = subprocess.run(sweep_command(str(sweep_file), str(sweep_dir)), capture_output=True,
-                         text=True, env=one_device_env(), cwd=ROOT, timeout=240)
+                         text=True, env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT, timeout=240)
   out = rerun.stdout + rerun.stderr
   assert rerun.returncode == 0, out[-3000:]
   assert f"{names[0]}: finished at step {STEPS}, skipped" in out
   assert f"{names[1]}: resuming" in out
   resumed = re.search(r"resumed from checkpoint step (\d+)", out)
-  assert resumed and 8 <= int(resumed.group(1)) < STEPS, out[-3000:]
+  assert resumed and 8 <= int(resumed.group(1)) < 48, out[-3000:]
 
   steps = train_steps(second)  # every logged step once, up to the end: continued, not restarted
-  assert steps == sorted(set(steps)) and steps[-1] == STEPS and steps[0] == 1
+  assert steps == sorted(set(steps)) and steps[-1] == 48 and steps[0] == 1
   attempts = json.loads((second / sweep.TRIAL_FILE).read_text())["attempts"]
   assert len(attempts) == 2 and attempts[0]["end"] is None and attempts[1]["rc"] == 0
   rows = list((sweep_dir / "results.csv").read_text().splitlines())

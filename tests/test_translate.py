@@ -36,7 +36,7 @@ def test_overlong_lines_are_truncated_with_a_warning_naming_the_line(monkeypatch
   out, err = capsys.readouterr()
   assert rc == 0
   assert len(out.split("\n")) == 4 and out.endswith("\n")
-  assert "line 3:" in err and "truncated" in err and "data.max_len=48" in err
+  assert "line 3:" in err and "truncated" in err and "data.max_len=64" in err
   assert "line 1:" not in err
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -86,11 +87,12 @@ def read_module(folder: str, module: str) -> dict[Ref, str]:
 
 
 def read_module_zip(path: str, module: str) -> dict[Ref, str]:
-  """Like `read_module`, for a module zip (`mods.d/…conf` + `modules/…`)."""
-  if not zipfile.is_zipfile(path):
+  """Like `read_module`, for a module zip (`mods.d/…conf` + `modules/…`; local or gs://)."""
+  data = io.BytesIO(epath.Path(path).read_bytes())
+  if not zipfile.is_zipfile(data):
     raise DataError(f"{path}: not a zip file (expected the SWORD module {module})")
   with tempfile.TemporaryDirectory() as folder:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(data) as archive:
       archive.extractall(folder)
     if not os.path.isdir(os.path.join(folder, "mods.d")):
       raise DataError(f"{path}: no mods.d/ folder; expected a SWORD module zip of {module}")

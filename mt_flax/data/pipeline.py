@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
@@ -121,35 +123,36 @@ def tokenize_split(records: Sequence[Any], tokenizer: Tokenizer, src_lang: str, 
 
 
 def _store_cache_path(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                      builder: Any) -> str | None:
+                      builder: Any) -> epath.Path | None:
   """`<tokenizer dir>/cache/train-<digest>.npz`, keyed by dataset, direction and models."""
   if not tokenizer.directory:
     return None
+  folder = epath.Path(tokenizer.directory)
   digest = hashlib.sha256()
   for part in (config.data.name, str(builder.data_dir), config.data.src_lang,
                config.data.tgt_lang, str(builder.info.splits["train"].num_examples)):
     digest.update(part.encode() + b"\0")
-  for name in sorted(os.listdir(tokenizer.directory)):
-    if name.endswith(".model"):
-      with open(os.path.join(tokenizer.directory, name), "rb") as f:
-        digest.update(f.read())
-  return os.path.join(tokenizer.directory, "cache", f"train-{digest.hexdigest()[:16]}.npz")
+  for path in sorted(folder.glob("*.model")):
+    digest.update(path.read_bytes())
+  return folder / "cache" / f"train-{digest.hexdigest()[:16]}.npz"
 
 
 def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                       records: Sequence[Any]) -> TokenStore:
   path = _store_cache_path(config, tokenizer, sources.get_builder(config))
-  if path and os.path.exists(path):
-    with np.load(path) as saved:
+  if path is not None and path.exists():
+    with np.load(io.BytesIO(path.read_bytes())) as saved:
       store = TokenStore(**{k: saved[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
     if len(store) == len(records):
       return store
   store = tokenize_split(records, tokenizer, config.data.src_lang, config.data.tgt_lang)
-  if path:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(staging, **dataclasses.asdict(store))
-    os.replace(staging, path)
+  if path is not None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **dataclasses.asdict(store))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f"{path.name}.{os.getpid()}.tmp"
+    staging.write_bytes(buffer.getvalue())
+    staging.rename(path)
   return store
 
 

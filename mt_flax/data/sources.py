@@ -31,16 +31,21 @@ class DataError(ValueError):
   """Data that cannot be used as asked; the message is one line for the user."""
 
 
+def _absolute(folder: str) -> str:
+  """A local path made absolute; a URL-like path (gs://…) unchanged."""
+  return folder if "://" in folder else os.path.abspath(os.path.expanduser(folder))
+
+
 def manual_dir(config: ml_collections.ConfigDict) -> str | None:
   """The folder holding downloaded archives: `data.manual_dir`, else `$MT_FLAX_MANUAL_DIR`."""
   folder = config.data.get("manual_dir", "") or os.environ.get(MANUAL_DIR_ENV, "")
-  return os.path.abspath(os.path.expanduser(folder)) if folder else None
+  return _absolute(folder) if folder else None
 
 
 def tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
-  """`data.tfds_data_dir`, or None for the TFDS default."""
+  """`data.tfds_data_dir`, or None for the TFDS default (`$TFDS_DATA_DIR`, ~/tensorflow_datasets)."""
   folder = config.data.get("tfds_data_dir", "")
-  return os.path.abspath(os.path.expanduser(folder)) if folder else None
+  return _absolute(folder) if folder else None
 
 
 def _register_builders() -> None:
@@ -97,6 +102,8 @@ def languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
   features = builder.info.features
   if isinstance(features, tfds.features.Translation):
     return tuple(features.languages)
+  if builder.info.supervised_keys:
+    return tuple(builder.info.supervised_keys)
   if isinstance(features, tfds.features.FeaturesDict):
     return tuple(k for k, v in features.items() if isinstance(v, tfds.features.Text))
   return ()

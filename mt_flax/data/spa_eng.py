@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import zipfile
@@ -99,12 +100,11 @@ def split_of(en: str) -> str:
 
 
 def read_spa_txt(path: epath.PathLike) -> bytes:
-  """The bytes of spa.txt from `spa-eng.zip`, or from a plain `spa.txt`."""
-  path = os.fspath(path)
-  if not zipfile.is_zipfile(path):
-    with open(path, "rb") as f:
-      return f.read()
-  with zipfile.ZipFile(path) as archive:
+  """The bytes of spa.txt from `spa-eng.zip`, or from a plain `spa.txt` (local or gs://)."""
+  data = epath.Path(path).read_bytes()
+  if not zipfile.is_zipfile(io.BytesIO(data)):
+    return data
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
     names = [n for n in archive.namelist() if n == MEMBER or n.endswith("/spa.txt")
              or n == "spa.txt"]
     if not names:

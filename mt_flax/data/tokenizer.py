@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from mt_flax.data.sources import DataError, load_pairs
 
@@ -46,17 +46,17 @@ class Tokenizer:
 
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
-    """Loads the models in `directory` (a `workdir/tokenizer/` folder)."""
-    shared = os.path.join(directory, SHARED_MODEL)
-    if os.path.exists(shared):
-      model = spm.SentencePieceProcessor(model_file=shared)
-      return cls(model, model, directory)
-    paths = [os.path.join(directory, name) for name in (SRC_MODEL, TGT_MODEL)]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-      raise DataError(f"{directory}: no tokenizer model ({SHARED_MODEL}, or "
+    """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://)."""
+    folder = epath.Path(directory)
+    if (folder / SHARED_MODEL).exists():
+      model = spm.SentencePieceProcessor(model_proto=(folder / SHARED_MODEL).read_bytes())
+      return cls(model, model, str(folder))
+    paths = [folder / name for name in (SRC_MODEL, TGT_MODEL)]
+    if not all(p.exists() for p in paths):
+      raise DataError(f"{folder}: no tokenizer model ({SHARED_MODEL}, or "
                       f"{SRC_MODEL} and {TGT_MODEL})")
-    return cls(*(spm.SentencePieceProcessor(model_file=p) for p in paths), directory)
+    src, tgt = (spm.SentencePieceProcessor(model_proto=p.read_bytes()) for p in paths)
+    return cls(src, tgt, str(folder))
 
   @property
   def shared(self) -> bool:
@@ -126,21 +126,23 @@ def _expected_info(config: ml_collections.ConfigDict) -> dict:
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """Loads `workdir/tokenizer/`, or trains it on the training split if it has no model.
 
+  `tokenizer.json` is written last: a folder without it (an interrupted run) is
+  trained again. `workdir` may be local or gs://.
+
   Raises:
     DataError: the saved tokenizer was trained for another dataset/direction/vocabulary.
   """
-  directory = os.path.join(workdir, TOKENIZER_DIR)
+  directory = epath.Path(workdir) / TOKENIZER_DIR
   expected = _expected_info(config)
-  info_path = os.path.join(directory, INFO_FILE)
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      saved = json.load(f)
+  info_path = directory / INFO_FILE
+  if info_path.exists():
+    saved = json.loads(info_path.read_text())
     changed = [f"{k}: {saved.get(k)!r} there, {v!r} in the config"
                for k, v in expected.items() if saved.get(k) != v]
     if changed:
       raise DataError(f"{directory} was trained for another setting ({'; '.join(changed)}); "
                       "use a new workdir or delete that folder")
-    return Tokenizer.load(directory)
+    return Tokenizer.load(str(directory))
   if config.data.tokenizer_type not in MODEL_TYPES:
     raise DataError(f"data.tokenizer_type={config.data.tokenizer_type!r}: expected one of "
                     f"{', '.join(MODEL_TYPES)}")
@@ -148,22 +150,17 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   log.info("training a %s SentencePiece tokenizer (%d pieces, %s) on %d training pairs",
            config.data.tokenizer_type, config.data.vocab_size,
            "shared" if config.data.shared_vocab else "per side", len(pairs))
-  os.makedirs(workdir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
-  try:
-    options = dict(vocab_size=config.data.vocab_size, model_type=config.data.tokenizer_type)
+  options = dict(vocab_size=config.data.vocab_size, model_type=config.data.tokenizer_type)
+  with tempfile.TemporaryDirectory() as scratch:
     if config.data.shared_vocab:
       texts = [s for s, _ in pairs] + [t for _, t in pairs]
-      train_model(texts, os.path.join(staging, SHARED_MODEL), **options)
+      train_model(texts, os.path.join(scratch, SHARED_MODEL), **options)
     else:
-      train_model([s for s, _ in pairs], os.path.join(staging, SRC_MODEL), **options)
-      train_model([t for _, t in pairs], os.path.join(staging, TGT_MODEL), **options)
-    with open(os.path.join(staging, INFO_FILE), "w") as f:
-      json.dump(expected, f, indent=2)
-    if os.path.isdir(directory):   # a folder without tokenizer.json: an interrupted run
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
-  finally:
-    if os.path.isdir(staging):
-      shutil.rmtree(staging)
-  return Tokenizer.load(directory)
+      train_model([s for s, _ in pairs], os.path.join(scratch, SRC_MODEL), **options)
+      train_model([t for _, t in pairs], os.path.join(scratch, TGT_MODEL), **options)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(scratch)):
+      with open(os.path.join(scratch, name), "rb") as f:
+        (directory / name).write_bytes(f.read())
+  info_path.write_text(json.dumps(expected, indent=2))
+  return Tokenizer.load(str(directory))

@@ -1,0 +1,121 @@
+"""Smoke tests of the benchmarks on tiny sizes: they run and return sane JSON.
+
+No timing is asserted here; speed is what ``python -m bench.all`` reports.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import zipfile
+
+import pytest
+
+from bench import CompileCounter, all as bench_all, matmul_peak, memory, pipeline, train_step
+
+TINY = dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, mlp_dim=64)
+
+
+def positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_compile_counter_sees_a_new_shape():
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x: x * 2 + 1)
+  with CompileCounter() as counter:
+    f(jnp.zeros(3)).block_until_ready()
+    f(jnp.ones(3)).block_until_ready()     # same shape: no compilation
+    f(jnp.zeros(5)).block_until_ready()    # new shape: one more
+  assert [n for n in counter.names if "lambda" in n] == ["jit(<lambda>)"] * 2
+  assert counter.seconds > 0
+
+
+def test_matmul_peak_reports_rates_per_size():
+  out = matmul_peak.measure((32, 64), repeats=2)
+  json.dumps(out)
+  assert out["peak_size"] in (32, 64)
+  assert set(out["sizes"]) == {"32", "64"}
+  assert out["peak_gflops"] == max(s["jax_gflops"] for s in out["sizes"].values())
+  assert all(positive(s["numpy_gflops"]) for s in out["sizes"].values())
+
+
+def test_train_step_figures_are_consistent():
+  out = train_step.bench_size("tiny", batch=4, length=8, vocab=64, repeats=2,
+                              peak=matmul_peak.Matmul(64), peak_calls=1, **TINY)
+  json.dumps(out)
+  assert out["d_model"] == 32 and out["params"] > 0
+  assert positive(out["flops_per_step"]) and len(out["step_s"]) == 2
+  assert out["target_tokens_per_s"] == pytest.approx(4 * 8 / out["step_s_median"], rel=1e-2)
+  assert out["mfu"] > 0 and out["mfu_vs_best_peak"] > 0
+  assert out["step_compilations"] == 1          # fixed shapes: compiled once
+  assert out["loss_finite"]
+  plan = out["step_memory_mib"]
+  assert plan["total"] >= plan["temporaries"] >= 0 and plan["arguments"] > 0
+  assert positive(out["memory"]["peak_rss_mib"])
+
+
+def test_train_step_rejects_unknown_size():
+  with pytest.raises(ValueError, match="model size 'huge'"):
+    train_step.model_config("huge", 64)
+
+
+def test_memory_snapshot_on_cpu():
+  snap = memory.snapshot()
+  assert snap["device_mib"] is None             # CPU: arrays are in the RSS
+  assert snap["peak_rss_mib"] >= snap["rss_mib"] * 0.5 > 0
+
+
+def synthetic_spa_eng(path, n: int = 600, seed: int = 0) -> None:
+  """A spa-eng.zip of ``n`` pairs with lengths from 1 to 30 words."""
+  rng = random.Random(seed)
+  en = "the a cat dog sees runs big small house river tree".split()
+  es = "el la gato perro ve corre grande casa río árbol".split()
+  lines = []
+  for i in range(n):
+    k = min(30, max(1, int(rng.lognormvariate(1.6, 0.6))))
+    lines.append(" ".join(rng.choice(en) for _ in range(k)) + f" {i}.\t"
+                 + " ".join(rng.choice(es) for _ in range(k)) + f" {i}.\n")
+  path.mkdir(parents=True)
+  with zipfile.ZipFile(path / "spa-eng.zip", "w") as archive:
+    archive.writestr("spa-eng/spa.txt", "".join(lines))
+
+
+def test_pipeline_compares_modes_on_the_same_steps(tmp_path):
+  synthetic_spa_eng(tmp_path / "manual")
+  model = [f"--config.model.{k}={v}" for k, v in TINY.items()]
+  out = pipeline.compare(3, str(tmp_path / "work"), manual_dir=str(tmp_path / "manual"),
+                         overrides=("--config.data.vocab_size=120", "--config.batch_tokens=256",
+                                    "--config.data.num_buckets=2", *model))
+  json.dumps(out)
+  assert set(out) == set(pipeline.MODES)
+  for mode, figures in out.items():
+    assert figures["steps"] == 3 and positive(figures["target_tokens_per_s"])
+    assert 0 < figures["tgt_padding_efficiency"] <= 1
+    assert 1 <= figures["compilations"] <= len(figures["shapes"])
+  assert len(out["pad"]["shapes"]) == len(out["pack"]["shapes"]) == 1
+  assert out["pad"]["tgt_padding_efficiency"] < out["pack"]["tgt_padding_efficiency"]
+  assert out["pad"]["tgt_padding_efficiency"] < out["bucket"]["tgt_padding_efficiency"]
+  assert positive(out["bucket"]["speedup_vs_pad"]) and positive(out["pack"]["speedup_vs_pad"])
+
+
+def test_targets_read_the_benchmark_results():
+  results = {"train_step": {"sizes": {"base": {"mfu": 0.8}}},
+             "pipeline": {"modes": {"bucket": {"steady_speedup_vs_pad": 3.0},
+                                    "pack": {"steady_speedup_vs_pad": 2.0}}}}
+  got = bench_all.targets(results)
+  assert got["base_train_mfu"] == {"value": 0.8, "threshold": 0.75, "met": True}
+  assert got["bucket_vs_pad"]["met"] is True and got["pack_vs_pad"]["met"] is False
+  assert got["cached_beam4_vs_uncached"]["met"] is None     # not run
+
+
+def test_all_runs_a_benchmark_in_its_own_process():
+  out = bench_all.run_isolated("memory", quick=True)
+  assert "error" not in out and positive(out["process_memory"]["peak_rss_mib"])
+
+
+def test_all_rejects_unknown_benchmark(capsys):
+  with pytest.raises(SystemExit):
+    bench_all.main(["--only", "train_stepp"])
+  assert "unknown benchmark" in capsys.readouterr().err
