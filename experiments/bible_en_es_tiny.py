@@ -11,11 +11,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_train_steps = 1500
-  c.warmup_steps = 300
-  c.learning_rate = 2e-3          # peak learning rate
-  c.schedule = "rsqrt"            # "rsqrt" or "cosine"
-  c.min_learning_rate_ratio = 0.0  # cosine only: final / peak rate
+  c.num_train_steps = 1000
+  c.warmup_steps = 150
+  c.learning_rate = 3e-3          # peak learning rate
+  c.schedule = "cosine"           # "rsqrt" or "cosine"
+  c.min_learning_rate_ratio = 0.05  # cosine only: final / peak rate
   c.adam_b1 = 0.9
   c.adam_b2 = 0.98
   c.adam_eps = 1e-9
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.batch_tokens = 4096           # token budget of one global batch (per side)
   c.checkpoint_every_steps = 250
-  c.eval_every_steps = 500
+  c.eval_every_steps = 250
   c.keep_checkpoints = 2          # the last K checkpoints, plus the best one
   c.async_checkpointing = True
   c.best_metric = "eval_loss"     # validation metric that picks the best checkpoint

@@ -20,15 +20,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from typing import Any, Optional
 
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -69,6 +68,12 @@ class _IteratorState:
     pass
 
 
+def _path(workdir: str) -> epath.Path:
+  """``workdir`` as an absolute path (local) or as is (``gs://...``)."""
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+
+
 def _metric_fn(best_metric: str, best_mode: str):
   worst = math.inf if best_mode == "min" else -math.inf
   def fn(metrics: dict) -> float:
@@ -93,7 +98,7 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
   options = ocp.CheckpointManagerOptions(
       best_fn=metric_fn, best_mode=best_mode, preservation_policy=policy,
       enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = _path(workdir) / CHECKPOINT_DIR
   handlers = {"params": ocp.StandardCheckpointHandler(),
               "opt_state": ocp.StandardCheckpointHandler(),
               "train": ocp.StandardCheckpointHandler(),
@@ -134,14 +139,13 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   """Moves an unreadable step out of the manager's directory (kept for inspection)."""
   if jax.process_index() == 0:
-    src = os.path.join(str(manager.directory), str(step))
-    dst_root = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
-    os.makedirs(dst_root, exist_ok=True)
-    dst = os.path.join(dst_root, str(step))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    if os.path.exists(src):
-      shutil.move(src, dst)
+    src = epath.Path(manager.directory) / str(step)
+    dst = epath.Path(manager.directory).parent / UNREADABLE_DIR / str(step)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+      dst.rmtree()
+    if src.exists():
+      src.rename(dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"mt_flax_set_aside_{step}")
@@ -170,12 +174,11 @@ def restore_latest_good(manager: ocp.CheckpointManager,
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config saved in ``workdir/config.json``."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = _path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir!r}; expected the workdir of a "
                           "`python -m mt_flax train` run")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def restore_for_inference(workdir: str, which: str = "best"
@@ -187,11 +190,11 @@ def restore_for_inference(workdir: str, which: str = "best"
   """
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-  if not os.path.isdir(workdir):
+  if not _path(workdir).is_dir():
     raise CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir of a "
                           "`python -m mt_flax train` run")
   config = read_config(workdir)
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  if not (_path(workdir) / CHECKPOINT_DIR).is_dir():
     raise CheckpointError(f"no checkpoints in workdir {workdir!r}; train first "
                           "(`python -m mt_flax train --workdir ...`)")
   manager = make_manager(workdir, best_metric=config.get("best_metric", "eval_loss"),

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ Array = jnp.ndarray
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 NEG_INF = -jnp.inf
 MIN_WIDTH = 16        # padded source widths: 16, 24, 32, 48, 64, 96, 128, ...
+_ROUNDING = 1e-4      # keeps float32 (device) and float64 (host) limits identical
 
 
 class Decoded(NamedTuple):
@@ -56,7 +57,7 @@ class Decoded(NamedTuple):
 
 def max_target_len(src_len: int, a: float, b: float) -> int:
   """Most target tokens (EOS included) allowed for a source of ``src_len`` tokens."""
-  return max(1, int(math.floor(a * src_len + b)))
+  return max(1, int(math.floor(a * src_len + b + _ROUNDING)))
 
 
 def length_penalty(length: Array, alpha: float) -> Array:
@@ -74,7 +75,7 @@ def _static_len(model: Transformer, src_width: int, a: float, b: float) -> int:
 def _limits(src: Array, a: float, b: float, length: int) -> Array:
   """Per-source target limit ``[B]``, clipped to the static length."""
   n = jnp.sum(src != PAD_ID, axis=1).astype(jnp.float32)
-  return jnp.clip(jnp.floor(a * n + b).astype(jnp.int32), 1, length)
+  return jnp.clip(jnp.floor(a * n + b + _ROUNDING).astype(jnp.int32), 1, length)
 
 
 def _token_logprobs(logits: Array, force_eos: Array) -> Array:

@@ -152,7 +152,8 @@ def _markdown(report: dict) -> str:
   d, main = report["decoding"], report["split_result"]
   lines = [f"# Evaluation of `{report['workdir']}` (step {report['step']}, "
            f"{report['checkpoint']} checkpoint) on `{report['split']}`", "",
-           f"Decoding: {search_name(d['beam_size'])}, alpha {d['alpha']}, max length {d['max_len_a']} * source + {d['max_len_b']}.", "",
+           f"Decoding: {search_name(d['beam_size'])}, alpha {d['alpha']}, "
+           f"max length {d['max_len_a']} * source + {d['max_len_b']}.", "",
            "| slice | examples | BLEU | chrF |", "|---|---:|---:|---:|"]
   for r in report["table"]:
     lines.append(f"| {r['name']} | {r['examples']} | {r['bleu']:.2f} | {r['chrf']:.2f} |")

@@ -35,7 +35,8 @@ class CheckResult:
 
   def line(self) -> str:
     status = "PASS" if self.passed else "FAIL"
-    text = f"{status} {self.name}: max change {self.max_change:.2e} (tolerance {self.tolerance:.1e})"
+    text = (f"{status} {self.name}: max change {self.max_change:.2e} "
+            f"(tolerance {self.tolerance:.1e})")
     return text + (f"; {self.detail}" if self.detail else "")
 
 

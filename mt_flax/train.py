@@ -31,9 +31,9 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, sharding, steps
+from mt_flax import checkpoint, data, sharding, steps
 from mt_flax.config import ConfigError, load_config, split_config_args
-from mt_flax.data.sources import DataError
+from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 
@@ -234,8 +234,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (mean over this invocation's logged intervals, compile excluded),
   ``preempted``, and the last validation metrics (``eval_loss``, ...).
   """
-  from mt_flax import data   # the input pipeline (TFDS + Grain)
-
   t_start = time.time()
   config = resolve_config(config)
   sharding.maybe_initialize_distributed()
@@ -292,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, enabled=sharding.is_primary(),
                         resume_step=start if restored is not None else None)
-  loop = _Loop(config, workdir, partitioner, manager, writer, train_iter, train_fn, eval_fn,
+  loop = _Loop(config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
                eval_batches, start)
   try:
     with _Preemption() as preemption:
@@ -309,7 +307,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _tokenizer(config, workdir):
   """Process 0 trains (or loads) the tokenizer first; the others then load it."""
-  from mt_flax import data
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     if sharding.is_primary():
@@ -329,9 +326,9 @@ def _mark_done(workdir: str) -> None:
 class _Loop:
   """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
 
-  def __init__(self, config, workdir, partitioner, manager, writer, train_iter, train_fn,
-               eval_fn, eval_batches, start):
-    self.config, self.workdir, self.partitioner = config, workdir, partitioner
+  def __init__(self, config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
+               eval_batches, start):
+    self.config, self.partitioner = config, partitioner
     self.manager, self.writer, self.train_iter = manager, writer, train_iter
     self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
     self.start = start

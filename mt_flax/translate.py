@@ -49,7 +49,7 @@ class Trained:
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
-  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` from ``config.decode`` (with defaults)."""
+  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` of ``config.decode`` or defaults."""
   section = dict(config.get("decode", None) or {})
   out = {k: type(v)(section.get(k, v)) for k, v in DECODE_DEFAULTS.items()}
   if beam_size is not None:
@@ -78,10 +78,10 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   """
   from mt_flax.data import tokenizer as tok_lib
 
-  config = checkpoint.read_config(workdir) if os.path.isdir(workdir) else None
-  if config is None:
+  if not os.path.isdir(workdir):
     raise checkpoint.CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir "
                                      "of a `python -m mt_flax train` run")
+  config = checkpoint.read_config(workdir)
   if config_path:
     wanted = load_config(config_path)
     diffs = _model_differences(dict(wanted.get("model", {})), dict(config.model))
@@ -264,6 +264,9 @@ def main(argv: Sequence[str]) -> int:
   except (ConfigError, checkpoint.CheckpointError, ValueError) as e:
     print(f"mt_flax translate: error: {e}", file=sys.stderr)
     return 2
-  sys.stdout.write("".join(line + "\n" for line in outputs))
-  sys.stdout.flush()
+  try:
+    sys.stdout.write("".join(line + "\n" for line in outputs))
+    sys.stdout.flush()
+  except BrokenPipeError:            # the reader went away (e.g. `| head`): not an error here
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0

@@ -1,4 +1,4 @@
-"""`python -m mt_flax audit` and the invariance checks: they pass on correct masks, fail on wrong ones."""
+"""`python -m mt_flax audit` and the invariance checks: pass on correct masks, fail on wrong ones."""
 import numpy as np
 import pytest
 

@@ -18,11 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+BASE_CONFIG = str(ROOT / "experiments" / "bible_en_es_tiny.py")
 CONFIG = f'''
 import importlib.util
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("base", {str(ROOT / "experiments" / "bible_en_es_tiny.py")!r})
+  spec = importlib.util.spec_from_file_location("base", {BASE_CONFIG!r})
   base = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(base)
   c = base.get_config()

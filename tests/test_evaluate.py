@@ -12,7 +12,8 @@ from test_decode_run import call_main, cli_env, loaded_run, run_cli, trained_run
 
 def sacrebleu_cli(folder: Path, ref: str, hyp: str) -> dict:
   """Scores recomputed by the `sacrebleu` command from the saved text files."""
-  proc = subprocess.run([sys.executable, "-m", "sacrebleu", ref, "-i", hyp, "-m", "bleu", "chrf", "-w", "4"],
+  command = ["-m", "sacrebleu", ref, "-i", hyp, "-m", "bleu", "chrf", "-w", "4"]
+  proc = subprocess.run([sys.executable, *command],
                         cwd=folder, capture_output=True, text=True, env=cli_env(), check=True)
   bleu, chrf = json.loads(proc.stdout)
   return {"bleu": bleu["score"], "chrf": chrf["score"]}
@@ -92,3 +93,7 @@ def test_eval_reports_bad_input_in_one_line(monkeypatch, capsys, tmp_path):
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("mt_flax eval: error")]
   assert rc == 2 and len(errors) == 1 and "tset" in errors[0] and "Traceback" not in err
+
+
+def test_the_decoder_uses_the_tokenizer_special_ids():
+  assert (decode.PAD_ID, decode.BOS_ID, decode.EOS_ID) == (data.PAD_ID, data.BOS_ID, data.EOS_ID)

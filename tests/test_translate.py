@@ -1,4 +1,4 @@
-"""`python -m mt_flax translate`: line alignment, over-long lines, bad input, on a real trained run."""
+"""`python -m mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
 import pytest
 
 from mt_flax import translate
