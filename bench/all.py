@@ -2,6 +2,7 @@
 
     python -m bench.all --quick                 # laptop-sized; writes bench/results.json
     python -m bench.all [--out FILE] [--only train_step,pipeline]
+    python -m bench.all --table bench/results.json   # the README's markdown tables
 
 A fresh process per benchmark keeps compile caches and peak RSS apart. The
 ``targets`` section checks the figures against the project's speed targets
@@ -75,13 +76,72 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
       "base_train_mfu": check(_get(results, "train_step", "sizes", "base", "mfu"), 0.75),
       "bucket_vs_pad": check(_get(modes, "bucket", "steady_speedup_vs_pad"), 2.5),
       "pack_vs_pad": check(_get(modes, "pack", "steady_speedup_vs_pad"), 2.5),
-      "cached_beam4_vs_uncached": check(cached_beam_speedup(decode), 5.0),
+      "cached_beam4_vs_uncached": check(decode.get("beam4_cached_speedup"), 5.0),
   }
 
 
-def cached_beam_speedup(decode: dict[str, Any]) -> Optional[float]:
-  """Cached over uncached beam-4 sentences/s from ``bench.decode_speed``'s result."""
-  return decode.get("beam4_cached_speedup")
+def _row(*cells: Any) -> str:
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+  return "-" if x is None else f"{x:,.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def table(report: dict[str, Any]) -> str:
+  """Markdown tables of the main figures of a results file."""
+  b, env = report["benchmarks"], report["environment"]
+  lines = [f"`{report['command']}` on {env['cpu']} ({env['cores_available']} cores, "
+           f"{env['backend']}, jax {env['jax']}), {report['date'][:10]}.", ""]
+  train = b.get("train_step", {})
+  if "sizes" in train:
+    first = next(iter(train["sizes"].values()))
+    lines += [f"Train step, fp32, batch {first['batch']} x {first['length']} tokens, vocabulary "
+              f"{first['vocab']}; matmul peak {_fmt(train['matmul_peak']['peak_gflops'])} "
+              "GFLOP/s:", "",
+              _row("model", "params", "step s", "target tokens/s", "GFLOP/s", "MFU",
+                   "MFU vs best peak", "compilations", "peak RSS MiB"),
+              _row(*["---"] * 9)]
+    for name, r in train["sizes"].items():
+      lines.append(_row(name, f"{r['params'] / 1e6:.1f}M", _fmt(r["step_s_median"], 2),
+                        _fmt(r["target_tokens_per_s"], 0), _fmt(r["gflops"]), _fmt(r["mfu"], 2),
+                        _fmt(r["mfu_vs_best_peak"], 2), r["step_compilations"],
+                        _fmt(r["memory"]["peak_rss_mib"], 0)))
+    lines.append("")
+  pipe = b.get("pipeline", {})
+  if "modes" in pipe:
+    lines += [f"spa_eng train end to end, {pipe['steps_per_mode']} steps per mode, "
+              f"{pipe['batch_tokens']} tokens per batch side:", "",
+              _row("batching", "target tokens/s", "without compile", "x pad", "x pad without "
+                   "compile", "target padding efficiency", "compilations", "compile s"),
+              _row(*["---"] * 8)]
+    for mode, r in pipe["modes"].items():
+      lines.append(_row(mode, _fmt(r["target_tokens_per_s"], 0),
+                        _fmt(r["steady_target_tokens_per_s"], 0),
+                        _fmt(r.get("speedup_vs_pad"), 2), _fmt(r.get("steady_speedup_vs_pad"), 2),
+                        _fmt(r["tgt_padding_efficiency"], 2), r["compilations"],
+                        _fmt(r["compiling_steps_s"])))
+    lines.append("")
+  dec = b.get("decode_speed", {})
+  if "beam4_cached" in dec:
+    lines += [f"Decoding {dec['batch']} sentences x {dec['tgt_len']} target tokens:", "",
+              _row("search", "cache", "sentences/s", "tokens/s", "cached speedup"),
+              _row(*["---"] * 5)]
+    for search in ("greedy", "beam4"):
+      for cache in ("cached", "uncached"):
+        r = dec[f"{search}_{cache}"]
+        lines.append(_row(search, cache, _fmt(r["sentences_per_s"]), _fmt(r["tokens_per_s"], 0),
+                          _fmt(dec[f"{search}_cached_speedup"], 2) if cache == "cached" else ""))
+    lines.append("")
+  rss = [f"{name} {_fmt(r['process_memory']['peak_rss_mib'], 0)} MiB" for name, r in b.items()
+         if "process_memory" in r]
+  if rss:
+    lines += ["Peak host RSS of each benchmark's process: " + ", ".join(rss) + ".", ""]
+  verdict = {True: "met", False: "not met", None: "not run"}
+  lines += ["Targets:", ""] + [
+      f"- {name}: {_fmt(t['value'], 2)} (>= {t['threshold']}): {verdict[t['met']]}"
+      for name, t in report["targets"].items()]
+  return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -90,11 +150,20 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--out", default=DEFAULT_OUT, help="where to write the JSON results")
   parser.add_argument("--only", default=",".join(BENCHMARKS),
                       help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+  parser.add_argument("--table", metavar="RESULTS",
+                      help="print the markdown tables of a results file and exit")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--child-out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     run_child(args.child, args.quick, args.child_out)
+    return 0
+  if args.table:
+    try:
+      with open(args.table) as f:
+        print(table(json.load(f)))
+    except (OSError, ValueError, KeyError) as e:
+      parser.error(f"--table {args.table}: not a results file of bench.all ({e!r})")
     return 0
   names = [n for n in args.only.split(",") if n]
   unknown = [n for n in names if n not in BENCHMARKS]
@@ -114,7 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
     f.write("\n")
-  print(json.dumps({"out": args.out, "targets": report["targets"]}, indent=2))
+  print(table(report))
+  print(f"\nwritten to {args.out}")
   return 1 if any("error" in r for r in results.values()) else 0
 
 

@@ -11,8 +11,9 @@ machine's load. Each step blocks until done, so its time is its own.
 
 Per mode: non-pad target tokens per second of wall time (data + step) with
 compile time included and, ``steady``, over the steps that did not compile;
-padding efficiency per side; the number of compilations of the step and
-their seconds; the distinct batch shapes.
+the seconds spent waiting for batches (``data_s``); padding efficiency per
+side; the number of compilations of the step, the backend's compile seconds
+and the wall time of the steps that compiled; the distinct batch shapes.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class _Mode:
     self.step = steps.make_train_step(model, optimizer,
                                       label_smoothing=float(config.label_smoothing))
     self.batches = data.train_iterator(config, tokenizer)
-    self.times: list[tuple[float, bool]] = []    # (data + step seconds, compiled?)
+    self.times: list[tuple[float, float, bool]] = []   # (data s, step s, compiled?)
     self.tokens: list[int] = []                  # non-pad targets per step
     self.real = {"src": 0, "tgt_out": 0}
     self.slots = {"src": 0, "tgt_out": 0}
@@ -71,11 +72,11 @@ class _Mode:
     """One batch through one train step, timed to completion."""
     start = time.perf_counter()
     batch = {k: np.asarray(v, np.int32) for k, v in next(self.batches).items()}
+    loaded = time.perf_counter()
     before, before_s = counter.count, counter.seconds
     self.state, metrics = self.step(self.state, batch)
     jax.block_until_ready((self.state, metrics))
-    compiled = counter.count > before
-    self.times.append((time.perf_counter() - start, compiled))
+    self.times.append((loaded - start, time.perf_counter() - loaded, counter.count > before))
     self.compiles += counter.count - before
     self.compile_s += counter.seconds - before_s
     for key in self.real:
@@ -85,11 +86,12 @@ class _Mode:
     self.shapes.add(batch["src"].shape + batch["tgt_out"].shape[1:])
 
   def summary(self) -> dict[str, Any]:
-    wall = sum(t for t, _ in self.times)
-    steady = [(t, n) for (t, c), n in zip(self.times, self.tokens) if not c]
+    wall = sum(d + s for d, s, _ in self.times)
+    steady = [(d + s, n) for (d, s, c), n in zip(self.times, self.tokens) if not c]
     steady_s = sum(t for t, _ in steady)
     return {
         "steps": len(self.times), "target_tokens": sum(self.tokens), "wall_s": round(wall, 2),
+        "data_s": round(sum(d for d, _, _ in self.times), 2),
         "target_tokens_per_s": round(sum(self.tokens) / wall, 1),
         "steady_steps": len(steady),
         "steady_target_tokens_per_s": (round(sum(n for _, n in steady) / steady_s, 1)

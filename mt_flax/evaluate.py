@@ -137,6 +137,7 @@ def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
   ax.invert_yaxis()
   for i, r in enumerate(rows):
     ax.text(r["bleu"], i, f" {r['bleu']:.1f}", va="center", fontsize=8)
+  ax.set_xlim(0, max([1.0] + [r["bleu"] for r in rows]) * 1.15)
   ax.set_xlabel("BLEU (sacrebleu)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()

@@ -9,6 +9,7 @@ import math
 import random
 import zipfile
 
+import numpy as np
 import pytest
 
 from bench import CompileCounter, all as bench_all, matmul_peak, memory, pipeline, train_step
@@ -119,3 +120,28 @@ def test_all_rejects_unknown_benchmark(capsys):
   with pytest.raises(SystemExit):
     bench_all.main(["--only", "train_stepp"])
   assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_table_renders_a_results_file(tmp_path, capsys):
+  report = {"command": "python -m bench.all --quick", "date": "2025-01-01T00:00:00",
+            "environment": {"cpu": "cpu", "cores_available": 2, "backend": "cpu", "jax": "x"},
+            "benchmarks": {"decode_speed": {"process_memory": {"peak_rss_mib": 100.0}}},
+            "targets": bench_all.targets({})}
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps(report))
+  assert bench_all.main(["--table", str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "decode_speed 100 MiB" in out and "base_train_mfu: - (>= 0.75): not run" in out
+  with pytest.raises(SystemExit):
+    bench_all.main(["--table", str(tmp_path / "missing.json")])
+  assert "not a results file" in capsys.readouterr().err
+
+
+def test_decode_speed_measures_a_variant():
+  from bench import decode_speed
+  model, params = decode_speed.never_eos_model(vocab=64)
+  src = np.random.default_rng(0).integers(4, 64, (2, 5)).astype(np.int32)
+  out = decode_speed.measure(model, params, src, beam_size=1, cached=True, tgt_len=4, repeats=1)
+  json.dumps(out)
+  assert out["target_tokens"] == 2 * 4          # EOS only at the length limit
+  assert positive(out["sentences_per_s"]) and positive(out["tokens_per_s"])

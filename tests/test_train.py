@@ -28,7 +28,7 @@ CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 VOCAB = 256
 
 TINY = {
-    "data.vocab_size": VOCAB, "data.num_buckets": 2, "data.eval_max_examples": 24,
+    "data.vocab_size": VOCAB, "data.num_buckets": 1, "data.eval_max_examples": 24,
     "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
     "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
     "model.num_decoder_layers": 1, "model.mlp_dim": 64,
