@@ -13,6 +13,7 @@ import math
 from typing import Any, Optional
 
 from etils import epath
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -53,15 +54,18 @@ class MetricWriter:
     if resume_step is not None:
       self._truncate_after(resume_step)
     if "://" not in str(workdir):   # tensorboardX writes local files only
-      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR),
                                purge_step=resume_step, flush_secs=30)
     self._file = self.path.open("a")
 
   def _truncate_after(self, step: int) -> None:
     """Keeps lines with ``step <= step`` (a resumed run re-logs the later ones)."""
-    rows = [r for r in read_metrics(str(self.path.parent)) if int(r.get("step", 0)) <= step]
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not self.path.exists():
+      return
+    text = self.path.read_text()
+    keep = [r for r in read_metrics(str(self.path.parent)) if int(r.get("step", 0)) <= step]
+    if len(keep) != len(text.splitlines()) or (text and not text.endswith("\n")):
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
     if not self.enabled:

@@ -10,9 +10,15 @@ small interface (:class:`JitPartitioner`, :class:`PmapPartitioner`):
 - ``pmap``: data parallel over the local devices, state replicated per device,
   gradients summed with ``psum``.
 
-On several hosts each process passes its own rows; :func:`global_batch`
-assembles them into one global array (padding every process to a common
-shape first, since buckets may differ between hosts).
+Activations follow from the batch and parameter shardings by XLA's sharding
+propagation: steps are traced without a context mesh, so the model's
+``nn.with_logical_constraint`` calls are no-ops (under a context mesh flax's
+apply-time shape check re-runs the boxed DenseGeneral initializers on their
+flattened 2-D kernels, which fails).
+
+On several hosts each process passes its own rows: :func:`common_batch_shape`
+pads them to one shape over all processes, then ``shard_batch`` assembles the
+global array.
 """
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 from flax import linen as nn

@@ -254,10 +254,11 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
   return out.getvalue()
 
 
-def table_markdown(metric: str, rows: Sequence[Mapping[str, Any]]) -> str:
+def table_markdown(metric: str, rows: Sequence[Mapping[str, Any]], base: Sequence[str] = ()) -> str:
   by = ("best validation BLEU (higher is better)" if metric == "best_bleu" else
         "best validation loss (lower is better; no trial has validation BLEU yet)")
-  lines = [f"Sweep results, sorted by {by}.", "",
+  common = [f"Every trial also had: `{' '.join(base)}`.", ""] if base else []
+  lines = [f"Sweep results, sorted by {by}.", "", *common,
            "| rank | trial | overrides | status | steps | wall time | best BLEU | best eval loss |",
            "|---:|---|---|---|---:|---:|---:|---:|"]
   for rank, row in enumerate(rows, 1):
@@ -326,10 +327,10 @@ def collect(sweep_dir: epath.Path, trials: Sequence[Mapping[str, Any]],
   return rows
 
 
-def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]]) -> str:
+def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]], base: Sequence[str] = ()) -> str:
   """Writes results.csv and results.md; returns the markdown."""
   metric, ranked = rank_rows(rows)
-  md = table_markdown(metric, ranked)
+  md = table_markdown(metric, ranked, base)
   (sweep_dir / "results.csv").write_text(table_csv(ranked))
   (sweep_dir / "results.md").write_text(md)
   return md
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         failed.append(name)
   if writer:
-    print(write_table(sweep_dir, collect(sweep_dir, trials, steps)), end="")
+    print(write_table(sweep_dir, collect(sweep_dir, trials, steps), base), end="")
     print(f"[sweep] table written to {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
   if failed:
     print(f"[sweep] {len(failed)} trial(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -159,8 +159,8 @@ def remote_mt_flax(mt_args: Sequence[str], *, data_dir: str = "", detach: bool =
     parts.append("export " + " ".join(exports))
   if detach:
     parts.append(f"(nohup {run} >> {LOG_FILE} 2>&1 < /dev/null &)")
-  else:
-    parts.append(f"{run} 2>&1 | tee -a {LOG_FILE}")
+  else:  # pipefail: the command's exit status, not tee's, reaches gcloud
+    parts += ["set -o pipefail", f"{run} 2>&1 | tee -a {LOG_FILE}"]
   return " && ".join(parts)
 
 

@@ -194,7 +194,7 @@ def test_finished_trials_are_skipped_and_the_table_written(tmp_path, capsys):
   assert rc == 0
   assert out.count("finished at step 20, skipped") == 4 and "$ " not in out
   md = (sweep_dir / "results.md").read_text()
-  assert md in out
+  assert md in out and "Every trial also had: `--config.num_train_steps=20`." in md
   assert md.index("trial_003") < md.index("trial_002") < md.index("trial_000")
   saved = json.loads((sweep_dir / "sweep.json").read_text())
   assert saved["base_overrides"] == ["--config.num_train_steps=20"] and len(saved["trials"]) == 4

@@ -49,7 +49,7 @@ def test_single_host_lifecycle(capsys):
                 "experiments/bible_en_es_tiny.py", "--workdir", "gs://b/runs/tiny")
   assert run == [
       f"{GCLOUD} ssh mt-a '--command=cd ~/mt_flax && export TFDS_DATA_DIR=gs://b/tfds && "
-      ".venv/bin/python -m mt_flax train --config experiments/bible_en_es_tiny.py "
+      "set -o pipefail && .venv/bin/python -m mt_flax train --config experiments/bible_en_es_tiny.py "
       f"--workdir gs://b/runs/tiny 2>&1 | tee -a ~/mt_flax.log' --zone={ZONE}"]
   assert dry_run(capsys, "logs", "--name", "mt-a", "--zone", ZONE, "--follow") == [
       f"{GCLOUD} ssh mt-a --worker=0 '--command=tail -n 100 -f ~/mt_flax.log' --zone={ZONE}"]
