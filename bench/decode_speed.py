@@ -1,6 +1,7 @@
 """Decoding speed: greedy and beam 4, with the key/value cache vs full recomputation.
 
     python -m bench.decode_speed [--quick] [--batch 32] [--src-len 24] [--tgt-len 30]
+    python -m bench.decode_speed --workdir DIR [--sentences 200]   # a trained run, real text
 
 The model has the default experiment's shape (``experiments/bible_en_es_tiny.py``:
 d_model 128, 4 heads, 2+2 layers, MLP 512, shared vocabulary of 4000) with
@@ -76,15 +77,55 @@ def run(quick: bool, *, batch: int = 32, src_len: int = 24, tgt_len: int = 30) -
   return result
 
 
+def run_trained(workdir: str, *, split: str = "test", sentences: int = 200,
+                repeats: int = 2) -> dict:
+  """The four variants on the first ``sentences`` real sources of ``split`` with a trained run.
+
+  Uses :func:`mt_flax.decode.decode_ids` (length-bucketed batches) and the
+  run's decode settings; the first call (compilation included) is reported
+  apart from the median of the ``repeats`` that follow.
+  """
+  from mt_flax import data
+  from mt_flax.translate import decode_settings, load_trained
+
+  trained = load_trained(workdir)
+  examples = data.eval_examples(trained.config, trained.tokenizer, split)[:sentences]
+  sources = [ex["src_ids"] for ex in examples]
+  result: dict[str, Any] = {"benchmark": "decode_speed_trained", "workdir": workdir,
+                            "step": trained.step, "split": split, "sentences": len(sources),
+                            "environment": environment()}
+  for name, beam in (("greedy", 1), ("beam4", 4)):
+    settings = decode_settings(trained.config, beam)
+    for cached in (True, False):
+      outputs = []
+      go = lambda: outputs.append(decode.decode_ids(trained.model, trained.params, sources,
+                                                    cached=cached, **settings))
+      first = seconds(go)
+      t = median([seconds(go) for _ in range(repeats)])
+      tokens = sum(len(o) + 1 for o in outputs[-1])           # EOS included
+      result[f"{name}_{'cached' if cached else 'uncached'}"] = {
+          "seconds": t, "first_call_s": first, "sentences_per_s": len(sources) / t,
+          "tokens_per_s": tokens / t, "target_tokens": tokens}
+    result[f"{name}_cached_speedup"] = (result[f"{name}_cached"]["sentences_per_s"]
+                                        / result[f"{name}_uncached"]["sentences_per_s"])
+  return result
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--src-len", type=int, default=24)
   parser.add_argument("--tgt-len", type=int, default=30)
+  parser.add_argument("--workdir", default=None,
+                      help="measure a trained run on real test sentences instead")
+  parser.add_argument("--sentences", type=int, default=200)
   args = parser.parse_args()
-  print(json.dumps(run(args.quick, batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len),
-                   indent=2))
+  if args.workdir:
+    result = run_trained(args.workdir, sentences=args.sentences)
+  else:
+    result = run(args.quick, batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len)
+  print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

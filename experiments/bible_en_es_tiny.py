@@ -3,7 +3,18 @@ r"""Tiny English->Spanish Transformer on the Bible (WEB <-> Reina-Valera 1909).
 The default main job: trains and validates end to end on 2 CPU cores.
 
     python -m mt_flax train --config experiments/bible_en_es_tiny.py --workdir runs/bible_tiny
-    python -m mt_flax eval --config experiments/bible_en_es_tiny.py --workdir runs/bible_tiny
+    python -m mt_flax eval --workdir runs/bible_tiny
+
+2+2 pre-LN layers, d_model 128 (1.44M parameters with the 4000-piece shared
+vocabulary), 1000 updates of about 3.5k target tokens (about 3.4 epochs of the
+~29k verse pairs), cosine schedule from 3e-3 after 150 warmup steps.
+
+Reaches (measured, seed 0): validation loss 3.02 nats/token (perplexity 20.5,
+token accuracy 41%) on the first 500 validation pairs, from 4.24 / 3.46 / 3.12 at
+steps 250 / 500 / 750; a unigram model of the targets scores 6.01 there and a
+uniform one ln(4000) = 8.29. Cost: about 20 CPU-minutes (tokenizer training,
+compiling 8 bucket shapes, 1000 steps, 4 validations), i.e. roughly 10-15
+minutes of wall time on 2 free cores; on a shared, overloaded machine it took 52.
 """
 import ml_collections
 
@@ -28,8 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 250
   c.keep_checkpoints = 2          # the last K checkpoints, plus the best one
   c.async_checkpointing = True
-  c.best_metric = "eval_loss"     # validation metric that picks the best checkpoint
-  c.best_mode = "min"             # "min" or "max"
+  c.eval_bleu_examples = 100       # validation pairs decoded (greedy) for BLEU/chrF at each evaluation
+  c.best_metric = "bleu"          # validation metric that picks the best checkpoint
+  c.best_mode = "max"             # "min" or "max"
   c.log_every_steps = 25
   c.progress_bar = True
   c.parallelism = "jit"           # "jit" (NamedSharding over a mesh) or "pmap"

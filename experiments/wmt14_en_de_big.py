@@ -45,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 2000
   c.keep_checkpoints = 5          # the last K checkpoints, plus the best one
   c.async_checkpointing = True
-  c.best_metric = "eval_loss"     # validation metric that picks the best checkpoint
-  c.best_mode = "min"             # "min" or "max"
+  c.eval_bleu_examples = 1000      # validation pairs decoded (greedy) for BLEU/chrF at each evaluation
+  c.best_metric = "bleu"          # validation metric that picks the best checkpoint
+  c.best_mode = "max"             # "min" or "max"
   c.log_every_steps = 100
   c.progress_bar = True
   c.parallelism = "jit"           # "jit" (NamedSharding over a mesh) or "pmap"

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, data, sharding, steps
+from mt_flax import checkpoint, data, evaluate, sharding, steps
 from mt_flax.config import ConfigError, load_config, split_config_args
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
@@ -63,6 +63,7 @@ DEFAULTS = {
     "best_mode": "min",               # "min" or "max"
     "log_every_steps": 50,
     "progress_bar": True,
+    "eval_bleu_examples": 0,          # validation examples decoded (greedy) for BLEU/chrF; 0 = off
 }
 # Sections the resumed run must share with the run that made the workdir.
 FIXED_ON_RESUME = ("model", "data", "seed")
@@ -291,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir, enabled=sharding.is_primary(),
                         resume_step=start if restored is not None else None)
   loop = _Loop(config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
-               eval_batches, start)
+               eval_batches, start,
+               bleu_fn=_make_bleu_fn(config, model, tokenizer, eval_examples, partitioner))
   try:
     with _Preemption() as preemption:
       summary = loop.run(state, preemption)
@@ -303,6 +305,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _mark_done(workdir)
   summary["wall_s"] = time.time() - t_start
   return summary
+
+
+def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[Callable]:
+  """``params -> {"bleu", "chrf"}`` on the first ``eval_bleu_examples`` validation pairs, or None.
+
+  Every process decodes the same examples with one full copy of the params, so
+  all of them agree on the best checkpoint.
+  """
+  count = int(config.eval_bleu_examples)
+  if count <= 0:
+    return None
+  subset = examples[:count]
+
+  def bleu_fn(params):
+    if partitioner.mode == "pmap":
+      params = jax.tree.map(lambda x: x[0], params)
+    elif jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(params, tiled=True)
+    return evaluate.validation_bleu(config, model, params, tokenizer, subset)
+  return bleu_fn
 
 
 def _tokenizer(config, workdir):
@@ -327,10 +350,11 @@ class _Loop:
   """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
 
   def __init__(self, config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
-               eval_batches, start):
+               eval_batches, start, bleu_fn: Optional[Callable] = None):
     self.config, self.partitioner = config, partitioner
     self.manager, self.writer, self.train_iter = manager, writer, train_iter
     self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
+    self.bleu_fn = bleu_fn
     self.start = start
     self.pending: list[tuple[int, Any, tuple[int, int]]] = []
     self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
@@ -410,6 +434,8 @@ class _Loop:
         if do_eval:
           self.last_eval = evaluate_validation(self.eval_fn, self.partitioner.params_of(state),
                                                self.eval_batches, self.partitioner)
+          if self.bleu_fn is not None:
+            self.last_eval.update(self.bleu_fn(self.partitioner.params_of(state)))
           self.writer.write(step, self.last_eval, split="validation")
           _log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
         if do_save:
