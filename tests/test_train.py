@@ -32,6 +32,7 @@ TINY = {
     "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
     "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
     "model.num_decoder_layers": 1, "model.mlp_dim": 64,
+    "eval_bleu_examples": 0, "best_metric": "eval_loss", "best_mode": "min",
 }
 
 
@@ -62,7 +63,7 @@ def train_losses(workdir: str) -> dict[int, float]:
 def test_train_end_to_end(tmp_path, tokenizer_dir):
   workdir = new_workdir(tmp_path, tokenizer_dir, "run")
   config = load_config(CONFIG, overrides(num_train_steps=24, eval_every_steps=12,
-                                         checkpoint_every_steps=12))
+                                         checkpoint_every_steps=12, eval_bleu_examples=4))
   summary = train.train_and_evaluate(config, workdir)
   assert summary["step"] == 24 and summary["train_steps_run"] == 24
   assert summary["tokens_per_s"] > 0
@@ -80,6 +81,7 @@ def test_train_end_to_end(tmp_path, tokenizer_dir):
   assert [r["step"] for r in val] == [12, 24]
   for r in val:
     assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-6)
+    assert 0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100     # decoded validation subset
   # learns: below the uniform baseline and falling
   assert val[1]["eval_loss"] < val[0]["eval_loss"] < math.log(VOCAB)
   assert summary["eval_loss"] == pytest.approx(val[1]["eval_loss"])
@@ -134,16 +136,16 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
-  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 100, resume: same losses."""
+  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-  args = overrides(num_train_steps=200, checkpoint_every_steps=20, eval_every_steps=1000,
+  args = overrides(num_train_steps=300, checkpoint_every_steps=20, eval_every_steps=1000,
                    progress_bar=False)
   reference = new_workdir(tmp_path, tokenizer_dir, "uninterrupted")
   code, err = finish(run_cli(reference, args, env))
   assert code == 0, err[-2000:]
   want = train_losses(reference)
-  assert sorted(want) == list(range(1, 201))
+  assert sorted(want) == list(range(1, 301))
 
   workdir = new_workdir(tmp_path, tokenizer_dir, "interrupted")
   proc = run_cli(workdir, args, env)
@@ -154,7 +156,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
   assert "SIGTERM: saved checkpoint step" in err
 
   proc = run_cli(workdir, args, env)
-  wait_for_checkpoint(proc, workdir, 100)
+  wait_for_checkpoint(proc, workdir, 140)
   proc.send_signal(signal.SIGKILL)
   code, err = finish(proc)
   assert code == -signal.SIGKILL, err[-2000:]
@@ -167,7 +169,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
   got = train_losses(workdir)
   assert got == want                                      # every step, bit for bit
   rows = read_metrics(workdir)
-  assert len([r for r in rows if "loss" in r]) == 200     # each step logged once
+  assert len([r for r in rows if "loss" in r]) == 300     # each step logged once
   assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [
       r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
 
@@ -208,10 +210,12 @@ def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
 
 def test_resolve_config_fills_defaults_and_catches_typos():
   config = load_config(CONFIG)
-  resolved = train.resolve_config(config)
-  assert resolved.best_metric == "eval_loss" and resolved.best_mode == "min"
   for key in train.REQUIRED_KEYS:
     assert key in config                                  # the default config has them all
+  del config["label_smoothing"]
+  del config["best_mode"]
+  resolved = train.resolve_config(config)
+  assert resolved.label_smoothing == 0.0 and resolved.best_mode == "min"
   config.learnin_rate = 1.0
   with pytest.raises(ConfigError, match="did you mean learning_rate"):
     train.resolve_config(config)
