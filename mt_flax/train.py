@@ -272,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start >= num_steps:
     manager.close()
     _mark_done(workdir)
-    last = [r for r in read_metrics(workdir) if r.get("split") == "validation"]
+    last = [{k: v for k, v in r.items() if k not in ("step", "split")}
+            for r in read_metrics(workdir) if r.get("split") == "validation"]
     _log(f"{workdir} already trained to step {start} (num_train_steps={num_steps}); nothing to do")
     return {"step": start, "wall_s": time.time() - t_start, "train_steps_run": 0,
             "preempted": False, **(last[-1] if last else {})}
