@@ -362,11 +362,60 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   return args, base
 
 
+def config_digest(path: str) -> str:
+  """sha256 of a config file: every trial of one sweep trains with the same file."""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_same_config(sweep_dir: epath.Path, config_path: str, digest: str) -> None:
+  """Refuses to go on with a sweep whose config file changed since it started."""
+  saved = sweep_dir / "sweep.json"
+  old = json.loads(saved.read_text()).get("config_sha256") if saved.exists() else None
+  if old and old != digest:
+    raise SweepError(f"{config_path} changed since the sweep in {sweep_dir} started, so new "
+                     "trials would not be comparable with the old ones; restore the file or "
+                     "use a new --workdir")
+
+
+def run_trials(args: argparse.Namespace, base: list[str], trials: list[dict[str, Any]],
+               steps: list[int], sweep_dir: epath.Path, digest: str, writer: bool) -> list[str]:
+  """Runs this shard's unfinished trials in order; returns the names of those that failed."""
+  failed = []
+  mine = shard_indices(len(trials), parse_shard(args.shard))
+  print(f"[sweep] {len(trials)} trials in {sweep_dir}; this run takes {len(mine)} of them "
+        f"(shard {args.shard})", flush=True)
+  for n, i in enumerate(mine, 1):
+    name = trial_name(i, trials[i])
+    workdir = sweep_dir / name
+    summary = trial_summary(workdir, steps[i])
+    if summary["status"] == "finished":
+      print(f"[sweep] ({n}/{len(mine)}) {name}: finished at step {summary['steps']}, skipped",
+            flush=True)
+      continue
+    if config_digest(args.config) != digest:
+      raise SweepError(f"{args.config} changed while the sweep was running; stopped before "
+                       f"{name} (restore the file and re-run, or use a new --workdir)")
+    verb = "resuming" if summary["status"] in ("partial", "failed") else "starting"
+    print(f"[sweep] ({n}/{len(mine)}) {name}: {verb}", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    args_i = [*base, *override_args(trials[i])]
+    rc = run_trial(args.config, workdir, args_i) if writer else subprocess.call(
+        [sys.executable, "-m", "mt_flax", "train", "--config", args.config,
+         "--workdir", os.fspath(workdir), *args_i])
+    if rc != 0:
+      print(f"[sweep] {name} failed (exit code {rc}); continuing with the next trial",
+            file=sys.stderr)
+      failed.append(name)
+  return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  writer = os.environ.get("MT_FLAX_WORKER", "0") in ("", "0")  # on a TPU pod host 0 keeps the books
   try:
     args, base = parse_args(argv)
-    shard = parse_shard(args.shard)
+    parse_shard(args.shard)
     trials = load_sweep(args.sweep)
     steps = []
     for i, overrides in enumerate(trials):  # every trial's overrides are checked before any runs
@@ -374,48 +423,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
       except ConfigError as e:
         raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
+    sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
+    digest = config_digest(args.config)
+    failed = []
+    if not args.table_only:
+      check_same_config(sweep_dir, args.config, digest)
+      sweep_dir.mkdir(parents=True, exist_ok=True)
+      if writer:
+        (sweep_dir / "sweep.json").write_text(json.dumps(
+            {"config": args.config, "config_sha256": digest, "sweep": args.sweep,
+             "base_overrides": base,
+             "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
+            indent=1, default=repr))
+      failed = run_trials(args, base, trials, steps, sweep_dir, digest, writer)
   except (SweepError, ConfigError) as e:
     print(f"mt_flax sweep: {e}", file=sys.stderr)
     return 2
-  sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
-  writer = os.environ.get("MT_FLAX_WORKER", "0") == "0"  # on a TPU pod, host 0 keeps the books
-  sweep_dir.mkdir(parents=True, exist_ok=True)
+  except KeyboardInterrupt:
+    print("[sweep] interrupted; re-run the same command to resume", file=sys.stderr)
+    return 130
   if writer:
-    (sweep_dir / "sweep.json").write_text(json.dumps(
-        {"config": args.config, "sweep": args.sweep, "base_overrides": base,
-         "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
-        indent=1, default=repr))
-
-  failed = []
-  if not args.table_only:
-    mine = shard_indices(len(trials), shard)
-    print(f"[sweep] {len(trials)} trials in {sweep_dir}; this run takes {len(mine)} of them "
-          f"(shard {shard[0]}/{shard[1]})", flush=True)
-    for n, i in enumerate(mine, 1):
-      name = trial_name(i, trials[i])
-      workdir = sweep_dir / name
-      summary = trial_summary(workdir, steps[i])
-      if summary["status"] == "finished":
-        print(f"[sweep] ({n}/{len(mine)}) {name}: finished at step {summary['steps']}, skipped",
-              flush=True)
-        continue
-      verb = "resuming" if summary["status"] in ("partial", "failed") else "starting"
-      print(f"[sweep] ({n}/{len(mine)}) {name}: {verb}", flush=True)
-      workdir.mkdir(parents=True, exist_ok=True)
-      args_i = [*base, *override_args(trials[i])]
-      try:
-        rc = run_trial(args.config, workdir, args_i) if writer else subprocess.call(
-            [sys.executable, "-m", "mt_flax", "train", "--config", args.config,
-             "--workdir", os.fspath(workdir), *args_i])
-      except KeyboardInterrupt:
-        print(f"[sweep] interrupted during {name}; re-run the same command to resume it",
-              file=sys.stderr)
-        return 130
-      if rc != 0:
-        print(f"[sweep] {name} failed (exit code {rc}); continuing with the next trial",
-              file=sys.stderr)
-        failed.append(name)
-  if writer:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     print(write_table(sweep_dir, collect(sweep_dir, trials, steps), base), end="")
     print(f"[sweep] table written to {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
   if failed:

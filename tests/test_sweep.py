@@ -206,3 +206,29 @@ def test_table_only_shows_pending_trials(tmp_path, capsys):
   out = capsys.readouterr().out
   assert rc == 0 and out.count("| pending |") == 2
   assert (tmp_path / "sw" / "results.csv").exists()
+
+
+def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys):
+  config = tmp_path / "config.py"
+  config.write_text(open(CONFIG).read())
+  path = write_sweep(tmp_path, "def get_sweep():\n  return [{'seed': 1}]\n")
+  sweep_dir = tmp_path / "sw"
+  workdir = sweep_dir / sweep.trial_name(0, {"seed": 1})
+  write_metrics(workdir, [{"step": 20, "loss": 1.0}])
+  (workdir / sweep.DONE_FILE).write_text("")
+  argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
+  assert sweep.main(argv) == 0
+  config.write_text(config.read_text().replace("c.seed = 0", "c.seed = 5"))
+  capsys.readouterr()
+  assert sweep.main(argv) == 2
+  assert "changed since the sweep" in capsys.readouterr().err
+  assert sweep.main([*argv, "--table-only"]) == 0  # reading the results is still fine
+
+
+def test_a_config_changed_mid_sweep_stops_before_the_next_trial(tmp_path):
+  path = write_sweep(tmp_path, "def get_sweep():\n  return [{'seed': 1}]\n")
+  args, base = sweep.parse_args([CONFIG, path])
+  with pytest.raises(sweep.SweepError, match="changed while the sweep was running"):
+    sweep.run_trials(args, base, sweep.load_sweep(path), [10], epath.Path(tmp_path / "sw"),
+                     digest="0" * 64, writer=True)
+  assert not (tmp_path / "sw").exists()  # nothing was started
