@@ -3,7 +3,7 @@
     python -m bench.pipeline [--quick] [--steps N] [--workdir runs/bench/spa_eng]
 
 The Grain pipeline (:func:`mt_flax.data.train_iterator`) feeds the jitted train
-step of ``experiments/spa_en_small.py`` (spa_eng English -> Spanish; its
+step of ``experiments/spa_en.py`` (spa_eng English -> Spanish; its
 ``data.max_len`` 64 keeps every pair, so pad-to-max pads to the longest pair),
 with the same token budget per batch in every mode. The modes
 take turns, one step each, for the same number of steps, so they share the
@@ -36,13 +36,13 @@ from mt_flax.model import Transformer, TransformerConfig
 
 MODES = ("bucket", "pack", "pad")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "experiments", "spa_en_small.py")
+CONFIG = os.path.join(ROOT, "experiments", "spa_en.py")
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 def spa_eng_config(mode: str, workdir: str, *, manual_dir: str = "",
                    overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """``experiments/spa_en_small.py`` with ``data.batching=mode``, data kept under ``workdir``."""
+  """``experiments/spa_en.py`` with ``data.batching=mode``, data kept under ``workdir``."""
   return load_config(CONFIG, [
       f"--config.data.manual_dir={manual_dir}",
       f"--config.data.tfds_data_dir={os.path.join(workdir, 'tfds')}",

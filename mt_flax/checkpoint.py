@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from mt_flax.config import with_defaults
+
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 CONFIG_FILE = "config.json"
@@ -178,7 +180,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir!r}; expected the workdir of a "
                           "`python -m mt_flax train` run")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return with_defaults(json.loads(path.read_text()), os.fspath(path))
 
 
 def restore_for_inference(workdir: str, which: str = "best"
@@ -197,8 +199,8 @@ def restore_for_inference(workdir: str, which: str = "best"
   if not (_path(workdir) / CHECKPOINT_DIR).is_dir():
     raise CheckpointError(f"no checkpoints in workdir {workdir!r}; train first "
                           "(`python -m mt_flax train --workdir ...`)")
-  manager = make_manager(workdir, best_metric=config.get("best_metric", "eval_loss"),
-                         best_mode=config.get("best_mode", "min"), async_save=False,
+  manager = make_manager(workdir, best_metric=config.best_metric,
+                         best_mode=config.best_mode, async_save=False,
                          read_only=True)
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:

@@ -9,6 +9,8 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from mt_flax import default_config
+
 
 class ConfigError(ValueError):
   """A config file or override is wrong; the message is one line for the user."""
@@ -59,8 +61,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
     key, value = text.split("=", 1)
     if key not in known:
       near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-      hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(known)}"
-      raise ConfigError(f"unknown config key {key!r}{hint}")
+      hint = f"did you mean {', '.join(near)}?" if near else "no similar key exists"
+      raise ConfigError(f"{item}: unknown config key {key!r}; {hint}")
     *parents, leaf = key.split(".")
     node = cfg
     for p in parents:
@@ -70,21 +72,61 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
   return cfg
 
 
+def _check_known_keys(cfg: ml_collections.ConfigDict, where: str) -> None:
+  """Every key of ``cfg`` must exist in the default config (:mod:`mt_flax.default_config`)."""
+  known = _flat_keys(default_config.get_config())
+  for key in _flat_keys(cfg):
+    if key not in known:
+      near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+      hint = f"did you mean {', '.join(near)}?" if near else "no similar key exists"
+      raise ConfigError(f"{where}: unknown config key {key!r}; {hint} "
+                        "(every key is listed in mt_flax/default_config.py)")
+
+
+def with_defaults(cfg: ml_collections.ConfigDict | dict, where: str = "config"
+                  ) -> ml_collections.ConfigDict:
+  """The default config updated with ``cfg`` (a ConfigDict or a saved ``config.json``
+  dict): keys ``cfg`` lacks take their default, unknown keys are an error."""
+  cfg = ml_collections.ConfigDict(cfg if isinstance(cfg, dict) else cfg.to_dict())
+  _check_known_keys(cfg, where)
+  full = default_config.get_config()
+
+  def fill(node: ml_collections.ConfigDict, values: ml_collections.ConfigDict) -> None:
+    for key, value in values.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        fill(node[key], value)
+      else:
+        with node.ignore_type():
+          node[key] = value
+  fill(full, cfg)
+  return full
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads ``get_config()`` from the Python file ``path`` and applies ``overrides``."""
+  """Loads ``get_config()`` (or ``get_config(variant)`` for ``FILE:variant``) and applies
+  ``overrides``; every key must be one of the default config's."""
+  path, _, variant = str(path).partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} not found; expected a Python file such as "
-                      "experiments/bible_en_es_tiny.py")
+                      "experiments/bible_en_es_tiny.py (optionally FILE:variant)")
   spec = importlib.util.spec_from_file_location("mt_flax_experiment_config", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} line {e.lineno}: syntax error ({e.msg})") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config()")
-  cfg = module.get_config()
+  try:
+    cfg = module.get_config(variant) if variant else module.get_config()
+  except TypeError as e:
+    raise ConfigError(f"config file {path!r}: get_config({variant!r}) failed: {e}") from None
+  except ValueError as e:
+    raise ConfigError(f"config file {path!r}: {e}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(cfg).__name__}, "
                       "expected an ml_collections.ConfigDict")
-  return apply_overrides(cfg, overrides)
+  return apply_overrides(with_defaults(cfg, path), overrides)
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:

@@ -57,9 +57,9 @@ def make_schedule(config) -> optax.Schedule:
   """
   peak = float(config.learning_rate)
   warmup = max(int(config.warmup_steps), 1)
-  kind = config.get("schedule", "rsqrt")
+  kind = config.schedule
   total = max(int(config.num_train_steps), warmup + 1)
-  floor = float(config.get("min_learning_rate_ratio", 0.0))
+  floor = float(config.min_learning_rate_ratio)
 
   def schedule(count):
     s = jnp.asarray(count, jnp.float32) + 1.0
@@ -83,11 +83,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   only (``ndim >= 2``), not to biases and layer-norm scales.
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adam = optax.adamw(make_schedule(config), b1=float(config.get("adam_b1", 0.9)),
-                     b2=float(config.get("adam_b2", 0.98)),
-                     eps=float(config.get("adam_eps", 1e-9)),
-                     weight_decay=float(config.get("weight_decay", 0.0)), mask=decay_mask)
-  clip = float(config.get("grad_clip_norm", 0.0))
+  adam = optax.adamw(make_schedule(config), b1=float(config.adam_b1),
+                     b2=float(config.adam_b2), eps=float(config.adam_eps),
+                     weight_decay=float(config.weight_decay), mask=decay_mask)
+  clip = float(config.grad_clip_norm)
   return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
 
 

@@ -15,7 +15,6 @@ programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
@@ -32,7 +31,7 @@ from etils import epath
 from tqdm import tqdm
 
 from mt_flax import checkpoint, data, evaluate, sharding, steps
-from mt_flax.config import ConfigError, load_config, split_config_args
+from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
@@ -43,28 +42,6 @@ PREEMPTED_EXIT = 143   # 128 + SIGTERM
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
-# Every config has these top-level keys (see experiments/*.py).
-REQUIRED_KEYS = ("num_train_steps", "warmup_steps", "learning_rate", "batch_tokens",
-                 "checkpoint_every_steps", "eval_every_steps", "seed", "parallelism")
-# Optional top-level keys and their defaults; the resolved config records them.
-DEFAULTS = {
-    "schedule": "rsqrt",              # "rsqrt" or "cosine"
-    "min_learning_rate_ratio": 0.0,   # cosine: final rate / peak rate
-    "adam_b1": 0.9,
-    "adam_b2": 0.98,
-    "adam_eps": 1e-9,
-    "weight_decay": 0.0,              # AdamW, on matrices only
-    "grad_clip_norm": 0.0,            # 0 = no clipping
-    "grad_accum_steps": 1,            # microbatches per update
-    "label_smoothing": 0.0,
-    "keep_checkpoints": 2,            # the last K, plus the best
-    "async_checkpointing": True,
-    "best_metric": "eval_loss",       # validation metric that picks the best checkpoint
-    "best_mode": "min",               # "min" or "max"
-    "log_every_steps": 50,
-    "progress_bar": True,
-    "eval_bleu_examples": 0,          # validation examples decoded (greedy) for BLEU/chrF; 0 = off
-}
 # Sections the resumed run must share with the run that made the workdir.
 FIXED_ON_RESUME = ("model", "data", "seed")
 
@@ -77,29 +54,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the training keys, fills optional ones with defaults; returns a copy."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  missing = [k for k in REQUIRED_KEYS if k not in config]
-  if missing:
-    raise ConfigError(f"config lacks required key(s) {', '.join(missing)}; every config "
-                      f"defines {', '.join(REQUIRED_KEYS)}")
-  if "data" not in config or "manual_dir" not in config.data:
-    raise ConfigError("config lacks data.manual_dir (the folder of downloaded archives, "
-                      "'' if none)")
-  if "model" not in config:
-    raise ConfigError("config lacks the model section")
-  known = set(REQUIRED_KEYS) | set(DEFAULTS) | {"mesh"}
-  for key, value in config.items():
-    if key in known or isinstance(value, ml_collections.ConfigDict):
-      continue
-    near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.75)
-    if near:
-      raise ConfigError(f"unknown config key {key!r}; did you mean {', '.join(near)}?")
-  for key, value in DEFAULTS.items():
-    if key not in config:
-      config[key] = value
-  if "mesh" not in config:
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  """Checks the training keys' values (every key exists: see :func:`config.with_defaults`);
+  returns a complete copy."""
+  config = with_defaults(config)
   checks = [
       (config.parallelism in ("jit", "pmap"), "parallelism", "'jit' or 'pmap'"),
       (config.schedule in ("rsqrt", "cosine"), "schedule", "'rsqrt' or 'cosine'"),

@@ -33,7 +33,6 @@ from mt_flax import checkpoint, decode
 from mt_flax.config import ConfigError, apply_overrides, load_config, split_config_args
 from mt_flax.model import Transformer, TransformerConfig, init_params
 
-DECODE_DEFAULTS = {"beam_size": 4, "alpha": 0.6, "max_len_a": 1.5, "max_len_b": 10.0}
 MAX_ERRORS_SHOWN = 10
 
 
@@ -49,13 +48,18 @@ class Trained:
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
-  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` of ``config.decode`` or defaults."""
-  section = dict(config.get("decode", None) or {})
-  out = {k: type(v)(section.get(k, v)) for k, v in DECODE_DEFAULTS.items()}
-  if beam_size is not None:
-    out["beam_size"] = int(beam_size)
+  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` of ``config.decode``."""
+  d = config.decode
+  out = {"beam_size": int(d.beam_size if beam_size is None else beam_size),
+         "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b)}
   if out["beam_size"] < 1:
     raise ConfigError(f"beam size {out['beam_size']}: expected an integer >= 1")
+  for key in ("alpha", "max_len_a", "max_len_b"):
+    if out[key] < 0:
+      raise ConfigError(f"decode.{key}={out[key]:g}: expected a number >= 0")
+  if out["max_len_a"] == 0 and out["max_len_b"] < 1:
+    raise ConfigError("decode.max_len_a=0 and decode.max_len_b<1 allow no output token; "
+                      "expected a longest output of at least 1")
   return out
 
 

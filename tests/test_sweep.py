@@ -218,7 +218,7 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
   (workdir / sweep.DONE_FILE).write_text("")
   argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
   assert sweep.main(argv) == 0
-  config.write_text(config.read_text().replace("c.seed = 0", "c.seed = 5"))
+  config.write_text(config.read_text().replace("c.warmup_steps = 150", "c.warmup_steps = 151"))
   capsys.readouterr()
   assert sweep.main(argv) == 2
   assert "changed since the sweep" in capsys.readouterr().err

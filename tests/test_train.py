@@ -206,20 +206,3 @@ def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
   (tmp_path / "errors" / "config.json").write_text(json.dumps(
       {**load_config(CONFIG, overrides()).to_dict(), "model": {"d_model": 64}}))
   assert "different settings" in error(["--config", CONFIG, "--workdir", workdir])
-
-
-def test_resolve_config_fills_defaults_and_catches_typos():
-  config = load_config(CONFIG)
-  for key in train.REQUIRED_KEYS:
-    assert key in config                                  # the default config has them all
-  del config["label_smoothing"]
-  del config["best_mode"]
-  resolved = train.resolve_config(config)
-  assert resolved.label_smoothing == 0.0 and resolved.best_mode == "min"
-  config.learnin_rate = 1.0
-  with pytest.raises(ConfigError, match="did you mean learning_rate"):
-    train.resolve_config(config)
-  config = load_config(CONFIG)
-  del config["eval_every_steps"]
-  with pytest.raises(ConfigError, match="lacks required key"):
-    train.resolve_config(config)

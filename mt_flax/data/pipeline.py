@@ -44,8 +44,6 @@ from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 BATCHING_MODES = ("bucket", "pack", "pad")
 OVERLONG_MODES = ("drop", "truncate")
-DEFAULT_SRC_LEN_EDGES = (10, 20, 40, 80)
-DEFAULT_LONG_EXAMPLES = 50
 EVAL_SHAPES = 8           # most (S, T) shapes of evaluation batches
 _READ_CHUNK = 8192
 
@@ -435,7 +433,7 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} not in [0, {process_count})")
   data = training_set(config, tokenizer)
-  seed = int(config.get("seed", 0))
+  seed = int(config.seed)
   if mode == "pack":
     return _packed_iterator(config, data, seed=seed, process_index=process_index,
                             process_count=process_count, batch_multiple=batch_multiple,
@@ -450,7 +448,7 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
 def packed_rows(config: ml_collections.ConfigDict, data: TrainingSet, *, process_count: int = 1,
                 batch_multiple: int = 1) -> tuple[int, int, int]:
   """(rows per process, S, T) of packed batches."""
-  src_len, tgt_len = pack_lengths(data, int(config.data.get("pack_len", 0)))
+  src_len, tgt_len = pack_lengths(data, int(config.data.pack_len))
   budget = int(config.batch_tokens) // process_count
   rows = budget // max(src_len, tgt_len) // batch_multiple * batch_multiple
   if rows == 0:
@@ -521,12 +519,12 @@ def eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split
   start with "long".
   """
   pairs = sources.load_pairs(config, split)
-  edges = tuple(config.data.get("eval_src_len_edges", DEFAULT_SRC_LEN_EDGES))
+  edges = tuple(config.data.eval_src_len_edges)
   if not long_stress:
-    limit = int(config.data.get("eval_max_examples", 0))
+    limit = int(config.data.eval_max_examples)
     chosen = pairs[:limit] if limit > 0 else pairs
     return [_eval_example(tokenizer, s, t, edges) for s, t in chosen]
-  wanted = int(config.data.get("eval_long_examples", DEFAULT_LONG_EXAMPLES))
+  wanted = int(config.data.eval_long_examples)
   max_len = int(config.data.max_len)
   src_counts = [len(ids) for ids in tokenizer.encode_src_batch([s for s, _ in pairs])]
   out, start = [], 0

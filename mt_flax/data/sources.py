@@ -38,13 +38,13 @@ def _absolute(folder: str) -> str:
 
 def manual_dir(config: ml_collections.ConfigDict) -> str | None:
   """The folder holding downloaded archives: `data.manual_dir`, else `$MT_FLAX_MANUAL_DIR`."""
-  folder = config.data.get("manual_dir", "") or os.environ.get(MANUAL_DIR_ENV, "")
+  folder = config.data.manual_dir or os.environ.get(MANUAL_DIR_ENV, "")
   return _absolute(folder) if folder else None
 
 
 def tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
   """`data.tfds_data_dir`, or None for the TFDS default (`$TFDS_DATA_DIR`, ~/tensorflow_datasets)."""
-  folder = config.data.get("tfds_data_dir", "")
+  folder = config.data.tfds_data_dir
   return _absolute(folder) if folder else None
 
 
