@@ -86,7 +86,7 @@ def run_trained(workdir: str, *, split: str = "test", sentences: int = 200,
   apart from the median of the ``repeats`` that follow.
   """
   from mt_flax import data
-  from mt_flax.translate import decode_settings, load_trained
+  from mt_flax.inference import decode_settings, load_trained
 
   trained = load_trained(workdir)
   examples = data.eval_examples(trained.config, trained.tokenizer, split)[:sentences]

@@ -18,7 +18,9 @@ import numpy as np
 
 from mt_flax import checkpoint, invariance
 from mt_flax.config import ConfigError
-from mt_flax.translate import inference_arguments, load_trained, parse
+from mt_flax.special_ids import PAD_ID
+from mt_flax.inference import load_trained
+from mt_flax.translate import inference_arguments, parse
 
 
 def pick_batches(batches: Sequence[dict], count: int, rows: int) -> list[dict]:
@@ -26,7 +28,7 @@ def pick_batches(batches: Sequence[dict], count: int, rows: int) -> list[dict]:
 
   Only batches with at least two real rows qualify (batch independence needs two).
   """
-  real_rows = lambda b: int((b["src"] != 0).any(1).sum())
+  real_rows = lambda b: int((b["src"] != PAD_ID).any(1).sum())
   ordered = sorted((b for b in batches if real_rows(b) >= 2),
                    key=lambda b: (b["src"].shape[1] + b["tgt_in"].shape[1], -real_rows(b)))
   if not ordered:
@@ -35,7 +37,7 @@ def pick_batches(batches: Sequence[dict], count: int, rows: int) -> list[dict]:
   out = []
   for i in picks:
     b = ordered[i]
-    real = np.flatnonzero((b["src"] != 0).any(1))[:rows]
+    real = np.flatnonzero((b["src"] != PAD_ID).any(1))[:rows]
     out.append({"src": b["src"][real], "tgt_in": b["tgt_in"][real]})
   return out
 

@@ -37,9 +37,9 @@ import numpy as np
 from flax import linen as nn
 
 from mt_flax.model import Transformer
+from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID
 
 Array = jnp.ndarray
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 NEG_INF = -jnp.inf
 MIN_WIDTH = 16        # padded source widths: 16, 24, 32, 48, 64, 96, 128, ...
 _ROUNDING = 1e-4      # keeps float32 (device) and float64 (host) limits identical

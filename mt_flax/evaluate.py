@@ -13,7 +13,7 @@ and the detokenized ``<split>.hyp.txt`` / ``<split>.ref.txt`` (and
 ``<split>.long.*.txt``), one line per example, so that
 ``sacrebleu <split>.ref.txt -i <split>.hyp.txt -m bleu chrf`` recomputes the score.
 
-:func:`validation_bleu` is the same measurement for the training loop.
+Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training loop.
 """
 from __future__ import annotations
 
@@ -22,57 +22,15 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import ml_collections
-from sacrebleu.metrics import BLEU, CHRF
-
-from mt_flax import checkpoint, decode
+from mt_flax import checkpoint
 from mt_flax.config import ConfigError
-from mt_flax.translate import Trained, decode_settings, inference_arguments, load_trained, parse
+from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
+                               translate_examples)
+from mt_flax.translate import inference_arguments, parse
 
 CHART = "bleu_by_slice.png"
-
-
-def one_line(text: str) -> str:
-  """Text with every run of whitespace (newlines included) made one space."""
-  return " ".join(text.split())
-
-
-def translate_examples(config: ml_collections.ConfigDict, model, params, tokenizer,
-                       examples: Sequence[dict], *, beam_size: int = 1,
-                       cached: bool = True) -> list[str]:
-  """Detokenized one-line hypotheses of ``examples`` (their ``src_ids``), in order."""
-  settings = decode_settings(config, beam_size)
-  outputs = decode.decode_ids(model, params, [ex["src_ids"] for ex in examples], cached=cached,
-                              **settings)
-  return [one_line(tokenizer.decode_tgt(ids)) for ids in outputs]
-
-
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-  """sacrebleu corpus BLEU and chrF with signatures; ``{"bleu", "chrf", ...}``."""
-  if not hypotheses:
-    return {"bleu": 0.0, "chrf": 0.0, "examples": 0}
-  bleu, chrf = BLEU(), CHRF()
-  b = bleu.corpus_score(list(hypotheses), [list(references)])
-  c = chrf.corpus_score(list(hypotheses), [list(references)])
-  return {"bleu": float(b.score), "chrf": float(c.score), "examples": len(hypotheses),
-          "bleu_detail": str(b), "bleu_signature": str(bleu.get_signature()),
-          "chrf_signature": str(chrf.get_signature())}
-
-
-def validation_bleu(config: ml_collections.ConfigDict, model, params, tokenizer,
-                    examples: Sequence[dict], *, beam_size: Optional[int] = None) -> dict:
-  """Decodes ``examples`` (from ``data.eval_examples``) and scores them.
-
-  Greedy unless ``beam_size`` is given; batched by length and jitted (one
-  compile per batch shape, reused across calls). ``params`` may be boxed.
-  Returns ``{"bleu": float, "chrf": float}``.
-  """
-  hyps = translate_examples(config, model, params, tokenizer, examples,
-                            beam_size=beam_size or 1)
-  scores = corpus_scores(hyps, [one_line(ex["ref_text"]) for ex in examples])
-  return {"bleu": scores["bleu"], "chrf": scores["chrf"]}
 
 
 def _slice_key(name: str) -> tuple:

@@ -20,8 +20,8 @@ import numpy as np
 from flax import linen as nn
 
 from mt_flax.model import Transformer
+from mt_flax.special_ids import FIRST_WORD_ID, PAD_ID
 
-FIRST_WORD = 4   # ids below are special (pad, unk, bos, eos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +72,13 @@ class Probe:
 
 
 def _valid(tokens: np.ndarray) -> np.ndarray:
-  return tokens != 0
+  return tokens != PAD_ID
 
 
 def _shift_words(tokens: np.ndarray, vocab: int) -> np.ndarray:
-  """Replaces every token by a different ordinary word (ids >= FIRST_WORD)."""
-  span = vocab - FIRST_WORD
-  return (tokens - FIRST_WORD + 1 + span // 2) % span + FIRST_WORD
+  """Replaces every token by a different ordinary word (ids >= FIRST_WORD_ID)."""
+  span = vocab - FIRST_WORD_ID
+  return (tokens - FIRST_WORD_ID + 1 + span // 2) % span + FIRST_WORD_ID
 
 
 def _result(name: str, probe: Probe, reference: np.ndarray, change: float, power: bool,
@@ -95,7 +95,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_causality(probe: Probe, src: np.ndarray, tgt: np.ndarray, cuts: int = 4) -> CheckResult:
   """Changing target tokens after position t leaves the logits at 0..t unchanged."""
-  full = np.where(_valid(tgt), tgt, FIRST_WORD)          # every target position real
+  full = np.where(_valid(tgt), tgt, FIRST_WORD_ID)          # every target position real
   base = probe.logits(src, full)
   t_len = full.shape[1]
   change, moved = 0.0, True
@@ -176,7 +176,7 @@ def check_cross_length(probe: Probe, src: np.ndarray, tgt: np.ndarray,
 def check_cached_decoding(probe: Probe, src: np.ndarray, tgt: np.ndarray) -> CheckResult:
   """One-token-at-a-time decoding with the cache gives the full decoder's logits."""
   model, v = probe.model, {"params": probe.params}
-  full = np.where(_valid(tgt), tgt, FIRST_WORD)
+  full = np.where(_valid(tgt), tgt, FIRST_WORD_ID)
   base = probe.logits(src, full)
 
   @jax.jit

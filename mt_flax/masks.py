@@ -25,8 +25,9 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from mt_flax.special_ids import PAD_ID
+
 Array = jnp.ndarray
-PAD_ID = 0
 
 
 def padding_mask(q_valid: Array, k_valid: Array) -> Array:

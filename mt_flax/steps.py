@@ -27,10 +27,10 @@ import optax
 from flax import linen as nn
 
 from mt_flax.model import Transformer, init_params
+from mt_flax.special_ids import PAD_ID
 
 Array = jax.Array
 Batch = dict[str, Array]
-PAD_ID = 0
 MODEL_INPUTS = ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, data, evaluate, sharding, steps
+from mt_flax import checkpoint, data, inference, sharding, steps
 from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
@@ -282,7 +282,7 @@ def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[C
     elif jax.process_count() > 1:
       from jax.experimental import multihost_utils
       params = multihost_utils.process_allgather(params, tiled=True)
-    return evaluate.validation_bleu(config, model, params, tokenizer, subset)
+    return inference.validation_bleu(config, model, params, tokenizer, subset)
   return bleu_fn
 
 

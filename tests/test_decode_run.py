@@ -84,7 +84,7 @@ def trained_run() -> str:
 @functools.lru_cache(maxsize=None)
 def loaded_run():
   """The shared run loaded in this process (params, model, tokenizer)."""
-  from mt_flax.translate import load_trained
+  from mt_flax.inference import load_trained
   return load_trained(trained_run())
 
 

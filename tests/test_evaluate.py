@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mt_flax import data, decode, evaluate
+from mt_flax import data, decode, evaluate, inference
 from test_decode_run import call_main, cli_env, loaded_run, run_cli, trained_run
 
 
@@ -51,21 +51,21 @@ def test_validation_bleu_is_greedy_by_default_and_scores_the_hypotheses():
   examples = data.eval_examples(run.config, run.tokenizer, "validation")
   width = decode.padded_width(min(len(ex["src_ids"]) for ex in examples))
   examples = [ex for ex in examples if decode.padded_width(len(ex["src_ids"])) == width][:6]
-  got = evaluate.validation_bleu(run.config, run.model, run.params, run.tokenizer, examples)
+  got = inference.validation_bleu(run.config, run.model, run.params, run.tokenizer, examples)
   assert set(got) >= {"bleu", "chrf"} and all(isinstance(v, float) for v in got.values())
-  hyps = evaluate.translate_examples(run.config, run.model, run.params, run.tokenizer, examples,
+  hyps = inference.translate_examples(run.config, run.model, run.params, run.tokenizer, examples,
                                      beam_size=1)
-  expected = evaluate.corpus_scores(hyps, [ex["ref_text"] for ex in examples])
+  expected = inference.corpus_scores(hyps, [ex["ref_text"] for ex in examples])
   assert got["bleu"] == expected["bleu"] and got["chrf"] == expected["chrf"]
 
 
 def test_corpus_scores_of_perfect_and_disjoint_output():
   refs = ["el gato se sentó en la alfombra", "hola a todos mis amigos"]
-  perfect = evaluate.corpus_scores(refs, refs)
+  perfect = inference.corpus_scores(refs, refs)
   assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
   assert "tok:13a" in perfect["bleu_signature"] and "nc:6" in perfect["chrf_signature"]
-  assert evaluate.corpus_scores(["xyz qqq"] * 2, refs)["bleu"] == 0.0
-  assert evaluate.corpus_scores([], [])["examples"] == 0
+  assert inference.corpus_scores(["xyz qqq"] * 2, refs)["bleu"] == 0.0
+  assert inference.corpus_scores([], [])["examples"] == 0
 
 
 def test_slice_scores_group_examples_in_a_stable_order():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mt_flax import checkpoint, train
-from mt_flax.config import ConfigError, load_config
+from mt_flax.config import load_config
 from mt_flax.metrics import read_metrics
 from mt_flax.model import Transformer, TransformerConfig
 

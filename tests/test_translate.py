@@ -1,7 +1,7 @@
 """`python -m mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
 import pytest
 
-from mt_flax import translate
+from mt_flax import inference, translate
 from test_decode_run import call_main, loaded_run, run_cli, trained_run
 
 VERSES = ["In the beginning God created the heavens and the earth.",
@@ -26,7 +26,7 @@ def test_translate_cli_keeps_one_line_per_input_line_in_order():
   out = out[:-1]
   assert out[2] == "" and out[3] == ""
   # each line is the translation of that line alone: order kept, batching changes nothing
-  alone = [translate.translate_lines(loaded_run(), [v], beam_size=1)[0] for v in VERSES]
+  alone = [inference.translate_lines(loaded_run(), [v], beam_size=1)[0] for v in VERSES]
   assert out == alone
 
 
@@ -91,6 +91,6 @@ def test_read_lines_handles_endings_and_reports_bad_bytes():
 
 def test_split_to_fit_cuts_at_sentence_ends_then_words():
   fits = lambda text: len(text.split()) <= 4
-  assert translate.split_to_fit("One two. Three four five. Six", fits) == [
+  assert inference.split_to_fit("One two. Three four five. Six", fits) == [
       "One two.", "Three four five. Six"]
-  assert translate.split_to_fit("a b c d e f g", fits) == ["a b c d", "e f g"]
+  assert inference.split_to_fit("a b c d e f g", fits) == ["a b c d", "e f g"]

@@ -31,6 +31,7 @@ from mt_flax.config import ConfigError, load_config, split_config_args
 from mt_flax.data import bucketing, pipeline, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from mt_flax.special_ids import PAD_ID
 
 MODES = (("bucket", "bucketing"), ("pack", "packing"), ("pad", "pad_to_max"))
 USAGE = ("usage: python -m mt_flax data-stats --config FILE [--json] [--workdir DIR] "
@@ -40,7 +41,7 @@ USAGE = ("usage: python -m mt_flax data-stats --config FILE [--json] [--workdir 
 def _pairs_in(batch: pipeline.Batch) -> int:
   if "src_segments" in batch:
     return int(batch["src_segments"].max(axis=1).sum())
-  return int((batch["src"][:, 0] != 0).sum())
+  return int((batch["src"][:, 0] != PAD_ID).sum())
 
 
 def batching_stats(config: ml_collections.ConfigDict, tokenizer: Tokenizer,

@@ -22,10 +22,7 @@ from etils import epath
 
 from mt_flax.data.sources import DataError, load_pairs
 
-PAD_ID = 0
-UNK_ID = 1
-BOS_ID = 2
-EOS_ID = 3
+from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 TOKENIZER_DIR = "tokenizer"
 INFO_FILE = "tokenizer.json"
