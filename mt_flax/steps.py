@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from mt_flax.config import with_defaults
 from mt_flax.model import Transformer, init_params
 from mt_flax.special_ids import PAD_ID
 
@@ -55,6 +56,7 @@ def make_schedule(config) -> optax.Schedule:
   ``lr = d_model**-0.5 * warmup**-0.5``). ``cosine``: from ``lr`` after warmup to
   ``lr * min_learning_rate_ratio`` at ``num_train_steps``.
   """
+  config = with_defaults(config)
   peak = float(config.learning_rate)
   warmup = max(int(config.warmup_steps), 1)
   kind = config.schedule
@@ -82,6 +84,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   Weight decay (decoupled, scaled by the learning rate) applies to matrices
   only (``ndim >= 2``), not to biases and layer-norm scales.
   """
+  config = with_defaults(config)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adam = optax.adamw(make_schedule(config), b1=float(config.adam_b1),
                      b2=float(config.adam_b2), eps=float(config.adam_eps),

@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
+from mt_flax.config import with_defaults
 from mt_flax.data import bible, osis, sources, spa_eng
 from mt_flax.data.sources import DataError
 
@@ -23,7 +24,7 @@ HAS_BIBLE = SWORD_FOLDER is not None and bible.find_installed(
 
 
 def make_config(name: str, data_dir, manual_dir="") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"data": {
+  return with_defaults({"data": {
       "name": name, "src_lang": "en", "tgt_lang": "es", "manual_dir": str(manual_dir),
       "tfds_data_dir": str(data_dir)}})
 
