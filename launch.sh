@@ -124,7 +124,7 @@ case "$cmd" in
     ;;
   tpu)
     setup
-    exec "$VENV/bin/python" -m mt_flax.tpu "$@"
+    exec "$VENV/bin/python" -m mt_flax tpu "$@"
     ;;
   setup)
     setup

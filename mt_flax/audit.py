@@ -11,16 +11,14 @@ check. Exit status 1 when any check fails, 2 on bad input.
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import numpy as np
 
-from mt_flax import checkpoint, invariance
+from mt_flax import cli, invariance
 from mt_flax.config import ConfigError
 from mt_flax.special_ids import PAD_ID
 from mt_flax.inference import load_trained
-from mt_flax.translate import inference_arguments, parse
 
 
 def pick_batches(batches: Sequence[dict], count: int, rows: int) -> list[dict]:
@@ -56,27 +54,27 @@ def audit(model, params, batches: Sequence[dict]) -> list[invariance.CheckResult
   return [combine([results[i] for results in per_batch]) for i in range(len(invariance.CHECKS))]
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = inference_arguments("audit", __doc__.split("\n\n")[1])
-  parser.add_argument("--split", default="validation")
+def build_parser():
+  parser = cli.new_parser("audit", __doc__, config="optional")
+  cli.add_workdir_args(parser)
+  parser.add_argument("--split", default="validation", help="split whose batches are probed")
   parser.add_argument("--batches", type=int, default=3, help="batches of different shapes")
   parser.add_argument("--rows", type=int, default=16, help="rows per batch (at least 2)")
+  return parser
+
+
+def run(args) -> int:
   from mt_flax import data
-  try:
-    args, config_path, overrides = parse(parser, argv)
-    if args.rows < 2 or args.batches < 1:
-      raise ConfigError(f"--rows {args.rows} --batches {args.batches}: expected rows >= 2 "
-                        "and batches >= 1")
-    trained = load_trained(args.workdir, which=args.checkpoint, config_path=config_path,
-                           overrides=overrides)
-    examples = data.eval_examples(trained.config, trained.tokenizer, args.split)
-    batches = [b for b, _ in data.eval_batches(examples, int(trained.config.batch_tokens))]
-    chosen = pick_batches(batches, args.batches, args.rows)
-    if not chosen:
-      raise data.DataError(f"split {args.split!r} has no batch of 2 or more examples to audit")
-  except (ConfigError, checkpoint.CheckpointError, data.DataError) as e:
-    print(f"mt_flax audit: error: {e}", file=sys.stderr)
-    return 2
+  if args.rows < 2 or args.batches < 1:
+    raise ConfigError(f"--rows {args.rows} --batches {args.batches}: expected rows >= 2 "
+                      "and batches >= 1")
+  trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
+                         overrides=args.overrides)
+  examples = data.eval_examples(trained.config, trained.tokenizer, args.split)
+  batches = [b for b, _ in data.eval_batches(examples, int(trained.config.batch_tokens))]
+  chosen = pick_batches(batches, args.batches, args.rows)
+  if not chosen:
+    raise data.DataError(f"split {args.split!r} has no batch of 2 or more examples to audit")
   shapes = ", ".join(f"{b['src'].shape[0]}x{b['src'].shape[1]}->{b['tgt_in'].shape[1]}"
                      for b in chosen)
   print(f"audit of {args.workdir} (step {trained.step}) on {len(chosen)} {args.split} batch(es) "
@@ -87,3 +85,6 @@ def main(argv: Sequence[str]) -> int:
   failed = [r.name for r in results if not r.passed]
   print(f"FAILED: {', '.join(failed)}" if failed else "all checks passed")
   return 1 if failed else 0
+
+
+main = cli.entry("audit", build_parser, run)

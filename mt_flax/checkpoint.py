@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from mt_flax.cli import UserError
 from mt_flax.config import with_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -50,7 +51,7 @@ class _QuietOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint is missing or unusable; the message is one line for the user."""
 
 

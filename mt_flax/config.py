@@ -10,9 +10,10 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from mt_flax import default_config
+from mt_flax.cli import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config file or override is wrong; the message is one line for the user."""
 
 
@@ -127,26 +128,3 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     raise ConfigError(f"get_config() in {path!r} returned {type(cfg).__name__}, "
                       "expected an ml_collections.ConfigDict")
   return apply_overrides(with_defaults(cfg, path), overrides)
-
-
-def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
-  """Splits argv into (config path, ``--config.x=y`` overrides, remaining args)."""
-  path, overrides, rest = None, [], []
-  it = iter(argv)
-  for arg in it:
-    if arg == "--config":
-      path = next(it, None)
-      if path is None:
-        raise ConfigError("--config needs a path to a config file")
-    elif arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg.startswith("--config."):
-      if "=" not in arg:
-        value = next(it, None)
-        if value is None:
-          raise ConfigError(f"{arg} needs a value")
-        arg = f"{arg}={value}"
-      overrides.append(arg)
-    else:
-      rest.append(arg)
-  return path, overrides, rest

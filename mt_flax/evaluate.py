@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from typing import Optional, Sequence
 
-from mt_flax import checkpoint
+from mt_flax import cli
 from mt_flax.config import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
                                translate_examples)
-from mt_flax.translate import inference_arguments, parse
 
 CHART = "bleu_by_slice.png"
 
@@ -181,30 +179,33 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   return report
 
 
-def main(argv: Sequence[str]) -> int:
-  parser = inference_arguments("eval", __doc__.split("\n\n")[1])
+def build_parser():
+  parser = cli.new_parser("eval", __doc__, config="optional")
+  cli.add_workdir_args(parser)
   parser.add_argument("--split", default="test", help="validation or test (default test)")
   parser.add_argument("--beam", type=int, default=None,
                       help="beam size (default decode.beam_size; 1 = greedy)")
   parser.add_argument("--max-examples", type=int, default=0,
                       help="evaluate the first N examples of the split (default 0: all)")
   parser.add_argument("--long-examples", type=int, default=None,
-                      help="size of the long stress set (0: none; default: the data default)")
+                      help="size of the long stress set (0: none; default: data.eval_long_examples)")
   parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/SPLIT)")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
-  from mt_flax.data import DataError
-  try:
-    args, config_path, overrides = parse(parser, argv)
-    trained = load_trained(args.workdir, which=args.checkpoint, config_path=config_path,
-                           overrides=overrides)
-    out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
-    report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
-                          max_examples=args.max_examples, long_examples=args.long_examples,
-                          which=args.checkpoint, cached=not args.full_recompute)
-  except (ConfigError, checkpoint.CheckpointError, DataError) as e:
-    print(f"mt_flax eval: error: {e}", file=sys.stderr)
-    return 2
+  return parser
+
+
+def run(args) -> int:
+  for flag, value in (("--max-examples", args.max_examples), ("--long-examples", args.long_examples),
+                      ("--beam", 1 if args.beam is None else args.beam)):
+    if value is not None and value < (1 if flag == "--beam" else 0):
+      raise ConfigError(f"{flag} {value}: expected an integer >= {1 if flag == '--beam' else 0}")
+  trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
+                         overrides=args.overrides)
+  out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
+  report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
+                        max_examples=args.max_examples, long_examples=args.long_examples,
+                        which=args.checkpoint, cached=not args.full_recompute)
   for row in report["table"]:
     print(f"{row['name']:>16}  n={row['examples']:<5} BLEU {row['bleu']:6.2f}  "
           f"chrF {row['chrf']:6.2f}")
@@ -212,3 +213,6 @@ def main(argv: Sequence[str]) -> int:
   print(f"chrF signature: {report['split_result']['scores'].get('chrf_signature', '')}")
   print(f"report: {os.path.join(out_dir, 'report.md')}")
   return 0
+
+
+main = cli.entry("eval", build_parser, run)

@@ -40,13 +40,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
-from mt_flax.config import ConfigError, load_config, split_config_args
+from mt_flax import cli
+from mt_flax.config import ConfigError, load_config
 
 TRIAL_FILE = "sweep_trial.json"   # per trial workdir: overrides and attempt times
 DONE_FILE = "DONE"                # written by mt_flax.train when a run completes
 
 
-class SweepError(ValueError):
+class SweepError(cli.UserError, ValueError):
   """A sweep file or sweep directory is wrong; the message is one line for the user."""
 
 
@@ -341,25 +342,26 @@ def default_sweep_dir(config_path: str, sweep_path: str) -> str:
   return os.path.join("runs", "sweeps", f"{stem(config_path)}-{stem(sweep_path)}")
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  config_path, base, rest = split_config_args(argv)
-  parser = argparse.ArgumentParser(
-      prog="python -m mt_flax sweep",
-      description="Run a hyperparameter sweep: one training run per trial, then a results table.")
-  parser.add_argument("config", nargs="?", help="experiment config file, e.g. experiments/bible_en_es_tiny.py")
-  parser.add_argument("sweep", help="sweep file defining get_sweep(), e.g. experiments/sweeps/bible_tiny_lr.py")
-  parser.add_argument("--workdir", help="sweep directory (default runs/sweeps/<config>-<sweep>); "
-                      "a gs:// path needs gcsfs")
+def build_parser() -> argparse.ArgumentParser:
+  parser = cli.new_parser("sweep", __doc__, config="optional")
+  parser.add_argument("positional", nargs="+", metavar="FILE",
+                      help="experiment config file (or --config FILE) and the sweep file "
+                           "defining get_sweep(), e.g. experiments/sweeps/bible_tiny_lr.py")
+  parser.add_argument("--workdir", help="sweep directory (default runs/sweeps/<config>-<sweep>; "
+                      "local or gs://)")
   parser.add_argument("--shard", default="0/1", help="run trials I, I+N, ... only (I/N)")
   parser.add_argument("--table-only", action="store_true", help="write and print the table, run nothing")
-  args = parser.parse_args(rest)
-  if config_path is not None:  # given as --config FILE
-    if args.config is not None:
-      parser.error("give the config file once, positionally or with --config")
-    args.config = config_path
-  if args.config is None:
-    parser.error("expected a config file and a sweep file")
-  return args, base
+  return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+  """Parses the sweep command line; ``args.overrides`` apply to every trial."""
+  args = cli.parse(parser, argv)
+  given = ([args.config] if args.config else []) + args.positional
+  if len(given) != 2:
+    parser.error("expected a config file and a sweep file (the config positionally or with --config)")
+  args.config, args.sweep = given
+  return args
 
 
 def config_digest(path: str) -> str:
@@ -410,38 +412,34 @@ def run_trials(args: argparse.Namespace, base: list[str], trials: list[dict[str,
   return failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
+def run(args: argparse.Namespace) -> int:
+  base = args.overrides
   writer = os.environ.get("MT_FLAX_WORKER", "0") in ("", "0")  # on a TPU pod host 0 keeps the books
-  try:
-    args, base = parse_args(argv)
-    parse_shard(args.shard)
-    trials = load_sweep(args.sweep)
-    steps = []
-    for i, overrides in enumerate(trials):  # every trial's overrides are checked before any runs
-      try:
-        steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
-      except ConfigError as e:
-        raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
-    sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
-    digest = config_digest(args.config)
-    failed = []
-    if not args.table_only:
-      check_same_config(sweep_dir, args.config, digest)
-      sweep_dir.mkdir(parents=True, exist_ok=True)
-      if writer:
-        (sweep_dir / "sweep.json").write_text(json.dumps(
-            {"config": args.config, "config_sha256": digest, "sweep": args.sweep,
-             "base_overrides": base,
-             "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
-            indent=1, default=repr))
+  parse_shard(args.shard)
+  trials = load_sweep(args.sweep)
+  steps = []
+  for i, overrides in enumerate(trials):  # every trial's overrides are checked before any runs
+    try:
+      steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
+    except ConfigError as e:
+      raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
+  sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
+  digest = config_digest(args.config)
+  failed = []
+  if not args.table_only:
+    check_same_config(sweep_dir, args.config, digest)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+      (sweep_dir / "sweep.json").write_text(json.dumps(
+          {"config": args.config, "config_sha256": digest, "sweep": args.sweep,
+           "base_overrides": base,
+           "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
+          indent=1, default=repr))
+    try:
       failed = run_trials(args, base, trials, steps, sweep_dir, digest, writer)
-  except (SweepError, ConfigError) as e:
-    print(f"mt_flax sweep: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("[sweep] interrupted; re-run the same command to resume", file=sys.stderr)
-    return 130
+    except KeyboardInterrupt:
+      print("[sweep] interrupted; re-run the same command to resume", file=sys.stderr)
+      return 130
   if writer:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     print(write_table(sweep_dir, collect(sweep_dir, trials, steps), base), end="")
@@ -452,5 +450,4 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+main = cli.entry("sweep", build_parser, run, parse_with=parse_args)

@@ -28,9 +28,8 @@ import sys
 import tempfile
 from typing import Sequence
 
-from mt_flax.config import ConfigError
-from mt_flax import sweep
-from mt_flax.sweep import SweepError
+from mt_flax import cli, sweep
+from mt_flax.cli import UserError
 
 REMOTE_DIR = "~/mt_flax"
 LOG_FILE = "~/mt_flax.log"
@@ -41,7 +40,7 @@ WORKER_ID = ("$(curl -s -H Metadata-Flavor:Google http://metadata.google.interna
              "computeMetadata/v1/instance/attributes/agent-worker-number)")
 
 
-class TpuError(ValueError):
+class TpuError(UserError, ValueError):
   """A bad TPU command line; the message is one line for the user."""
 
 
@@ -207,7 +206,7 @@ def logs_command(tpu: Tpu, *, worker: str = "0", follow: bool = False, lines: in
 
 def sweep_plan(tpus: Sequence[Tpu], sweep_args: Sequence[str]) -> list[str]:
   """Comment lines naming which trials each VM runs (reads the sweep file locally)."""
-  args, _ = sweep.parse_args(list(sweep_args))
+  args = sweep.parse_args(sweep.build_parser(), list(sweep_args))
   trials = sweep.load_sweep(args.sweep)
   lines = []
   for i, tpu in enumerate(tpus):
@@ -221,8 +220,8 @@ def sweep_plan(tpus: Sequence[Tpu], sweep_args: Sequence[str]) -> list[str]:
 ACTIONS = ("create", "setup", "run", "sweep", "logs", "delete")
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="./launch.sh tpu", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+  p = cli.new_parser("tpu", __doc__)
   p.add_argument("action", choices=ACTIONS)
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   p.add_argument("--name", required=True, help="TPU VM name; several, comma-separated, for sweep")
@@ -238,11 +237,13 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  """Splits ``[options] [-- mt_flax args]`` into parsed options and the mt_flax args."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+  """Parses ``[options] [-- mt_flax args]``; the mt_flax args land in ``args.mt_args``."""
   argv = list(argv)
   cut = argv.index("--") if "--" in argv else len(argv)
-  return _parser().parse_args(argv[:cut]), argv[cut + 1:]
+  args = parser.parse_args(argv[:cut])
+  args.mt_args = argv[cut + 1:]
+  return args
 
 
 def build(args: argparse.Namespace, mt_args: Sequence[str], root: str) -> list[list[str]]:
@@ -281,15 +282,9 @@ def format_command(cmd: Sequence[str]) -> str:
   return "# " + cmd[1] if cmd and cmd[0] == "#" else shlex.join(cmd)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
+def run(args: argparse.Namespace) -> int:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  args, mt_args = parse_args(argv)
-  try:
-    cmds = build(args, mt_args, root)
-  except (TpuError, SweepError, ConfigError) as e:
-    print(f"mt_flax tpu: {e}", file=sys.stderr)
-    return 2
+  cmds = build(args, args.mt_args, root)
   if args.dry_run:
     for cmd in cmds:
       print(format_command(cmd))
@@ -301,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       rc = subprocess.call(cmd)
     except FileNotFoundError:
-      print(f"mt_flax tpu: {cmd[0]!r} not found; install the Google Cloud CLI "
+      print(f"mt_flax tpu: error: {cmd[0]!r} not found; install the Google Cloud CLI "
             "(https://cloud.google.com/sdk) or use --dry-run", file=sys.stderr)
       return 127
     if rc != 0:
@@ -310,5 +305,4 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+main = cli.entry("tpu", build_parser, run, parse_with=parse_args)

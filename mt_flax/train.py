@@ -30,9 +30,8 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, data, inference, sharding, steps
-from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
-from mt_flax.data import DataError
+from mt_flax import checkpoint, cli, data, inference, sharding, steps
+from mt_flax.config import ConfigError, load_config, with_defaults
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 
@@ -46,8 +45,9 @@ BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 FIXED_ON_RESUME = ("model", "data", "seed")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(cli.UserError, RuntimeError):
   """The loss or gradients became NaN/inf."""
+  exit_code = 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -414,36 +414,24 @@ class _Loop:
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str]) -> int:
-  """``train --config FILE --workdir DIR [--config.key=value ...]``; returns the exit status."""
-  try:
-    path, overrides, rest = split_config_args(list(argv))
-    workdir = None
-    it = iter(rest)
-    for arg in it:
-      if arg == "--workdir":
-        workdir = next(it, None)
-      elif arg.startswith("--workdir="):
-        workdir = arg.split("=", 1)[1]
-      elif arg in ("-h", "--help"):
-        print(__doc__)
-        return 0
-      else:
-        raise ConfigError(f"unknown argument {arg!r}; expected --config FILE --workdir DIR "
-                          "[--config.key=value ...]")
-    if not path:
-      raise ConfigError("--config FILE is required (e.g. experiments/bible_en_es_tiny.py)")
-    if not workdir:
-      raise ConfigError("--workdir DIR is required (where checkpoints and logs go)")
-    config = load_config(path, overrides)
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
-      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-    summary = train_and_evaluate(config, workdir)
-  except (ConfigError, DataError, checkpoint.CheckpointError, TrainingDiverged) as e:
-    print(f"mt_flax train: error: {e}", file=sys.stderr)
-    return 1 if isinstance(e, TrainingDiverged) else 2
+def build_parser():
+  parser = cli.new_parser("train", __doc__, config="required")
+  parser.add_argument("--workdir", required=True,
+                      help="where checkpoints, metrics and logs go (local or gs://); "
+                           "re-running on it resumes")
+  return parser
+
+
+def run(args) -> int:
+  config = load_config(args.config, args.overrides)
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+  summary = train_and_evaluate(config, args.workdir)
   if summary.get("preempted"):
     return PREEMPTED_EXIT
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
   _log("done: " + json.dumps(shown))
   return 0
+
+
+main = cli.entry("train", build_parser, run)

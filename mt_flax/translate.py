@@ -16,13 +16,11 @@ Lines are batched by length internally. ``--beam`` defaults to
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Optional, Sequence
 
-from mt_flax import checkpoint
-from mt_flax.config import ConfigError, split_config_args
+from mt_flax import cli
+from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained, translate_lines
 
 MAX_ERRORS_SHOWN = 10
@@ -57,58 +55,43 @@ def read_lines(raw: bytes, *, replace: bool = False
 # ----------------------------------------------------------------------------- CLI
 
 
-def inference_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
-  """Flags shared by translate, eval and audit."""
-  parser = argparse.ArgumentParser(prog=f"python -m mt_flax {prog}", description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="the workdir of a training run")
-  parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-  return parser
-
-
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str]
-          ) -> tuple[argparse.Namespace, Optional[str], list[str]]:
-  """(flags, --config FILE, --config.key=value overrides); argparse errors exit with 2."""
-  path, overrides, rest = split_config_args(list(argv))
-  return parser.parse_args(rest), path, overrides
-
-
-def main(argv: Sequence[str]) -> int:
-  parser = inference_arguments("translate", __doc__.split("\n\n")[1])
-  parser.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy)")
+def build_parser():
+  parser = cli.new_parser("translate", __doc__, config="optional")
+  cli.add_workdir_args(parser)
+  parser.add_argument("--beam", type=int, default=None,
+                      help="beam size (default decode.beam_size of the run; 1 = greedy)")
   parser.add_argument("--long", choices=("truncate", "split"), default="truncate",
                       help="what to do with lines longer than data.max_len tokens")
   parser.add_argument("--invalid", choices=("error", "replace"), default="error",
                       help="what to do with input lines that are not UTF-8")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
+  return parser
+
+
+def run(args) -> int:
   warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
-  try:
-    args, config_path, overrides = parse(parser, argv)
-    if args.beam is not None and args.beam < 1:
-      raise ConfigError(f"beam size {args.beam}: expected an integer >= 1")
-    raw = sys.stdin.buffer.read()
-    lines, problems = read_lines(raw, replace=args.invalid == "replace")
-    for number, reason in problems[:MAX_ERRORS_SHOWN]:
-      level = "warning" if args.invalid == "replace" else "error"
-      print(f"mt_flax translate: {level}: line {number}: {reason}", file=sys.stderr)
-    if problems and args.invalid == "error":
-      more = len(problems) - MAX_ERRORS_SHOWN
-      print(f"mt_flax translate: error: {len(problems)} line(s) of the input are not UTF-8"
-            + (f" ({more} more not shown)" if more > 0 else "")
-            + "; nothing translated (fix the input, or pass --invalid replace)", file=sys.stderr)
-      return 2
-    trained = load_trained(args.workdir, which=args.checkpoint, config_path=config_path,
-                           overrides=overrides)
-    outputs = translate_lines(trained, lines, beam_size=args.beam,
-                              split_long=args.long == "split", cached=not args.full_recompute,
-                              warn=warn)
-  except (ConfigError, checkpoint.CheckpointError, ValueError) as e:
-    print(f"mt_flax translate: error: {e}", file=sys.stderr)
-    return 2
+  if args.beam is not None and args.beam < 1:
+    raise ConfigError(f"--beam {args.beam}: expected an integer >= 1")
+  lines, problems = read_lines(sys.stdin.buffer.read(), replace=args.invalid == "replace")
+  for number, reason in problems[:MAX_ERRORS_SHOWN]:
+    level = "warning" if args.invalid == "replace" else "error"
+    print(f"mt_flax translate: {level}: line {number}: {reason}", file=sys.stderr)
+  if problems and args.invalid == "error":
+    more = len(problems) - MAX_ERRORS_SHOWN
+    raise ConfigError(f"{len(problems)} line(s) of the input are not UTF-8"
+                      + (f" ({more} more not shown)" if more > 0 else "")
+                      + "; nothing translated (fix the input, or pass --invalid replace)")
+  trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
+                         overrides=args.overrides)
+  outputs = translate_lines(trained, lines, beam_size=args.beam, split_long=args.long == "split",
+                            cached=not args.full_recompute, warn=warn)
   try:
     sys.stdout.write("".join(line + "\n" for line in outputs))
     sys.stdout.flush()
   except BrokenPipeError:            # the reader went away (e.g. `| head`): not an error here
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0
+
+
+main = cli.entry("translate", build_parser, run)

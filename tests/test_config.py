@@ -76,3 +76,25 @@ def test_experiment_files_are_short_overrides_that_load(path):
   assert len(code) <= 40, f"{path}: {len(code)} lines of code"
   assert "default_config" in open(path).read()
   assert load_config(path).num_train_steps > 0
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "translate", "audit", "data-stats", "sweep",
+                                     "tpu"])
+def test_every_command_has_help_and_one_line_usage_errors(command, capsys):
+  from mt_flax import __main__ as entry
+  assert entry.main([command, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"usage: mt_flax {command}") and "--help" in out
+  if command in ("train", "data-stats"):
+    assert "--config FILE[:VARIANT]" in out and "--config.KEY=VALUE" in out
+  assert entry.main([command, "--no-such-flag"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"mt_flax {command}: error:"), err
+
+
+def test_unknown_command_is_one_line(capsys):
+  from mt_flax import __main__ as entry
+  assert entry.main(["trian"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "unknown command 'trian'" in err[0]
+  assert entry.main(["--help"]) == 0 and "tpu" in capsys.readouterr().out

@@ -415,7 +415,7 @@ def test_data_stats_errors(setup, capsys):
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "unknown dataset" in err
   assert stats.main(["--json"]) == 2
-  assert "--config is required" in capsys.readouterr().err
+  assert "arguments are required: --config" in capsys.readouterr().err
 
 
 def test_iterator_state_through_an_orbax_checkpoint_manager(setup, tmp_path):

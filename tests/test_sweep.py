@@ -227,7 +227,8 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
 
 def test_a_config_changed_mid_sweep_stops_before_the_next_trial(tmp_path):
   path = write_sweep(tmp_path, "def get_sweep():\n  return [{'seed': 1}]\n")
-  args, base = sweep.parse_args([CONFIG, path])
+  args = sweep.parse_args(sweep.build_parser(), [CONFIG, path])
+  base = args.overrides
   with pytest.raises(sweep.SweepError, match="changed while the sweep was running"):
     sweep.run_trials(args, base, sweep.load_sweep(path), [10], epath.Path(tmp_path / "sw"),
                      digest="0" * 64, writer=True)

@@ -22,12 +22,14 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mt_flax.cli import UserError
+
 SPLITS = ("train", "validation", "test")
 MANUAL_DIR_ENV = "MT_FLAX_MANUAL_DIR"
 OUR_BUILDERS = ("spa_eng", "bible_en_es")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Data that cannot be used as asked; the message is one line for the user."""
 
 

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mt_flax.config import ConfigError, load_config, split_config_args
+from mt_flax import cli
+from mt_flax.config import load_config
 from mt_flax.data import bucketing, pipeline, sources
-from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mt_flax.special_ids import PAD_ID
 
 MODES = (("bucket", "bucketing"), ("pack", "packing"), ("pad", "pad_to_max"))
-USAGE = ("usage: python -m mt_flax data-stats --config FILE [--json] [--workdir DIR] "
-         "[--config.key=value ...]")
 
 
 def _pairs_in(batch: pipeline.Batch) -> int:
@@ -134,44 +131,21 @@ def render(stats: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-  """Runs data-stats; returns the process exit status."""
-  try:
-    path, overrides, rest = split_config_args(argv)
-  except ConfigError as e:
-    print(f"data-stats: error: {e}", file=sys.stderr)
-    return 2
-  as_json, workdir = False, None
-  args = iter(rest)
-  for arg in args:
-    if arg == "--json":
-      as_json = True
-    elif arg == "--workdir":
-      workdir = next(args, None)
-    elif arg.startswith("--workdir="):
-      workdir = arg.split("=", 1)[1]
-    elif arg in ("-h", "--help"):
-      print(USAGE)
-      return 0
-    else:
-      print(f"data-stats: error: unknown argument {arg!r}; {USAGE}", file=sys.stderr)
-      return 2
-  if path is None or (workdir is not None and not workdir):
-    print(f"data-stats: error: {'--workdir needs a folder' if path else '--config is required'}"
-          f"; {USAGE}", file=sys.stderr)
-    return 2
+def build_parser():
+  parser = cli.new_parser("data-stats", __doc__, config="required")
+  parser.add_argument("--workdir", default=None,
+                      help="use (or train) the tokenizer of this workdir; default: a temporary one")
+  parser.add_argument("--json", action="store_true", help="also print one JSON line at the end")
+  return parser
+
+
+def run(args) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  try:
-    config = load_config(path, overrides)
-    stats = collect(config, workdir)
-  except (ConfigError, DataError) as e:
-    print(f"data-stats: error: {e}", file=sys.stderr)
-    return 2
+  stats = collect(load_config(args.config, args.overrides), args.workdir)
   print(render(stats))
-  if as_json:
+  if args.json:
     print(json.dumps(stats))
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+main = cli.entry("data-stats", build_parser, run)
