@@ -1,5 +1,192 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Shared test set-up: 8 simulated CPU devices, tiny models and batches, a synthetic
+corpus, and one small trained run per session made with the real ``train`` command.
+
+Fixtures (no test module imports another; helpers come from here):
+  ``tiny_model``      factory ``(seed=0, **TransformerConfig overrides) -> (model, params)``
+  ``ragged_batch``    factory ``(seed, rows, s_len, t_len) -> (src [B, S], tgt_in [B, T])``
+  ``keras_cross_mask`` the Keras example's wrong cross mask, to monkeypatch in
+  ``synthetic_corpus`` factory writing a spa-eng.zip of a toy English->Spanish lexicon
+  ``trained_run``     workdir of a tiny model trained on that corpus (session-scoped)
+  ``loaded_run``      that run loaded for inference in this process
+  ``run_cli``         ``python -m mt_flax ...`` in a subprocess (one CPU device)
+  ``call_main``       a command's ``main(argv)`` in this process with a given stdin
+"""
+import io
 import os
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from mt_flax.model import Transformer, TransformerConfig, init_params  # noqa: E402
+from mt_flax.special_ids import BOS_ID, FIRST_WORD_ID, PAD_ID  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 48
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests that need the trained run are end-to-end tests: they get the ``slow`` marker."""
+  for item in items:
+    if {"trained_run", "loaded_run"} & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+# A toy lexicon: English word i translates to Spanish word i, so a few dozen updates
+# of a tiny model already produce recognisable output.
+LEXICON = dict(zip(
+    ("the cat dog house red blue small big runs eats sees quickly slowly tree river mountain "
+     "friend teacher book table window green yellow happy sad old new").split(),
+    ("el gato perro casa rojo azul pequeño grande corre come ve rápido lento árbol río montaña "
+     "amigo maestro libro mesa ventana verde amarillo feliz triste viejo nuevo").split()))
+
+
+def random_params(model: Transformer, seed: int):
+  """Random weights drawn with numpy on the model's parameter shapes (no init compile)."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name == "bias":
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(0.0, leaf.shape[-1] ** -0.5, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+  """``make(seed=0, **overrides) -> (model, params)``: 2+2 layers, d_model 32, vocabulary 48."""
+  def make(seed: int = 0, **overrides):
+    base = dict(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=32, num_heads=4,
+                num_encoder_layers=2, num_decoder_layers=2, mlp_dim=64, max_len=64)
+    model = Transformer(TransformerConfig(**{**base, **overrides}))
+    return model, random_params(model, seed)
+  return make
+
+
+def make_ragged_batch(seed: int = 0, rows: int = 3, s_len: int = 6, t_len: int = 8,
+                      vocab: int = VOCAB) -> tuple[np.ndarray, np.ndarray]:
+  """src [B, S] and tgt_in [B, T] (BOS first); each row has its own length, the last the longest."""
+  rng = np.random.default_rng(seed)
+  src, tgt = np.zeros((rows, s_len), np.int32), np.zeros((rows, t_len), np.int32)
+  for b in range(rows):
+    n, m = (s_len, t_len) if b == rows - 1 else (rng.integers(1, s_len + 1), rng.integers(2, t_len + 1))
+    src[b, :n] = rng.integers(FIRST_WORD_ID, vocab, n)
+    tgt[b, 0], tgt[b, 1:m] = BOS_ID, rng.integers(FIRST_WORD_ID, vocab, m - 1)
+  return src, tgt
+
+
+@pytest.fixture(scope="session")
+def ragged_batch():
+  return make_ragged_batch
+
+
+def write_synthetic_corpus(folder: Path, n: int = 600, seed: int = 0, max_words: int = 30) -> Path:
+  """``folder/spa-eng.zip`` with ``n`` pairs of 1..max_words words (skewed to short ones)."""
+  rng = random.Random(seed)
+  english = list(LEXICON)
+  lines = []
+  for i in range(n):
+    k = min(max_words, max(1, int(rng.lognormvariate(1.6, 0.6))))
+    words = [rng.choice(english) for _ in range(k)]
+    lines.append(" ".join(words).capitalize() + f" {i}.\t"
+                 + " ".join(LEXICON[w] for w in words).capitalize() + f" {i}.\n")
+  folder.mkdir(parents=True, exist_ok=True)
+  with zipfile.ZipFile(folder / "spa-eng.zip", "w") as archive:
+    archive.writestr("spa-eng/spa.txt", "".join(lines))
+  return folder
+
+
+@pytest.fixture(scope="session")
+def keras_cross_mask():
+  """The Keras example's bug: the decoder's own padding mask given to cross-attention."""
+  from mt_flax import masks
+  return lambda tgt, src, *segments: masks.padding_mask(tgt != PAD_ID, tgt != PAD_ID)
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus():
+  return write_synthetic_corpus
+
+
+def cli_env(**extra: str) -> dict:
+  """Environment of CLI subprocesses: one CPU device (quicker to compile)."""
+  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+          "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _run_cli(*args: str, stdin: bytes = b"", timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "mt_flax", *args], input=stdin, cwd=ROOT,
+                        env=cli_env(), capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+  return _run_cli
+
+
+@pytest.fixture
+def call_main(monkeypatch):
+  """``call(main, argv, stdin=b"") -> exit status``, in this process."""
+  def call(main, argv, stdin: bytes = b"") -> int:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    return main(list(argv))
+  return call
+
+
+TRAINED_CONFIG = '''
+from mt_flax.default_config import get_config as default_config
+
+def get_config():
+  c = default_config()
+  c.num_train_steps, c.warmup_steps, c.learning_rate = 40, 10, 5e-3
+  c.eval_every_steps = c.checkpoint_every_steps = 40
+  c.log_every_steps = 20
+  c.batch_tokens = 1024
+  c.eval_bleu_examples = 8
+  c.progress_bar = False
+  c.data.name, c.data.manual_dir, c.data.tfds_data_dir = "spa_eng", {manual!r}, {tfds!r}
+  c.data.vocab_size, c.data.tokenizer_type, c.data.max_len = 150, "bpe", 48
+  c.data.batching, c.data.eval_max_examples = "pad", 24
+  c.model.d_model, c.model.num_heads, c.model.mlp_dim = 32, 2, 64
+  c.model.num_encoder_layers = c.model.num_decoder_layers = 1
+  return c
+'''
+
+
+@pytest.fixture(scope="session")
+def trained_config(tmp_path_factory) -> str:
+  """A config file for a 40-step tiny model on the synthetic corpus."""
+  root = tmp_path_factory.mktemp("trained")
+  write_synthetic_corpus(root / "manual")
+  path = root / "tiny.py"
+  path.write_text(TRAINED_CONFIG.format(manual=str(root / "manual"), tfds=str(root / "tfds")))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_config) -> str:
+  """Workdir of the config above trained with ``python -m mt_flax train`` (once a session)."""
+  workdir = str(Path(trained_config).parent / "run")
+  proc = _run_cli("train", "--config", trained_config, "--workdir", workdir)
+  assert proc.returncode == 0, f"tiny training run failed:\n{proc.stderr.decode()[-3000:]}"
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def loaded_run(trained_run):
+  from mt_flax.inference import load_trained
+  return load_trained(trained_run)

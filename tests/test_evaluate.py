@@ -7,21 +7,20 @@ from pathlib import Path
 import pytest
 
 from mt_flax import data, decode, evaluate, inference
-from test_decode_run import call_main, cli_env, loaded_run, run_cli, trained_run
 
 
 def sacrebleu_cli(folder: Path, ref: str, hyp: str) -> dict:
   """Scores recomputed by the `sacrebleu` command from the saved text files."""
   command = ["-m", "sacrebleu", ref, "-i", hyp, "-m", "bleu", "chrf", "-w", "4"]
-  proc = subprocess.run([sys.executable, *command],
-                        cwd=folder, capture_output=True, text=True, env=cli_env(), check=True)
+  proc = subprocess.run([sys.executable, *command], cwd=folder, capture_output=True, text=True,
+                        check=True)
   bleu, chrf = json.loads(proc.stdout)
   return {"bleu": bleu["score"], "chrf": chrf["score"]}
 
 
-def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path):
+def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path, trained_run, run_cli):
   out = tmp_path / "eval"
-  proc = run_cli("eval", "--workdir", trained_run(), "--split", "test", "--beam", "2",
+  proc = run_cli("eval", "--workdir", trained_run, "--split", "test", "--beam", "2",
                  "--max-examples", "6", "--long-examples", "2",
                  "--out", str(out))
   assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -46,8 +45,8 @@ def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path):
   assert report["decoding"]["beam_size"] == 2 and report["step"] == 40
 
 
-def test_validation_bleu_is_greedy_by_default_and_scores_the_hypotheses():
-  run = loaded_run()
+def test_validation_bleu_is_greedy_by_default_and_scores_the_hypotheses(loaded_run):
+  run = loaded_run
   examples = data.eval_examples(run.config, run.tokenizer, "validation")
   width = decode.padded_width(min(len(ex["src_ids"]) for ex in examples))
   examples = [ex for ex in examples if decode.padded_width(len(ex["src_ids"])) == width][:6]
@@ -84,16 +83,15 @@ def test_slice_scores_group_examples_in_a_stable_order():
   assert by_name["ratio:<0.8"]["bleu"] == 0.0
 
 
-def test_eval_reports_bad_input_in_one_line(monkeypatch, capsys, tmp_path):
-  rc = call_main(evaluate.main, ["--workdir", str(tmp_path / "missing")], b"", monkeypatch)
+def test_eval_reports_bad_input_in_one_line(trained_run, call_main, capsys, tmp_path):
+  rc = call_main(evaluate.main, ["--workdir", str(tmp_path / "missing")])
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("mt_flax eval: error:") and "missing" in err
-  rc = call_main(evaluate.main, ["--workdir", trained_run(), "--split", "tset",
-                                 "--out", str(tmp_path / "o")], b"", monkeypatch)
+  rc = call_main(evaluate.main, ["--workdir", trained_run, "--split", "tset",
+                                 "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("mt_flax eval: error")]
   assert rc == 2 and len(errors) == 1 and "tset" in errors[0] and "Traceback" not in err
-
-
-def test_the_decoder_uses_the_tokenizer_special_ids():
-  assert (decode.PAD_ID, decode.BOS_ID, decode.EOS_ID) == (data.PAD_ID, data.BOS_ID, data.EOS_ID)
+  rc = call_main(evaluate.main, ["--workdir", trained_run, "--max-examples", "-3"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err == ["mt_flax eval: error: --max-examples -3: expected an integer >= 0"]

@@ -1,14 +1,16 @@
-"""Invariance tests of the Transformer: each one fails if a mask is wrong."""
+"""The Transformer against its masks: every invariance of ``mt_flax.invariance`` (the same
+checks ``audit`` runs on trained models) on two model variants and three length pairs,
+plus what those checks do not cover: packing, the Keras cross-mask bug, jit and grad,
+dropout, bfloat16 and configuration errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
-from mt_flax import masks
-from mt_flax.model import Attention, Transformer, TransformerConfig, count_params, init_params
+from mt_flax import invariance, masks
+from mt_flax.model import Attention, Transformer, TransformerConfig, count_params
 
-V = 60
+V = 48
 ATOL = 2e-5
 LENGTHS = [(5, 9), (9, 5), (7, 7)]  # (T_src, T_tgt): shorter, longer, equal
 
@@ -18,33 +20,9 @@ CONFIGS = {
 }
 
 
-def make_model(**overrides):
-  base = dict(src_vocab_size=V, tgt_vocab_size=V, d_model=32, num_heads=4, num_encoder_layers=2,
-              num_decoder_layers=2, mlp_dim=64, dropout_rate=0.1, max_len=64)
-  base.update(overrides)
-  cfg = TransformerConfig(**base)
-  model = Transformer(cfg)
-  params = nn.meta.unbox(init_params(model, jax.random.PRNGKey(0)))
-  return model, params
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def model_and_params(request):
-  return make_model(**CONFIGS[request.param])
-
-
-def ragged_pairs(seed: int, batch: int, s_len: int, t_len: int):
-  """Random src [B, S] and tgt_in [B, T] (BOS first), each row with its own valid length."""
-  rng = np.random.default_rng(seed)
-  src = np.zeros((batch, s_len), np.int32)
-  tgt = np.zeros((batch, t_len), np.int32)
-  for b in range(batch):
-    n = rng.integers(1, s_len + 1)
-    m = rng.integers(2, t_len + 1)
-    src[b, :n] = rng.integers(4, V, n)
-    tgt[b, 0] = 2
-    tgt[b, 1:m] = rng.integers(4, V, m - 1)
-  return src, tgt
+def model_and_params(request, tiny_model):
+  return tiny_model(**CONFIGS[request.param])
 
 
 def logits_of(model, params, src, tgt, **kw):
@@ -56,76 +34,19 @@ def valid(tokens):
 
 
 @pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_causality(model_and_params, s_len, t_len):
+def test_every_invariance_holds(model_and_params, ragged_batch, s_len, t_len):
   model, params = model_and_params
-  src, tgt = ragged_pairs(1, 4, s_len, t_len)
-  tgt[:, :] = np.where(tgt == 0, 7, tgt)  # full-length targets: every position is valid
-  base = logits_of(model, params, src, tgt)
-  for t in range(t_len - 1):
-    changed = tgt.copy()
-    changed[:, t + 1:] = (changed[:, t + 1:] + 11) % (V - 4) + 4
-    out = logits_of(model, params, src, changed)
-    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=ATOL)
-    assert not np.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-3)
+  src, tgt = ragged_batch(s_len * 10 + t_len, rows=4, s_len=s_len, t_len=t_len)
+  results = invariance.run_checks(model, params, src, tgt)
+  assert [r.name for r in results] == list(invariance.CHECKS)
+  for r in results:
+    assert r.passed, r.line()
 
 
 @pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_more_source_padding_changes_nothing(model_and_params, s_len, t_len):
+def test_packed_row_equals_pairs_alone(model_and_params, ragged_batch, s_len, t_len):
   model, params = model_and_params
-  src, tgt = ragged_pairs(2, 4, s_len, t_len)
-  base = logits_of(model, params, src, tgt)
-  longer = np.pad(src, [(0, 0), (0, 6)])
-  out = logits_of(model, params, longer, tgt)
-  m = valid(tgt)
-  np.testing.assert_allclose(out[m], base[m], atol=ATOL)
-
-
-@pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_encoder_output_at_padded_source_is_never_read(model_and_params, s_len, t_len):
-  model, params = model_and_params
-  src, tgt = ragged_pairs(3, 4, s_len, t_len)
-  src = np.pad(src, [(0, 0), (0, 3)])  # every row has some padding
-  encoded = model.apply({"params": params}, src, method=Transformer.encode)
-  noise = 1e3 * jax.random.normal(jax.random.PRNGKey(5), encoded.shape)
-  noisy = jnp.where(valid(src)[..., None], encoded, noise)
-  dec = lambda e: np.asarray(model.apply({"params": params}, e, src, tgt,
-                                         method=Transformer.decode))
-  base, out = dec(encoded), dec(noisy)
-  m = valid(tgt)
-  np.testing.assert_allclose(out[m], base[m], atol=ATOL)
-  # The noise itself is big enough to matter where the mask lets it through.
-  noisy_valid = jnp.where(valid(src)[..., None], noise, encoded)
-  assert not np.allclose(dec(noisy_valid)[m], base[m], atol=1e-2)
-
-
-@pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_more_target_padding_changes_nothing(model_and_params, s_len, t_len):
-  model, params = model_and_params
-  src, tgt = ragged_pairs(4, 4, s_len, t_len)
-  base = logits_of(model, params, src, tgt)
-  out = logits_of(model, params, src, np.pad(tgt, [(0, 0), (0, 5)]))
-  m = valid(tgt)
-  np.testing.assert_allclose(out[:, :t_len][m], base[m], atol=ATOL)
-
-
-@pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_batch_independence(model_and_params, s_len, t_len):
-  model, params = model_and_params
-  src, tgt = ragged_pairs(5, 4, s_len, t_len)
-  base = logits_of(model, params, src, tgt)
-  other_src, other_tgt = ragged_pairs(6, 4, s_len, t_len)
-  src[2], tgt[2] = other_src[2], other_tgt[2]
-  out = logits_of(model, params, src, tgt)
-  for i in (0, 1, 3):
-    m = valid(tgt[i])
-    np.testing.assert_allclose(out[i][m], base[i][m], atol=ATOL)
-  assert not np.allclose(out[2], base[2], atol=1e-3)
-
-
-@pytest.mark.parametrize("s_len,t_len", LENGTHS)
-def test_packed_row_equals_pairs_alone(model_and_params, s_len, t_len):
-  model, params = model_and_params
-  src, tgt = ragged_pairs(7, 2, s_len, t_len)
+  src, tgt = ragged_batch(7, rows=2, s_len=s_len, t_len=t_len)
   ns, nt = valid(src).sum(1), valid(tgt).sum(1)
   row_s, row_t = int(ns.sum()) + 2, int(nt.sum()) + 3  # some trailing padding too
   p_src, p_tgt = np.zeros((1, row_s), np.int32), np.zeros((1, row_t), np.int32)
@@ -147,42 +68,22 @@ def test_packed_row_equals_pairs_alone(model_and_params, s_len, t_len):
     to += nt[k]
 
 
-def test_cached_decoding_matches_full_decoder(model_and_params):
-  model, params = model_and_params
-  src, tgt = ragged_pairs(8, 3, 6, 7)
-  tgt[:, :] = np.where(tgt == 0, 9, tgt)
-  full = logits_of(model, params, src, tgt)
-  v = {"params": params}
-  encoded = model.apply(v, src, method=Transformer.encode)
-  _, cache = model.apply(v, encoded, src, jnp.zeros_like(tgt), decode=True,
-                         method=Transformer.decode, mutable=["cache"])
-  steps = []
-  for t in range(tgt.shape[1]):
-    out, cache = model.apply({**v, **cache}, None, src, tgt[:, t:t + 1], decode=True,
-                             method=Transformer.decode, mutable=["cache"])
-    steps.append(np.asarray(out[:, 0]))
-  np.testing.assert_allclose(np.stack(steps, 1), full, atol=ATOL)
-
-
 # --- The Keras bug: the target padding mask fed to cross-attention. ---------------------------
 
-def keras_cross_mask(tgt, src, tgt_segments=None, src_segments=None):
-  """What the Keras example does: the decoder's own padding mask, [B, 1, T, T]."""
-  return masks.padding_mask(tgt != 0, tgt != 0)
-
-
-def test_keras_bug_is_a_shape_error_when_lengths_differ(monkeypatch):
-  model, params = make_model()
-  src, tgt = ragged_pairs(9, 2, 5, 8)
+def test_keras_bug_is_a_shape_error_when_lengths_differ(tiny_model, ragged_batch,
+                                                       keras_cross_mask, monkeypatch):
+  model, params = tiny_model()
+  src, tgt = ragged_batch(9, rows=2, s_len=5, t_len=8)
   logits_of(model, params, src, tgt)  # the correct mask works
   monkeypatch.setattr(masks, "cross_mask", keras_cross_mask)
   with pytest.raises((TypeError, ValueError)):
     logits_of(model, params, src, tgt)
 
 
-def test_keras_bug_silently_changes_outputs_when_lengths_are_equal(monkeypatch):
-  model, params = make_model()
-  src, tgt = ragged_pairs(10, 4, 7, 7)
+def test_keras_bug_silently_changes_outputs_when_lengths_are_equal(tiny_model, ragged_batch,
+                                                                  keras_cross_mask, monkeypatch):
+  model, params = tiny_model()
+  src, tgt = ragged_batch(10, rows=4, s_len=7, t_len=7)
   src[0, 2:], tgt[0, 6:] = 0, 0   # source shorter than target in row 0
   src[1, :], tgt[1, 3:] = 9, 0    # source longer than target in row 1
   right = logits_of(model, params, src, tgt)
@@ -203,9 +104,9 @@ def test_attention_rejects_a_cross_mask_of_the_wrong_key_length():
 
 # --- jit, grad, dtypes, dropout. ---------------------------------------------------------------
 
-def test_jit_and_grad_through_the_model():
-  model, params = make_model(share_embeddings=True, tie_output=True)
-  src, tgt = ragged_pairs(11, 3, 6, 5)
+def test_jit_and_grad_through_the_model(tiny_model, ragged_batch):
+  model, params = tiny_model(share_embeddings=True, tie_output=True, dropout_rate=0.1)
+  src, tgt = ragged_batch(11, rows=3, s_len=6, t_len=5)
   labels = np.where(tgt != 0, (tgt + 1) % V, 0)
 
   def loss(p, rng):
@@ -221,9 +122,9 @@ def test_jit_and_grad_through_the_model():
                              logits_of(model, params, src, tgt), atol=ATOL)
 
 
-def test_dropout_is_active_only_in_training():
-  model, params = make_model(attention_dropout_rate=0.2)
-  src, tgt = ragged_pairs(12, 2, 6, 6)
+def test_dropout_is_active_only_in_training(tiny_model, ragged_batch):
+  model, params = tiny_model(dropout_rate=0.1, attention_dropout_rate=0.2)
+  src, tgt = ragged_batch(12, rows=2, s_len=6, t_len=6)
   a = logits_of(model, params, src, tgt, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
   b = logits_of(model, params, src, tgt, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
   assert not np.allclose(a, b)
@@ -231,11 +132,11 @@ def test_dropout_is_active_only_in_training():
                              logits_of(model, params, src, tgt), atol=0)
 
 
-def test_bfloat16_compute_stays_close_to_float32():
-  model32, params = make_model()
+def test_bfloat16_compute_stays_close_to_float32(tiny_model, ragged_batch):
+  model32, params = tiny_model()
   model16 = Transformer(model32.config.__class__(**{**model32.config.__dict__,
                                                     "dtype": "bfloat16"}))
-  src, tgt = ragged_pairs(13, 3, 6, 6)
+  src, tgt = ragged_batch(13, rows=3, s_len=6, t_len=6)
   l32 = logits_of(model32, params, src, tgt)
   l16 = logits_of(model16, params, src, tgt)
   assert l16.dtype == np.float32  # logits come back in float32 for the loss
@@ -257,9 +158,9 @@ def test_config_errors_name_the_field():
     TransformerConfig.from_config({"d_modle": 8}, V, V)
 
 
-def test_shared_embeddings_and_tied_output_share_one_table():
-  _, shared = make_model(share_embeddings=True, tie_output=True)
-  _, separate = make_model()
+def test_shared_embeddings_and_tied_output_share_one_table(tiny_model):
+  _, shared = tiny_model(share_embeddings=True, tie_output=True)
+  _, separate = tiny_model()
   assert "tgt_embed" not in shared and "logits_dense" not in shared
   assert "tgt_embed" in separate and "logits_dense" in separate
   assert count_params(shared) < count_params(separate)

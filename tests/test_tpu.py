@@ -2,7 +2,6 @@
 import os
 import shlex
 import subprocess
-import sys
 import tarfile
 import tempfile
 

@@ -1,66 +1,74 @@
 """`python -m mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
+from pathlib import Path
+
 import pytest
 
 from mt_flax import inference, translate
-from test_decode_run import call_main, loaded_run, run_cli, trained_run
 
-VERSES = ["In the beginning God created the heavens and the earth.",
-          "Jesus wept.",
-          "",
-          "   ",
-          "The LORD is my shepherd; I shall not want.",
-          "Blessed are the meek, for they shall inherit the earth."]
+LINES = ["The cat sees the dog.",
+         "Red house.",
+         "",
+         "   ",
+         "The teacher eats a green book quickly; the friend runs.",
+         "Old trees see the river and the mountain."]
 
 
 def long_line(words: int = 120) -> str:
-  return " ".join(["And the light shone in the darkness."] * (words // 7 + 1))
+  return " ".join(["The small cat runs to the river."] * (words // 7 + 1))
 
 
-def test_translate_cli_keeps_one_line_per_input_line_in_order():
-  workdir = trained_run()
-  proc = run_cli("translate", "--workdir", workdir, "--beam", "1",
-                 stdin=("\n".join(VERSES) + "\n").encode())
+def test_the_run_has_what_inference_needs(trained_run, loaded_run):
+  for name in ("config.json", "tokenizer", "checkpoints", "DONE"):
+    assert (Path(trained_run) / name).exists(), name
+  assert loaded_run.step == 40 and loaded_run.model.config.d_model == 32
+  assert loaded_run.tokenizer.tgt_vocab_size == loaded_run.model.config.tgt_vocab_size
+
+
+def test_translate_cli_keeps_one_line_per_input_line_in_order(trained_run, loaded_run, run_cli):
+  proc = run_cli("translate", "--workdir", trained_run, "--beam", "1",
+                 stdin=("\n".join(LINES) + "\n").encode())
   assert proc.returncode == 0, proc.stderr.decode()[-2000:]
   out = proc.stdout.decode().split("\n")
-  assert out[-1] == "" and len(out[:-1]) == len(VERSES)
+  assert out[-1] == "" and len(out[:-1]) == len(LINES)
   out = out[:-1]
   assert out[2] == "" and out[3] == ""
   # each line is the translation of that line alone: order kept, batching changes nothing
-  alone = [inference.translate_lines(loaded_run(), [v], beam_size=1)[0] for v in VERSES]
+  alone = [inference.translate_lines(loaded_run, [v], beam_size=1)[0] for v in LINES]
   assert out == alone
 
 
-def test_overlong_lines_are_truncated_with_a_warning_naming_the_line(monkeypatch, capsys):
-  text = "\n".join(["Jesus wept.", "", long_line()]).encode()
-  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1"], text, monkeypatch)
+def test_overlong_lines_are_truncated_with_a_warning_naming_the_line(trained_run, call_main,
+                                                                     capsys):
+  text = "\n".join(["Red house.", "", long_line()]).encode()
+  rc = call_main(translate.main, ["--workdir", trained_run, "--beam", "1"], text)
   out, err = capsys.readouterr()
   assert rc == 0
   assert len(out.split("\n")) == 4 and out.endswith("\n")
-  assert "line 3:" in err and "truncated" in err and "data.max_len=64" in err
+  assert "line 3:" in err and "truncated" in err and "data.max_len=48" in err
   assert "line 1:" not in err
 
 
-def test_overlong_lines_can_be_split_into_pieces(monkeypatch, capsys):
+def test_overlong_lines_can_be_split_into_pieces(trained_run, call_main, capsys):
   text = (long_line() + "\n").encode()
-  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1", "--long", "split"],
-                 text, monkeypatch)
+  rc = call_main(translate.main, ["--workdir", trained_run, "--beam", "1", "--long", "split"],
+                 text)
   out, err = capsys.readouterr()
   assert rc == 0 and out.count("\n") == 1
   assert "line 1:" in err and "pieces" in err
 
 
-def test_invalid_utf8_is_reported_with_its_line_number(monkeypatch, capsys):
-  text = b"Jesus wept.\nok\n\xff\xfe broken\nfine\n"
-  rc = call_main(translate.main, ["--workdir", "/nonexistent"], text, monkeypatch)
+def test_invalid_utf8_is_reported_with_its_line_number(call_main, capsys):
+  text = b"Red house.\nok\n\xff\xfe broken\nfine\n"
+  rc = call_main(translate.main, ["--workdir", "/nonexistent"], text)
   out, err = capsys.readouterr()
   assert rc == 2 and out == ""
   assert "line 3:" in err and "UTF-8" in err and "Traceback" not in err
 
 
-def test_invalid_utf8_can_be_replaced(monkeypatch, capsys):
-  text = b"Jesus wept.\n\xff bad\n"
-  rc = call_main(translate.main, ["--workdir", trained_run(), "--beam", "1", "--invalid",
-                                  "replace"], text, monkeypatch)
+def test_invalid_utf8_can_be_replaced(trained_run, call_main, capsys):
+  text = b"Red house.\n\xff bad\n"
+  rc = call_main(translate.main, ["--workdir", trained_run, "--beam", "1", "--invalid",
+                                  "replace"], text)
   out, err = capsys.readouterr()
   assert rc == 0 and out.count("\n") == 2
   assert "warning: line 2:" in err
@@ -69,11 +77,12 @@ def test_invalid_utf8_can_be_replaced(monkeypatch, capsys):
 @pytest.mark.parametrize("argv,expected", [
     (["--workdir", "/nonexistent/run"], "/nonexistent/run"),
     (["--workdir", "WORKDIR", "--config.decode.alpah=0.5"], "did you mean decode.alpha"),
-    (["--workdir", "WORKDIR", "--beam", "0"], "beam size 0"),
+    (["--workdir", "WORKDIR", "--beam", "0"], "--beam 0"),
+    (["--workdir", "WORKDIR", "--config.decode.max_len_a=-1"], "decode.max_len_a=-1"),
 ])
-def test_bad_input_gives_a_one_line_error(monkeypatch, capsys, argv, expected):
-  argv = [trained_run() if a == "WORKDIR" else a for a in argv]
-  rc = call_main(translate.main, argv, b"Jesus wept.\n", monkeypatch)
+def test_bad_input_gives_a_one_line_error(trained_run, call_main, capsys, argv, expected):
+  argv = [trained_run if a == "WORKDIR" else a for a in argv]
+  rc = call_main(translate.main, argv, b"Red house.\n")
   _, err = capsys.readouterr()
   errors = [line for line in err.splitlines() if line.startswith("mt_flax translate: error")]
   assert rc == 2 and len(errors) == 1 and expected in errors[0]
