@@ -3,7 +3,7 @@
 #   ./launch.sh [--config.key=value ...]   the default experiment end to end: train
 #                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
 #                                          eval report on test, sample translations
-#   ./launch.sh test [pytest args]         run the test suite
+#   ./launch.sh test [--all] [pytest args] run the fast tests (--all: the slow end-to-end ones too)
 #   ./launch.sh train|eval|translate|data-stats|audit ...   python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
@@ -111,8 +111,11 @@ case "$cmd" in
     ;;
   test)
     setup
+    # The fast tier by default; --all adds the slow end-to-end tests (what CI runs).
+    tier=(-m "not slow")
+    if [ "${1:-}" = --all ]; then tier=(); shift; fi
     set +e
-    MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "$@"
+    MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "${tier[@]}" "$@"
     rc=$?
     set -e
     if [ $rc = 5 ]; then log "pytest collected no tests: that is an error"; exit 1; fi

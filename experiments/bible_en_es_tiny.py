@@ -25,19 +25,10 @@ from mt_flax.default_config import get_config as default_config
 
 def get_config():
   c = default_config()
-  c.num_train_steps = 1000
-  c.warmup_steps = 150
-  c.learning_rate = 3e-3
-  c.schedule = "cosine"
-  c.min_learning_rate_ratio = 0.05
-  c.checkpoint_every_steps = 250
-  c.eval_every_steps = 250
-  c.log_every_steps = 25
-  c.data.vocab_size = 4000
-  c.data.max_len = 96
-  c.model.d_model = 128
-  c.model.num_heads = 4
-  c.model.num_encoder_layers = 2
-  c.model.num_decoder_layers = 2
-  c.model.mlp_dim = 512
+  c.update(num_train_steps=1000, warmup_steps=150, learning_rate=3e-3, schedule="cosine",
+           min_learning_rate_ratio=0.05, checkpoint_every_steps=250, eval_every_steps=250,
+           log_every_steps=25)
+  c.data.update(vocab_size=4000, max_len=96)
+  c.model.update(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                 mlp_dim=512)
   return c

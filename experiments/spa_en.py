@@ -28,33 +28,19 @@ from mt_flax.default_config import get_config as default_config
 def get_config(variant: str = "small"):
   c = default_config()
   c.batch_tokens = 8192
-  c.data.name = "spa_eng"
-  c.data.max_len = 64                          # the longest pair has 62 tokens
-  c.data.pack_len = 128
-  c.data.eval_src_len_edges = (5, 10, 15, 20)  # Tatoeba sentences are short
+  c.data.update(name="spa_eng", max_len=64,    # the longest pair has 62 tokens
+                pack_len=128, eval_src_len_edges=(5, 10, 15, 20))  # Tatoeba sentences are short
   if variant == "small":
-    c.num_train_steps = 8000
-    c.warmup_steps = 500
-    c.schedule = "cosine"
-    c.min_learning_rate_ratio = 0.05
-    c.eval_every_steps = 1000
-    c.eval_bleu_examples = 500
-    c.model.d_model = 256
-    c.model.num_heads = 4
-    c.model.num_encoder_layers = 3
-    c.model.num_decoder_layers = 3
-    c.model.mlp_dim = 1024
+    c.update(num_train_steps=8000, warmup_steps=500, schedule="cosine",
+             min_learning_rate_ratio=0.05, eval_every_steps=1000, eval_bleu_examples=500)
+    c.model.update(d_model=256, num_heads=4, num_encoder_layers=3, num_decoder_layers=3,
+                   mlp_dim=1024)
   elif variant == "base":
-    c.num_train_steps = 10000
-    c.warmup_steps = 4000
+    c.update(num_train_steps=10000, warmup_steps=4000, grad_clip_norm=0.0,
+             checkpoint_every_steps=1000, eval_every_steps=1000, eval_bleu_examples=1000,
+             log_every_steps=100)
     c.learning_rate = 512**-0.5 * 4000**-0.5    # Vaswani et al. (2017), about 6.99e-4
-    c.grad_clip_norm = 0.0
-    c.checkpoint_every_steps = 1000
-    c.eval_every_steps = 1000
-    c.eval_bleu_examples = 1000
-    c.log_every_steps = 100
-    c.model.dropout_rate = 0.3
-    c.model.dtype = "bfloat16"
+    c.model.update(dropout_rate=0.3, dtype="bfloat16")
   else:
     raise ValueError(f"unknown variant {variant!r}; expected small or base")
   return c

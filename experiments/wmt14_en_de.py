@@ -28,33 +28,18 @@ from mt_flax.default_config import get_config as default_config
 
 def get_config(variant: str = "base"):
   c = default_config()
-  c.warmup_steps = 4000
-  c.grad_clip_norm = 0.0
-  c.batch_tokens = 25000
-  c.checkpoint_every_steps = 2000
-  c.eval_every_steps = 2000
-  c.keep_checkpoints = 5
-  c.eval_bleu_examples = 1000
-  c.log_every_steps = 100
-  c.data.name = "wmt14_translate/de-en"
-  c.data.tgt_lang = "de"
-  c.data.vocab_size = 37000
-  c.data.tokenizer_type = "bpe"
-  c.data.max_len = 256
-  c.data.num_buckets = 16
-  c.data.eval_max_examples = 0                 # all of newstest2013
-  c.model.pre_ln = False
-  c.model.dtype = "bfloat16"
-  c.decode.max_len_a = 1.0                     # input length + 50, as in the paper
-  c.decode.max_len_b = 50
+  c.update(warmup_steps=4000, grad_clip_norm=0.0, batch_tokens=25000, checkpoint_every_steps=2000,
+           eval_every_steps=2000, keep_checkpoints=5, eval_bleu_examples=1000, log_every_steps=100)
+  c.data.update(name="wmt14_translate/de-en", tgt_lang="de", vocab_size=37000,
+                tokenizer_type="bpe", max_len=256, num_buckets=16,
+                eval_max_examples=0)                   # all of newstest2013
+  c.model.update(pre_ln=False, dtype="bfloat16")
+  c.decode.update(max_len_a=1.0, max_len_b=50)         # input length + 50, as in the paper
   if variant == "base":
     c.num_train_steps = 100000
   elif variant == "big":
     c.num_train_steps = 300000
-    c.model.d_model = 1024
-    c.model.num_heads = 16
-    c.model.mlp_dim = 4096
-    c.model.dropout_rate = 0.3
+    c.model.update(d_model=1024, num_heads=16, mlp_dim=4096, dropout_rate=0.3)
   else:
     raise ValueError(f"unknown variant {variant!r}; expected base or big")
   c.learning_rate = c.model.d_model**-0.5 * c.warmup_steps**-0.5

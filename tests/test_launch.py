@@ -2,6 +2,8 @@
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch.sh")
 
@@ -43,6 +45,7 @@ TINY = ["--config.num_train_steps=12", "--config.warmup_steps=4", "--config.chec
         "--config.decode.max_len_b=2"]
 
 
+@pytest.mark.slow
 def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
   env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": str(tmp_path / "run"),
          "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0",

@@ -101,6 +101,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   import jax
   from mt_flax import sharding

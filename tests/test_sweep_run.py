@@ -4,6 +4,8 @@ import os
 import re
 import signal
 import subprocess
+
+import pytest
 import sys
 import time
 
@@ -52,6 +54,7 @@ def train_steps(workdir: str) -> list[int]:
   return [r["step"] for r in rows if "loss" in r and r.get("split") is None]
 
 
+@pytest.mark.slow
 def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_path):
   sweep_file = tmp_path / "two.py"
   sweep_file.write_text(SWEEP)

@@ -60,6 +60,7 @@ def train_losses(workdir: str) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_train_end_to_end(tmp_path, tokenizer_dir):
   workdir = new_workdir(tmp_path, tokenizer_dir, "run")
   config = load_config(CONFIG, overrides(num_train_steps=24, eval_every_steps=12,
@@ -135,6 +136,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
   return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
   """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
