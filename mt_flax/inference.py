@@ -72,13 +72,11 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   config = checkpoint.read_config(workdir)
   if config_path:
     wanted = load_config(config_path)
-    diffs = _model_differences(dict(wanted.get("model", {})), dict(config.model))
+    diffs = _model_differences(wanted.model.to_dict(), config.model.to_dict())
     if diffs:
       raise ConfigError(f"{config_path} does not describe the model trained in {workdir} "
                         f"({'; '.join(diffs[:3])})")
-    if "decode" in wanted:
-      with config.ignore_type():
-        config.decode = ml_collections.ConfigDict(wanted.decode.to_dict())
+    config.decode.update(wanted.decode.to_dict())
   apply_overrides(config, overrides)
   decode_settings(config)                                 # fails early on a bad beam size
   _, params, step = checkpoint.restore_for_inference(workdir, which)

@@ -66,6 +66,7 @@ def test_memory_snapshot_on_cpu():
   assert snap["peak_rss_mib"] >= snap["rss_mib"] * 0.5 > 0
 
 
+@pytest.mark.slow
 def test_pipeline_compares_modes_on_the_same_steps(tmp_path, synthetic_corpus):
   synthetic_corpus(tmp_path / "manual")
   model = [f"--config.model.{k}={v}" for k, v in TINY.items()]

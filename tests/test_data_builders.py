@@ -210,6 +210,7 @@ def real_spa(tmp_path_factory):
   return make_config("spa_eng", root / "data", os.path.dirname(os.path.abspath(SHARED_ZIP)))
 
 
+@pytest.mark.slow
 def test_real_spa_eng_keeps_all_118964_pairs(real_spa):
   sizes = sources.split_sizes(real_spa)
   assert sum(sizes.values()) == 118_964
@@ -218,6 +219,7 @@ def test_real_spa_eng_keeps_all_118964_pairs(real_spa):
   assert 0.04 < sizes["test"] / 118_964 < 0.06
 
 
+@pytest.mark.slow
 def test_real_spa_eng_no_english_sentence_in_two_splits(real_spa):
   splits_of = collections.defaultdict(set)
   translations = collections.Counter()

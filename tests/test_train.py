@@ -201,7 +201,8 @@ def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
       ["--config", CONFIG, "--workdir", workdir, "--config.learning_rat=1e-3"])
   assert "arguments are required: --workdir" in error(["--config", CONFIG])
   assert "arguments are required: --config" in error(["--workdir", workdir])
-  assert "unrecognized arguments: --wrkdir" in error(["--config", CONFIG, "--wrkdir", workdir])
+  assert "unrecognized arguments: --wrkdir" in error(
+      ["--config", CONFIG, "--workdir", workdir, "--wrkdir", workdir])
   assert "not found" in error(["--config", "experiments/nope.py", "--workdir", workdir])
   assert "parallelism='pjit'" in error(
       ["--config", CONFIG, "--workdir", workdir, "--config.parallelism=pjit"])
