@@ -32,12 +32,16 @@ class Trained:
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
-  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` of ``config.decode``."""
+  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b``, ``beam_rule`` of ``config.decode``."""
   d = config.decode
   out = {"beam_size": int(d.beam_size if beam_size is None else beam_size),
-         "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b)}
+         "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b),
+         "beam_rule": str(d.beam_rule)}
   if out["beam_size"] < 1:
     raise ConfigError(f"beam size {out['beam_size']}: expected an integer >= 1")
+  if out["beam_rule"] not in decode.BEAM_RULES:
+    raise ConfigError(f"decode.beam_rule={out['beam_rule']!r}: expected one of "
+                      f"{', '.join(decode.BEAM_RULES)}")
   for key in ("alpha", "max_len_a", "max_len_b"):
     if out[key] < 0:
       raise ConfigError(f"decode.{key}={out[key]:g}: expected a number >= 0")
