@@ -11,6 +11,7 @@ COMMANDS = {
     "translate": "mt_flax.translate",
     "data-stats": "mt_flax.data.stats",
     "audit": "mt_flax.audit",
+    "average": "mt_flax.average",
     "sweep": "mt_flax.sweep",
 }
 

@@ -29,6 +29,8 @@ class Trained:
   params: Any
   tokenizer: Any
   step: int
+  which: str = "best"          # "best", "latest" or "averaged"
+  params_source: str = ""      # which checkpoint(s) the params come from, in words
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
@@ -60,6 +62,9 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
                  overrides: Sequence[str] = ()) -> Trained:
   """Restores a run's params, config and tokenizer (never trains a tokenizer).
 
+  ``which``: "best", "latest" (see :func:`checkpoint.restore_for_inference`)
+  or "averaged" (written by ``python -m mt_flax average``).
+
   The config is the run's ``workdir/config.json``. ``config_path`` may name the
   experiment file the run was trained with: its ``decode`` section is then
   used, and its ``model`` section must match the run's. ``overrides``
@@ -85,7 +90,14 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
         config.decode = ml_collections.ConfigDict(wanted.decode.to_dict())
   apply_overrides(config, overrides)
   decode_settings(config)                                 # fails early on a bad beam size
-  _, params, step = checkpoint.restore_for_inference(workdir, which)
+  if which == "averaged":
+    params, info = checkpoint.restore_averaged(workdir)
+    step = int(info["steps"][-1])
+    source = (f"average of the last {len(info['steps'])} checkpoints (steps "
+              f"{', '.join(map(str, info['steps']))})")
+  else:
+    _, params, step = checkpoint.restore_for_inference(workdir, which)
+    source = f"{which} checkpoint (step {step})"
   tokenizer = tok_lib.Tokenizer.load(f"{workdir}/{tok_lib.TOKENIZER_DIR}")
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
@@ -102,7 +114,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
         f"the checkpoint of step {step} in {workdir} does not fit the model of its config.json "
         f"and tokenizer/ (vocabulary {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size}); "
         "was the tokenizer or config changed after training?")
-  return Trained(workdir, config, model, params, tokenizer, step)
+  return Trained(workdir, config, model, params, tokenizer, step, which, source)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:\u3002])\s+")
@@ -195,11 +207,18 @@ def translate_examples(config: ml_collections.ConfigDict, model, params, tokeniz
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
   """sacrebleu corpus BLEU and chrF with signatures; ``{"bleu", "chrf", ...}``."""
+  return stream_scores(hypotheses, [references])
+
+
+def stream_scores(hypotheses: Sequence[str],
+                  streams: Sequence[Sequence[str]]) -> dict[str, Any]:
+  """As :func:`corpus_scores` against several reference streams (``streams[j][i]``:
+  reference j of hypothesis i), sacrebleu's multi-reference BLEU and chrF."""
   if not hypotheses:
     return {"bleu": 0.0, "chrf": 0.0, "examples": 0}
   bleu, chrf = BLEU(), CHRF()
-  b = bleu.corpus_score(list(hypotheses), [list(references)])
-  c = chrf.corpus_score(list(hypotheses), [list(references)])
+  b = bleu.corpus_score(list(hypotheses), [list(refs) for refs in streams])
+  c = chrf.corpus_score(list(hypotheses), [list(refs) for refs in streams])
   return {"bleu": float(b.score), "chrf": float(c.score), "examples": len(hypotheses),
           "bleu_detail": str(b), "bleu_signature": str(bleu.get_signature()),
           "chrf_signature": str(chrf.get_signature())}

@@ -1,6 +1,6 @@
 r"""Translation of text files with a trained run.
 
-    python -m mt_flax translate --workdir DIR [--beam 4] [--checkpoint best|latest]
+    python -m mt_flax translate --workdir DIR [--beam 4] [--checkpoint best|latest|averaged]
         [--long truncate|split] [--invalid error|replace] [--config.decode.alpha=0.8] \
         < in.txt > out.txt
 
@@ -62,7 +62,9 @@ def inference_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog=f"python -m mt_flax {prog}", description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="the workdir of a training run")
-  parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  parser.add_argument("--checkpoint", choices=("best", "latest", "averaged"), default="best",
+                      help="best (by validation), latest, or averaged (made by "
+                           "`python -m mt_flax average`)")
   return parser
 
 
