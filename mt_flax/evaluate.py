@@ -164,7 +164,7 @@ def _moses(lang: str):
 
 
 def wmt_tokenize(text: str, lang: str) -> str:
-  """Text as the WMT papers score it: Moses-tokenized, hyphenated compounds split.
+  r"""Text as the WMT papers score it: Moses-tokenized, hyphenated compounds split.
 
   The tokenizer is sacremoses' port of Moses' ``tokenizer.perl -l LANG`` (no
   aggressive hyphen splitting, no HTML escaping: escaping maps one token to
