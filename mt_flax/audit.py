@@ -1,7 +1,7 @@
 r"""Mask audit of a trained run on real validation batches.
 
     python -m mt_flax audit --workdir DIR [--split validation] [--batches 3] [--rows 16]
-        [--checkpoint best|latest]
+        [--checkpoint best|latest|averaged]
 
 Runs the invariance checks of ``mt_flax.invariance`` (causality,
 padding-content, padding-length, batch-independence, cross-length and

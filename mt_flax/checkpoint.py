@@ -225,3 +225,63 @@ def restore_for_inference(workdir: str, which: str = "best"
       errors.append(f"step {step} unreadable: {type(e).__name__}")
   raise CheckpointError(f"no readable checkpoint in {manager.directory} "
                         f"({'; '.join(errors)})")
+
+
+# ----------------------------------------------------------------------------- averaged params
+
+AVERAGED_DIR = "averaged"          # workdir/averaged/: params only, never a training state
+AVERAGED_INFO = "averaged.json"    # which steps were averaged
+
+
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  """The run's checkpoint manager, opened read-only (for inference and averaging)."""
+  if not (_path(workdir) / CHECKPOINT_DIR).is_dir():
+    raise CheckpointError(f"no checkpoints in workdir {workdir!r}; train first "
+                          "(`python -m mt_flax train --workdir ...`)")
+  config = read_config(workdir)
+  return make_manager(workdir, best_metric=config.best_metric, best_mode=config.best_mode,
+                      async_save=False, read_only=True)
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The params of checkpoint ``step``, a plain tree of arrays on the default device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = manager.item_metadata(step)["params"].tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target))).params
+
+
+def save_averaged(workdir: str, params: Any, info: dict) -> str:
+  """Writes ``params`` and ``info`` to ``workdir/averaged/`` (replacing it); returns the path.
+
+  Written to a temporary folder first and renamed, so a reader never sees half of it.
+  """
+  final = _path(workdir) / AVERAGED_DIR
+  tmp = _path(workdir) / f"{AVERAGED_DIR}.tmp"
+  if tmp.exists():
+    tmp.rmtree()
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp / "params", params)
+  checkpointer.wait_until_finished()
+  (tmp / AVERAGED_INFO).write_text(json.dumps(info, indent=2))
+  if final.exists():
+    final.rmtree()
+  tmp.rename(final)
+  return os.fspath(final)
+
+
+def restore_averaged(workdir: str) -> tuple[Any, dict]:
+  """``(params, info)`` written by :func:`save_averaged`."""
+  folder = _path(workdir) / AVERAGED_DIR
+  if not (folder / AVERAGED_INFO).exists():
+    raise CheckpointError(f"no averaged parameters in {workdir!r}; make them with "
+                          f"`python -m mt_flax average --workdir {workdir} --last N`")
+  info = json.loads((folder / AVERAGED_INFO).read_text())
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = checkpointer.metadata(folder / "params")
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(folder / "params", target), info

@@ -46,11 +46,13 @@ def new_parser(command: str, doc: str | None, *, config: str = "") -> argparse.A
 
 
 def add_workdir_args(parser: argparse.ArgumentParser) -> None:
-  """``--workdir`` of a trained run and ``--checkpoint best|latest`` (eval, translate, audit)."""
+  """``--workdir`` of a trained run and ``--checkpoint best|latest|averaged`` (eval, translate,
+  audit)."""
   parser.add_argument("--workdir", required=True, help="the workdir of a training run "
                       "(local or gs://)")
-  parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                      help="which checkpoint to load (default best)")
+  parser.add_argument("--checkpoint", choices=("best", "latest", "averaged"), default="best",
+                      help="best (by validation), latest, or averaged (made by "
+                           "`python -m mt_flax average`); default best")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -15,12 +15,22 @@ Conventions shared by every search here:
 * PAD and BOS are never generated. Outputs are int ``[B, L]`` without BOS,
   ending with EOS, 0 after it.
 * Beam search keeps *alive* and *finished* hypotheses apart. Each step
-  extends the alive beams, takes the best ``2K`` candidates, moves the EOS
-  candidates that rank in the first ``K`` to the finished set (scored with
-  the length penalty ``((5 + len) / 6) ** alpha`` of Wu et al. 2016), and
-  keeps the best ``K`` non-EOS candidates alive. A source is done when it has
-  ``K`` finished hypotheses; the loop stops when every source is done. With
-  ``K = 1`` this is exactly greedy search.
+  extends the alive beams, takes the best ``2K`` candidates, offers EOS
+  candidates to the finished set (scored with the length penalty
+  ``((5 + len) / 6) ** alpha`` of Wu et al. 2016, which keeps its best ``K``)
+  and keeps the best ``K`` non-EOS candidates alive. Two rules (``rule``):
+
+  - ``"t5x"`` (default; the rule of t5x and the Flax WMT example): every EOS
+    among the ``2K`` candidates is offered; a source is done once it has ``K``
+    finished hypotheses and its best alive one cannot beat the worst of them
+    even at its length limit (alive log-probability / penalty at the limit,
+    an upper bound because log-probabilities only fall and the penalty only
+    grows). Stopping there gives the same result as running to the limit.
+  - ``"fairseq"``: only EOS candidates ranked in the first ``K`` of the
+    ``2K`` finish, and a source is done as soon as it has ``K`` finished
+    hypotheses. With ``K = 1`` this is exactly greedy search.
+
+  The loop stops when every source is done.
 
 :func:`decode_ids` batches a list of sources by length (bounded set of
 shapes), runs a search and returns the outputs in input order.
@@ -29,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +56,15 @@ _ROUNDING = 1e-4      # keeps float32 (device) and float64 (host) limits identic
 
 
 class Decoded(NamedTuple):
-  """tokens: int ``[B, L]`` (EOS-terminated, 0 after); scores: float32 ``[B]``.
+  """tokens: int ``[B, L]`` (EOS-terminated, 0 after); scores: float32 ``[B]``;
+  steps: int32 ``[]``, decoder steps run before every source was done.
 
   Greedy scores are summed log-probabilities; beam scores are divided by the
   length penalty.
   """
   tokens: Array
   scores: Array
+  steps: Optional[Array] = None
 
 
 def max_target_len(src_len: int, a: float, b: float) -> int:
@@ -155,8 +167,8 @@ def greedy_search(model: Transformer, params, src: Array, *, max_len_a: float = 
     return i + 1, seqs, state, done | (token == EOS_ID), score
 
   init = (jnp.int32(0), seqs, state, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32))
-  _, seqs, _, _, score = jax.lax.while_loop(cond, body, init)
-  return Decoded(seqs[:, 1:], score)
+  steps, seqs, _, _, score = jax.lax.while_loop(cond, body, init)
+  return Decoded(seqs[:, 1:], score, steps)
 
 
 def _reorder(state, rows: Array):
@@ -172,37 +184,61 @@ def _reorder(state, rows: Array):
   return jax.tree_util.tree_map_with_path(take, state)
 
 
+BEAM_RULES = ("t5x", "fairseq")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "alpha", "max_len_a",
-                                             "max_len_b", "cached"))
+                                             "max_len_b", "cached", "rule"))
 def beam_search(model: Transformer, params, src: Array, *, beam_size: int = 4,
                 alpha: float = 0.6, max_len_a: float = 1.5, max_len_b: float = 10.0,
-                cached: bool = True) -> Decoded:
+                cached: bool = True, rule: str = "t5x") -> Decoded:
   """Beam search of ``src`` ``[B, S]`` -> best hypothesis per source, tokens ``[B, L]``."""
   params = nn.meta.unbox(params)
-  batch, k = src.shape[0], beam_size
+  k = beam_size
   length = _static_len(model, src.shape[1], max_len_a, max_len_b)
   limits = _limits(src, max_len_a, max_len_b, length)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
   src_k = jnp.repeat(src, k, axis=0)                        # [B*K, S]
   state, step = _stepper(model, params, jnp.repeat(encoded, k, axis=0), src_k, length, cached)
+  return beam_search_steps(step, state, limits, length=length, beam_size=k, alpha=alpha,
+                           rule=rule)
 
+
+def _done(rule: str, alive_logp: Array, fin_scores: Array, limits: Array, alpha: float) -> Array:
+  """bool ``[B]``: no later hypothesis can enter the finished set of that source."""
+  full = jnp.all(fin_scores > NEG_INF, axis=1)             # K finished
+  if rule == "fairseq":
+    return full
+  bound = alive_logp[:, 0] / length_penalty(limits.astype(jnp.float32), alpha)
+  return (full & (bound < fin_scores[:, -1])) | ~jnp.any(alive_logp > NEG_INF, axis=1)
+
+
+def beam_search_steps(step: Step, state: Any, limits: Array, *, length: int, beam_size: int,
+                      alpha: float, rule: str = "t5x", stop_early: bool = True) -> Decoded:
+  """Beam search over any scorer ``step`` (see :data:`Step`), rows grouped ``[B*K]``.
+
+  ``limits`` int ``[B]``: most target tokens per source (EOS forced at the
+  last); ``length``: the static loop length. ``stop_early=False`` runs every
+  source to ``length`` steps (to check that stopping early changes nothing).
+  """
+  if rule not in BEAM_RULES:
+    raise ValueError(f"beam rule {rule!r}: expected one of {', '.join(BEAM_RULES)}")
+  batch, k = limits.shape[0], beam_size
   alive_seqs = jnp.zeros((batch, k, length + 1), jnp.int32).at[:, :, 0].set(BOS_ID)
   alive_logp = jnp.full((batch, k), NEG_INF).at[:, 0].set(0.0)
-  fin_seqs = jnp.zeros_like(alive_seqs)
-  fin_scores = jnp.full((batch, k), NEG_INF)
-  first_k = jnp.arange(2 * k) < k
+  offered = jnp.arange(2 * k) < (k if rule == "fairseq" else 2 * k)
   base = jnp.arange(batch)[:, None] * k
 
-  def done_of(fin_scores):
-    return jnp.all(fin_scores > NEG_INF, axis=1)            # [B]: K finished
+  def done_of(alive_logp, fin_scores):
+    return _done(rule, alive_logp, fin_scores, limits, alpha)
 
   def cond(carry):
-    i, _, _, _, fin_scores, _ = carry
-    return (i < length) & ~jnp.all(done_of(fin_scores))
+    i, _, alive_logp, _, fin_scores, _ = carry
+    return (i < length) & ~(stop_early & jnp.all(done_of(alive_logp, fin_scores)))
 
   def body(carry):
     i, alive_seqs, alive_logp, fin_seqs, fin_scores, state = carry
-    done = done_of(fin_scores)
+    done = done_of(alive_logp, fin_scores)
     logits, state = step(state, alive_seqs.reshape(batch * k, -1), i)
     logp = _token_logprobs(logits, jnp.repeat(i + 1 >= limits, k))
     vocab = logp.shape[-1]
@@ -213,7 +249,7 @@ def beam_search(model: Transformer, params, src: Array, *, beam_size: int = 4,
     top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, token[..., None], i + 1, axis=2)
     is_eos = token == EOS_ID
 
-    finishing = is_eos & first_k & (top_logp > NEG_INF) & ~done[:, None]
+    finishing = is_eos & offered & (top_logp > NEG_INF) & ~done[:, None]
     new_scores = jnp.where(finishing, top_logp / length_penalty(i + 1.0, alpha), NEG_INF)
     fin_scores, pick = jax.lax.top_k(jnp.concatenate([fin_scores, new_scores], 1), k)
     fin_seqs = jnp.take_along_axis(jnp.concatenate([fin_seqs, top_seqs], 1),
@@ -224,23 +260,28 @@ def beam_search(model: Transformer, params, src: Array, *, beam_size: int = 4,
     rows = (base + jnp.take_along_axis(beam, pick, axis=1)).reshape(-1)
     return i + 1, alive_seqs, alive_logp, fin_seqs, fin_scores, _reorder(state, rows)
 
-  init = (jnp.int32(0), alive_seqs, alive_logp, fin_seqs, fin_scores, state)
-  _, alive_seqs, alive_logp, fin_seqs, fin_scores, _ = jax.lax.while_loop(cond, body, init)
+  init = (jnp.int32(0), alive_seqs, alive_logp, jnp.zeros_like(alive_seqs),
+          jnp.full((batch, k), NEG_INF), state)
+  steps, alive_seqs, alive_logp, fin_seqs, fin_scores, _ = jax.lax.while_loop(cond, body, init)
   found = fin_scores[:, 0] > NEG_INF
   best = jnp.where(found[:, None], fin_seqs[:, 0], alive_seqs[:, 0])
   score = jnp.where(found, fin_scores[:, 0], alive_logp[:, 0])
-  return Decoded(best[:, 1:], score)
+  return Decoded(best[:, 1:], score, steps)
 
 
 def search(model: Transformer, params, src: Array, *, beam_size: int = 1, alpha: float = 0.6,
-           max_len_a: float = 1.5, max_len_b: float = 10.0, cached: bool = True) -> Decoded:
-  """Greedy search when ``beam_size == 1``, beam search otherwise."""
+           max_len_a: float = 1.5, max_len_b: float = 10.0, cached: bool = True,
+           beam_rule: str = "t5x") -> Decoded:
+  """Greedy search when ``beam_size == 1``, beam search (``beam_rule``) otherwise."""
   if beam_size < 1:
     raise ValueError(f"beam size must be at least 1, got {beam_size}")
+  if beam_rule not in BEAM_RULES:
+    raise ValueError(f"beam rule {beam_rule!r}: expected one of {', '.join(BEAM_RULES)}")
   kw = dict(max_len_a=float(max_len_a), max_len_b=float(max_len_b), cached=cached)
   if beam_size == 1:
     return greedy_search(model, params, src, **kw)
-  return beam_search(model, params, src, beam_size=beam_size, alpha=float(alpha), **kw)
+  return beam_search(model, params, src, beam_size=beam_size, alpha=float(alpha),
+                     rule=beam_rule, **kw)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -284,8 +325,8 @@ def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
 
 def decode_ids(model: Transformer, params, sources: Sequence[Sequence[int]], *,
                beam_size: int = 1, alpha: float = 0.6, max_len_a: float = 1.5,
-               max_len_b: float = 10.0, cached: bool = True, max_sentences: int = 64,
-               max_tokens: int = 4096) -> list[list[int]]:
+               max_len_b: float = 10.0, cached: bool = True, beam_rule: str = "t5x",
+               max_sentences: int = 64, max_tokens: int = 4096) -> list[list[int]]:
   """Translates token-id sources (as the model reads them) into target ids.
 
   Returns, in input order, each output without EOS. Empty sources give ``[]``
@@ -302,7 +343,8 @@ def decode_ids(model: Transformer, params, sources: Sequence[Sequence[int]], *,
       ids = sources[todo[j]]
       src[r, :len(ids)] = ids
     tokens = np.asarray(search(model, params, src, beam_size=beam_size, alpha=alpha,
-                               max_len_a=max_len_a, max_len_b=max_len_b, cached=cached).tokens)
+                               max_len_a=max_len_a, max_len_b=max_len_b, cached=cached,
+                               beam_rule=beam_rule).tokens)
     for r, j in enumerate(chunk):
       outputs[todo[j]] = strip_eos(tokens[r])
   return outputs

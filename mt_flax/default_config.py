@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.decode = ml_collections.ConfigDict()
   c.decode.beam_size = 4            # 1 = greedy
   c.decode.alpha = 0.6              # length penalty ((5 + len) / 6) ** alpha
+  c.decode.beam_rule = "t5x"        # "t5x": any EOS of the 2K candidates may finish, stop when
+                                    # no alive beam can win; "fairseq": EOS in the first K, stop at K
   c.decode.max_len_a = 1.5          # longest output = a * source length + b tokens
   c.decode.max_len_b = 10
   return c

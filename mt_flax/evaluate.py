@@ -1,32 +1,49 @@
 r"""BLEU and chrF of a trained run: the whole split, length slices, the long stress set.
 
-    python -m mt_flax eval --workdir DIR [--split test] [--beam 4] [--checkpoint best|latest]
-        [--max-examples N] [--long-examples N] [--out DIR] [--config.key=value ...]
+    python -m mt_flax eval --workdir DIR [--split test] [--beam 4]
+        [--checkpoint best|latest|averaged] [--max-examples N] [--long-examples N]
+        [--out DIR] [--config.key=value ...]
 
 Scores are sacrebleu's corpus BLEU and chrF on detokenized text, with their
-signatures. Slices: source length buckets (``src_len:…``) and reference/source
-length ratio buckets (``ratio:…``) of the split's examples, and ``long``, the
+signatures, two ways:
+
+- single-reference: every held-out pair is a segment with its one reference;
+- multi-reference: pairs with the same source text (whitespace runs made one
+  space) are one segment, the source translated once, with all its references.
+
+Slices: source length buckets (``src_len:…``) and reference/source length
+ratio buckets (``ratio:…``) of the split's examples (multi-reference within a
+slice: each source once, with its references in that slice), and ``long``, the
 stress set of joined pairs longer than any training pair (see
-``mt_flax.data.eval_examples``). Written into ``--out`` (default
-``DIR/eval/<split>``): ``report.md``, ``report.json``, ``bleu_by_slice.png``,
-and the detokenized ``<split>.hyp.txt`` / ``<split>.ref.txt`` (and
-``<split>.long.*.txt``), one line per example, so that
-``sacrebleu <split>.ref.txt -i <split>.hyp.txt -m bleu chrf`` recomputes the score.
+``mt_flax.data.eval_examples``). On ``wmt14_translate`` data the report also
+gives tokenized BLEU with compound splitting, the metric of Vaswani et al.
+(2017) (see :func:`tokenized_bleu`).
+
+Written into ``--out`` (default ``DIR/eval/<split>``): ``report.md``,
+``report.json``, ``bleu_by_slice.png``, and one line per segment:
+``<split>.hyp.txt`` / ``<split>.ref.txt`` (every pair) and
+``<split>.multi.hyp.txt`` / ``<split>.multi.ref.<j>.txt`` (each source once;
+file j holds each source's j-th reference, or its first one again where it has
+fewer, which changes neither BLEU nor chrF). ``report.md`` lists the
+``sacrebleu`` commands that recompute both from these files.
 
 Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training loop.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time
 from typing import Optional, Sequence
 
+from sacrebleu.metrics import BLEU
+
 from mt_flax import cli
 from mt_flax.config import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
-                               translate_examples)
+                               stream_scores, translate_examples)
 
 CHART = "bleu_by_slice.png"
 
@@ -40,20 +57,60 @@ def _slice_key(name: str) -> tuple:
   return order, value, side, name
 
 
+def group_by_source(examples: Sequence[dict]) -> list[list[int]]:
+  """Indices of ``examples`` grouped by source text (whitespace runs made one space),
+  groups in order of first appearance."""
+  groups: dict[str, list[int]] = {}
+  for i, ex in enumerate(examples):
+    groups.setdefault(one_line(ex["src_text"]), []).append(i)
+  return list(groups.values())
+
+
+def reference_streams(references: Sequence[Sequence[str]]) -> list[list[str]]:
+  """References per segment -> sacrebleu's reference streams (``streams[j][i]``).
+
+  A segment with fewer references than the widest repeats its first one: clipped
+  n-gram counts take the maximum over references, the closest reference length
+  and chrF's best reference do not change, so scores equal those with the
+  missing references left out, and files of the streams reproduce them.
+  """
+  width = max((len(refs) for refs in references), default=1)
+  return [[refs[j] if j < len(refs) else refs[0] for refs in references] for j in range(width)]
+
+
+def multi_reference(examples: Sequence[dict], hypotheses: Sequence[str],
+                    members: Optional[Sequence[int]] = None) -> tuple[list[str], list[list[str]]]:
+  """One hypothesis per distinct source among ``members`` (default all) and the
+  reference streams of their references."""
+  members = list(range(len(examples)) if members is None else members)
+  chosen = [examples[i] for i in members]
+  groups = group_by_source(chosen)
+  hyps = [hypotheses[members[g[0]]] for g in groups]
+  refs = [[one_line(chosen[i]["ref_text"]) for i in g] for g in groups]
+  return hyps, reference_streams(refs)
+
+
+def scores_of(examples: Sequence[dict], hypotheses: Sequence[str],
+              members: Optional[Sequence[int]] = None) -> dict:
+  """Single- and multi-reference scores of ``members`` (default all) as one table row."""
+  members = list(range(len(examples)) if members is None else members)
+  single = corpus_scores([hypotheses[i] for i in members],
+                         [one_line(examples[i]["ref_text"]) for i in members])
+  hyps, streams = multi_reference(examples, hypotheses, members)
+  multi = stream_scores(hyps, streams)
+  return {"examples": len(members), "bleu": single["bleu"], "chrf": single["chrf"],
+          "sources": len(hyps), "references": len(streams), "bleu_multi": multi["bleu"],
+          "chrf_multi": multi["chrf"]}
+
+
 def slice_scores(examples: Sequence[dict], hypotheses: Sequence[str]) -> list[dict]:
   """Scores of every slice named in the examples' ``slices``, in a stable order."""
   members: dict[str, list[int]] = {}
   for i, ex in enumerate(examples):
     for name in ex["slices"]:
       members.setdefault(name, []).append(i)
-  out = []
-  for name in sorted(members, key=_slice_key):
-    idx = members[name]
-    scores = corpus_scores([hypotheses[i] for i in idx],
-                           [one_line(examples[i]["ref_text"]) for i in idx])
-    out.append({"name": name, "bleu": scores["bleu"], "chrf": scores["chrf"],
-                "examples": len(idx)})
-  return out
+  return [{"name": name, **scores_of(examples, hypotheses, members[name])}
+          for name in sorted(members, key=_slice_key)]
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
@@ -63,19 +120,77 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
                  out_dir: str, stem: str, cached: bool = True) -> dict:
-  """Decodes and scores one set of examples, writing ``<stem>.hyp.txt`` / ``<stem>.ref.txt``."""
+  """Decodes each distinct source of ``examples`` once, scores and writes the files."""
+  groups = group_by_source(examples)
   t0 = time.time()
-  hyps = translate_examples(config, trained.model, trained.params, trained.tokenizer, examples,
-                            beam_size=beam_size, cached=cached)
+  unique = translate_examples(config, trained.model, trained.params, trained.tokenizer,
+                              [examples[g[0]] for g in groups], beam_size=beam_size,
+                              cached=cached)
   seconds = time.time() - t0
+  hyps = [""] * len(examples)
+  for group, hyp in zip(groups, unique):
+    for i in group:
+      hyps[i] = hyp
   refs = [one_line(ex["ref_text"]) for ex in examples]
-  _write_lines(os.path.join(out_dir, f"{stem}.hyp.txt"), hyps)
-  _write_lines(os.path.join(out_dir, f"{stem}.ref.txt"), refs)
-  tokens = sum(len(trained.tokenizer.encode_tgt(h)) for h in hyps)
-  return {"scores": corpus_scores(hyps, refs), "slices": slice_scores(examples, hyps),
-          "files": {"hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt"},
-          "decode": {"seconds": seconds, "sentences_per_s": len(hyps) / max(seconds, 1e-9),
-                     "tokens_per_s": tokens / max(seconds, 1e-9)}}
+  multi_hyps, streams = multi_reference(examples, hyps)
+  files = {"hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt",
+           "multi_hyp": f"{stem}.multi.hyp.txt",
+           "multi_refs": [f"{stem}.multi.ref.{j}.txt" for j in range(len(streams))]}
+  _write_lines(os.path.join(out_dir, files["hyp"]), hyps)
+  _write_lines(os.path.join(out_dir, files["ref"]), refs)
+  _write_lines(os.path.join(out_dir, files["multi_hyp"]), multi_hyps)
+  for name, stream in zip(files["multi_refs"], streams):
+    _write_lines(os.path.join(out_dir, name), stream)
+  tokens = sum(len(trained.tokenizer.encode_tgt(h)) for h in unique)
+  result = {"scores": corpus_scores(hyps, refs), "multi_scores": stream_scores(multi_hyps, streams),
+            "slices": slice_scores(examples, hyps), "files": files,
+            "decode": {"seconds": seconds, "sentences": len(unique),
+                       "sentences_per_s": len(unique) / max(seconds, 1e-9),
+                       "tokens_per_s": tokens / max(seconds, 1e-9)}}
+  if str(config.data.name).startswith("wmt14_translate"):
+    result["tokenized_bleu"] = tokenized_bleu(hyps, refs, str(config.data.tgt_lang))
+  return result
+
+
+_COMPOUND = re.compile(r"(\S)-(\S)")
+
+
+@functools.lru_cache(maxsize=None)
+def _moses(lang: str):
+  from sacremoses import MosesTokenizer
+  return MosesTokenizer(lang=lang)
+
+
+def wmt_tokenize(text: str, lang: str) -> str:
+  r"""Text as the WMT papers score it: Moses-tokenized, hyphenated compounds split.
+
+  The tokenizer is sacremoses' port of Moses' ``tokenizer.perl -l LANG`` (no
+  aggressive hyphen splitting, no HTML escaping: escaping maps one token to
+  one token on both sides, so BLEU is the same). Then, as in the evaluation of
+  Vaswani et al. (2017) (tensor2tensor's ``get_ende_bleu.sh``), every
+  ``x-y`` between two non-space characters becomes ``x ##AT##-##AT## y``, left
+  to right without overlaps (so ``a-b-c`` -> ``a ##AT##-##AT## b-c``, as Perl's
+  ``s{(\S)-(\S)}{...}g`` does).
+  """
+  tokens = _moses(lang).tokenize(text, return_str=True, escape=False)
+  return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", tokens)
+
+
+def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str],
+                   lang: str = "de") -> dict:
+  """BLEU on :func:`wmt_tokenize`-d text, as ``multi-bleu.perl`` computes it.
+
+  Case-sensitive, no further tokenization, no smoothing (sacrebleu with
+  ``tokenize="none"``, ``smooth_method="none"``). This is the number the WMT14
+  en-de results of Vaswani et al. (2017) report (27.3 base, 28.4 big); it is
+  not comparable with sacreBLEU on detokenized text.
+  """
+  bleu = BLEU(tokenize="none", smooth_method="none", force=True)
+  hyps = [wmt_tokenize(h, lang) for h in hypotheses]
+  refs = [wmt_tokenize(r, lang) for r in references]
+  score = bleu.corpus_score(hyps, [refs])
+  return {"bleu": float(score.score), "detail": str(score), "signature": str(bleu.get_signature()),
+          "method": f"sacremoses tokenizer -l {lang}, compound splitting, multi-bleu style"}
 
 
 def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
@@ -107,28 +222,54 @@ def search_name(beam_size: int) -> str:
 
 def _markdown(report: dict) -> str:
   d, main = report["decoding"], report["split_result"]
-  lines = [f"# Evaluation of `{report['workdir']}` (step {report['step']}, "
-           f"{report['checkpoint']} checkpoint) on `{report['split']}`", "",
+  lines = [f"# Evaluation of `{report['workdir']}` on `{report['split']}`", "",
+           f"Parameters: {report['params']}.", "",
            f"Decoding: {search_name(d['beam_size'])}, alpha {d['alpha']}, "
-           f"max length {d['max_len_a']} * source + {d['max_len_b']}.", "",
-           "| slice | examples | BLEU | chrF |", "|---|---:|---:|---:|"]
+           f"max length {d['max_len_a']} * source + {d['max_len_b']}"
+           + (f", {d['beam_rule']} beam rule" if d["beam_size"] > 1 else "") + ".", "",
+           "Single-reference: every pair is a segment. Multi-reference: each distinct source "
+           "once, with all its references.", "",
+           "| slice | pairs | BLEU | chrF | sources | multi-ref BLEU | multi-ref chrF |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in report["table"]:
-    lines.append(f"| {r['name']} | {r['examples']} | {r['bleu']:.2f} | {r['chrf']:.2f} |")
-  s = main["scores"]
-  lines += ["", f"- {s.get('bleu_detail', '')}",
-            f"- BLEU signature: `{s.get('bleu_signature', '')}`",
-            f"- chrF signature: `{s.get('chrf_signature', '')}`",
-            f"- decode speed: {main['decode']['sentences_per_s']:.1f} sentences/s, "
+    lines.append(f"| {r['name']} | {r['examples']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+                 f"{r['sources']} | {r['bleu_multi']:.2f} | {r['chrf_multi']:.2f} |")
+  s, m = main["scores"], main["multi_scores"]
+  lines += ["", f"- single-reference {s.get('bleu_detail', '')}",
+            f"- single-reference BLEU signature: `{s.get('bleu_signature', '')}`",
+            f"- single-reference chrF signature: `{s.get('chrf_signature', '')}`",
+            f"- multi-reference {m.get('bleu_detail', '')}",
+            f"- multi-reference BLEU signature: `{m.get('bleu_signature', '')}`",
+            f"- multi-reference chrF signature: `{m.get('chrf_signature', '')}`"]
+  if "tokenized_bleu" in main:
+    t = main["tokenized_bleu"]
+    lines += [f"- tokenized BLEU with compound splitting (the metric of Vaswani et al. 2017; "
+              f"compare with the paper's numbers): {t['bleu']:.2f} ({t['method']}; "
+              f"`{t['signature']}`)"]
+  lines += [f"- decode speed: {main['decode']['sentences_per_s']:.1f} sentences/s, "
             f"{main['decode']['tokens_per_s']:.0f} tokens/s (compilation included)",
-            "", "Recompute the scores:", ""]
+            "", "Recompute the scores from the files in this folder:", ""]
   lines += [f"    {c}" for c in report["commands"]]
   lines += ["", f"![BLEU per slice]({CHART})", ""]
   return "\n".join(lines)
 
 
+def _row(name: str, result: dict) -> dict:
+  """The table row of a whole set from :func:`evaluate_set`'s result."""
+  s, m = result["scores"], result["multi_scores"]
+  return {"name": name, "examples": s["examples"], "bleu": s["bleu"], "chrf": s["chrf"],
+          "sources": m["examples"], "references": len(result["files"]["multi_refs"]),
+          "bleu_multi": m["bleu"], "chrf_multi": m["chrf"]}
+
+
+def _commands(stem: str) -> list[str]:
+  return [f"sacrebleu {stem}.ref.txt -i {stem}.hyp.txt -m bleu chrf",
+          f"sacrebleu {stem}.multi.ref.*.txt -i {stem}.multi.hyp.txt -m bleu chrf"]
+
+
 def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optional[int] = None,
                  max_examples: Optional[int] = None, long_examples: Optional[int] = None,
-                 which: str = "best", cached: bool = True) -> dict:
+                 cached: bool = True) -> dict:
   """The full ``eval`` command on a loaded run; writes the files and returns the report.
 
   ``max_examples``: the first N examples of the split (0 = all; None = the
@@ -151,31 +292,33 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   os.makedirs(out_dir, exist_ok=True)
   main = evaluate_set(config, trained, examples, beam_size=settings["beam_size"],
                       out_dir=out_dir, stem=split, cached=cached)
-  table = [{"name": "all", **{k: main["scores"][k] for k in ("bleu", "chrf", "examples")}}]
-  table += main["slices"]
-  commands = [f"sacrebleu {split}.ref.txt -i {split}.hyp.txt -m bleu chrf"]
+  table = [_row("all", main)] + main["slices"]
+  commands = _commands(split)
   long_result = None
   if long_stress:
     long_examples = data.eval_examples(config, trained.tokenizer, split, long_stress=True)
     long_result = evaluate_set(config, trained, long_examples, beam_size=settings["beam_size"],
                                out_dir=out_dir, stem=f"{split}.long", cached=cached)
-    table.append({"name": "long",
-                  **{k: long_result["scores"][k] for k in ("bleu", "chrf", "examples")}})
-    commands.append(f"sacrebleu {split}.long.ref.txt -i {split}.long.hyp.txt -m bleu chrf")
-  report = {"workdir": trained.workdir, "step": trained.step, "checkpoint": which,
-            "split": split, "dataset": config.data.name,
+    table.append(_row("long", long_result))
+    commands += _commands(f"{split}.long")[:1]
+  report = {"workdir": trained.workdir, "step": trained.step, "checkpoint": trained.which,
+            "params": trained.params_source, "split": split, "dataset": config.data.name,
             "direction": f"{config.data.src_lang}-{config.data.tgt_lang}",
             "decoding": {**settings, "cached": cached},
             "bleu": main["scores"]["bleu"], "chrf": main["scores"]["chrf"],
+            "bleu_multi": main["multi_scores"]["bleu"], "chrf_multi": main["multi_scores"]["chrf"],
+            "sources": main["multi_scores"]["examples"],
             "table": table, "split_result": main, "long_result": long_result,
             "commands": commands}
+  if "tokenized_bleu" in main:
+    report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(_markdown(report))
   plot_slices(os.path.join(out_dir, CHART), table,
-              f"{config.data.name} {report['direction']} {split}, step {trained.step}, "
-              f"{search_name(settings['beam_size'])}")
+              f"{config.data.name} {report['direction']} {split}, {trained.which} params, "
+              f"step {trained.step}, {search_name(settings['beam_size'])}")
   return report
 
 
@@ -205,12 +348,20 @@ def run(args) -> int:
   out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
   report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
                         max_examples=args.max_examples, long_examples=args.long_examples,
-                        which=args.checkpoint, cached=not args.full_recompute)
+                        cached=not args.full_recompute)
+  print(f"parameters: {report['params']}")
+  print(f"{'':>16}  {'pairs':>6} {'BLEU':>6} {'chrF':>6}   {'sources':>7} "
+        f"{'BLEU':>6} {'chrF':>6} (multi-reference)")
   for row in report["table"]:
-    print(f"{row['name']:>16}  n={row['examples']:<5} BLEU {row['bleu']:6.2f}  "
-          f"chrF {row['chrf']:6.2f}")
-  print(f"BLEU signature: {report['split_result']['scores'].get('bleu_signature', '')}")
-  print(f"chrF signature: {report['split_result']['scores'].get('chrf_signature', '')}")
+    print(f"{row['name']:>16}  {row['examples']:>6} {row['bleu']:6.2f} {row['chrf']:6.2f}   "
+          f"{row['sources']:>7} {row['bleu_multi']:6.2f} {row['chrf_multi']:6.2f}")
+  main = report["split_result"]
+  print(f"BLEU signature: {main['scores'].get('bleu_signature', '')}")
+  print(f"chrF signature: {main['scores'].get('chrf_signature', '')}")
+  print(f"multi-reference BLEU signature: {main['multi_scores'].get('bleu_signature', '')}")
+  if "tokenized_bleu" in main:
+    print(f"tokenized BLEU with compound splitting (compare with papers): "
+          f"{main['tokenized_bleu']['bleu']:.2f}")
   print(f"report: {os.path.join(out_dir, 'report.md')}")
   return 0
 

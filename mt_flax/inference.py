@@ -29,15 +29,21 @@ class Trained:
   params: Any
   tokenizer: Any
   step: int
+  which: str = "best"          # "best", "latest" or "averaged"
+  params_source: str = ""      # which checkpoint(s) the params come from, in words
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
-  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b`` of ``config.decode``."""
+  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b``, ``beam_rule`` of ``config.decode``."""
   d = config.decode
   out = {"beam_size": int(d.beam_size if beam_size is None else beam_size),
-         "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b)}
+         "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b),
+         "beam_rule": str(d.beam_rule)}
   if out["beam_size"] < 1:
     raise ConfigError(f"beam size {out['beam_size']}: expected an integer >= 1")
+  if out["beam_rule"] not in decode.BEAM_RULES:
+    raise ConfigError(f"decode.beam_rule={out['beam_rule']!r}: expected one of "
+                      f"{', '.join(decode.BEAM_RULES)}")
   for key in ("alpha", "max_len_a", "max_len_b"):
     if out[key] < 0:
       raise ConfigError(f"decode.{key}={out[key]:g}: expected a number >= 0")
@@ -55,6 +61,9 @@ def _model_differences(a: dict, b: dict) -> list[str]:
 def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str] = None,
                  overrides: Sequence[str] = ()) -> Trained:
   """Restores a run's params, config and tokenizer (never trains a tokenizer).
+
+  ``which``: "best", "latest" (see :func:`checkpoint.restore_for_inference`)
+  or "averaged" (written by ``python -m mt_flax average``).
 
   The config is the run's ``workdir/config.json``. ``config_path`` may name the
   experiment file the run was trained with: its ``decode`` section is then
@@ -79,7 +88,14 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
     config.decode.update(wanted.decode.to_dict())
   apply_overrides(config, overrides)
   decode_settings(config)                                 # fails early on a bad beam size
-  _, params, step = checkpoint.restore_for_inference(workdir, which)
+  if which == "averaged":
+    params, info = checkpoint.restore_averaged(workdir)
+    step = int(info["steps"][-1])
+    source = (f"average of the last {len(info['steps'])} checkpoints (steps "
+              f"{', '.join(map(str, info['steps']))})")
+  else:
+    _, params, step = checkpoint.restore_for_inference(workdir, which)
+    source = f"{which} checkpoint (step {step})"
   tokenizer = tok_lib.Tokenizer.load(f"{workdir}/{tok_lib.TOKENIZER_DIR}")
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
@@ -96,7 +112,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
         f"the checkpoint of step {step} in {workdir} does not fit the model of its config.json "
         f"and tokenizer/ (vocabulary {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size}); "
         "was the tokenizer or config changed after training?")
-  return Trained(workdir, config, model, params, tokenizer, step)
+  return Trained(workdir, config, model, params, tokenizer, step, which, source)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:\u3002])\s+")
@@ -189,11 +205,18 @@ def translate_examples(config: ml_collections.ConfigDict, model, params, tokeniz
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
   """sacrebleu corpus BLEU and chrF with signatures; ``{"bleu", "chrf", ...}``."""
+  return stream_scores(hypotheses, [references])
+
+
+def stream_scores(hypotheses: Sequence[str],
+                  streams: Sequence[Sequence[str]]) -> dict[str, Any]:
+  """As :func:`corpus_scores` against several reference streams (``streams[j][i]``:
+  reference j of hypothesis i), sacrebleu's multi-reference BLEU and chrF."""
   if not hypotheses:
     return {"bleu": 0.0, "chrf": 0.0, "examples": 0}
   bleu, chrf = BLEU(), CHRF()
-  b = bleu.corpus_score(list(hypotheses), [list(references)])
-  c = chrf.corpus_score(list(hypotheses), [list(references)])
+  b = bleu.corpus_score(list(hypotheses), [list(refs) for refs in streams])
+  c = chrf.corpus_score(list(hypotheses), [list(refs) for refs in streams])
   return {"bleu": float(b.score), "chrf": float(c.score), "examples": len(hypotheses),
           "bleu_detail": str(b), "bleu_signature": str(bleu.get_signature()),
           "chrf_signature": str(chrf.get_signature())}

@@ -1,6 +1,6 @@
 r"""Translation of text files with a trained run.
 
-    python -m mt_flax translate --workdir DIR [--beam 4] [--checkpoint best|latest]
+    python -m mt_flax translate --workdir DIR [--beam 4] [--checkpoint best|latest|averaged]
         [--long truncate|split] [--invalid error|replace] [--config.decode.alpha=0.8] \
         < in.txt > out.txt
 

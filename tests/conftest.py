@@ -38,7 +38,7 @@ VOCAB = 48
 def pytest_collection_modifyitems(config, items):
   """Tests that need the trained run are end-to-end tests: they get the ``slow`` marker."""
   for item in items:
-    if {"trained_run", "loaded_run"} & set(getattr(item, "fixturenames", ())):
+    if {"trained_run", "loaded_run", "trained_config"} & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
 
 # A toy lexicon: English word i translates to Spanish word i, so a few dozen updates

@@ -78,7 +78,7 @@ def test_experiment_files_are_short_overrides_that_load(path):
   assert load_config(path).num_train_steps > 0
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "translate", "audit", "data-stats", "sweep",
+@pytest.mark.parametrize("command", ["train", "eval", "translate", "audit", "average", "data-stats", "sweep",
                                      "tpu"])
 def test_every_command_has_help_and_one_line_usage_errors(command, capsys):
   from mt_flax import __main__ as entry

@@ -72,6 +72,9 @@ FIXTURE_LINES = [
 ]
 
 
+SHARED_SPANISH = english_sentences(1, "validation", 2000) + english_sentences(1, "train", 2000)
+
+
 @pytest.fixture(scope="module")
 def fixture_build(tmp_path_factory):
   root = tmp_path_factory.mktemp("spa_fixture")
@@ -80,8 +83,11 @@ def fixture_build(tmp_path_factory):
                      + english_sentences(120, "train"))]
   # The same English sentence with several translations, in every split.
   for en in english_sentences(3, "validation", 1000) + english_sentences(3, "test", 1000):
-    extra += [f"{en}\tUna.\n".encode(), f"{en}\tOtra.\n".encode(),
-              f"  {en.upper()} \tTercera.\n".encode()]
+    extra += [f"{en}\tUna {en}\n".encode(), f"{en}\tOtra {en}\n".encode(),
+              f"  {en.upper()} \tTercera {en}\n".encode()]
+  # One Spanish sentence translating two English sentences that alone would go to
+  # validation and to train: the pair joins them, both go where the smaller key goes.
+  extra += [f"{en}\tLa misma traducci\u00f3n.\n".encode() for en in SHARED_SPANISH]
   lines = FIXTURE_LINES + extra
   write_spa_zip(root / "manual", lines)
   config = make_config("spa_eng", root / "data", root / "manual")
@@ -120,14 +126,27 @@ def test_spa_eng_fixture_groups_translations_of_one_sentence(fixture_build):
   split_of_key = {}
   for split in ("train", "validation", "test"):
     for r in all_records(config, split):
-      key = spa_eng.english_key(r["en"].decode())
-      assert split_of_key.setdefault(key, split) == split, key
+      for lang in ("en", "es"):
+        key = (lang, spa_eng.sentence_key(r[lang].decode()))
+        assert split_of_key.setdefault(key, split) == split, key
   pairs, _ = spa_eng.parse(b"".join(lines))
-  expected = collections.Counter(spa_eng.split_of(p.en) for p in pairs)
+  expected = collections.Counter(spa_eng.assign_splits(pairs))
   assert sources.split_sizes(config) == dict(expected)
   assert expected["validation"] >= 40 + 9 and expected["test"] >= 40 + 9
-  assert all(split_of_key[spa_eng.english_key(e)] == "validation"
+  assert all(split_of_key[("en", spa_eng.sentence_key(e))] == "validation"
              for e in english_sentences(3, "validation", 1000))
+  smaller = min(SHARED_SPANISH, key=spa_eng.sentence_key)
+  assert {split_of_key[("en", spa_eng.sentence_key(e))] for e in SHARED_SPANISH} == {
+      spa_eng.split_of(smaller)}
+
+
+def test_components_join_pairs_through_either_side():
+  pairs = [spa_eng.Pair(1, "B.", "x."), spa_eng.Pair(2, "C.", "X. "), spa_eng.Pair(3, "C.", "y."),
+           spa_eng.Pair(4, "a.", "z."), spa_eng.Pair(5, "D.", "w."), spa_eng.Pair(6, " d. ", "v.")]
+  assert spa_eng.components(pairs) == ["b.", "b.", "b.", "a.", "d.", "d."]
+  assert spa_eng.components(pairs[::-1]) == ["d.", "d.", "a.", "b.", "b.", "b."]
+  assert spa_eng.assign_splits(pairs) == [spa_eng.split_of(c) for c in
+                                          ("b.", "b.", "b.", "a.", "d.", "d.")]
 
 
 def test_load_pairs_follows_the_configured_direction(fixture_build):
@@ -224,12 +243,36 @@ def test_real_spa_eng_no_english_sentence_in_two_splits(real_spa):
   splits_of = collections.defaultdict(set)
   translations = collections.Counter()
   for split in ("train", "validation", "test"):
-    for en, _ in sources.load_pairs(real_spa, split):
-      splits_of[en].add(split)
-      splits_of[spa_eng.english_key(en)].add(split)
+    for en, es in sources.load_pairs(real_spa, split):
+      splits_of[("en", spa_eng.sentence_key(en))].add(split)
+      splits_of[("es", spa_eng.sentence_key(es))].add(split)
       translations[en] += 1
   assert all(len(s) == 1 for s in splits_of.values())
   assert sum(1 for n in translations.values() if n > 1) == 12_448
+
+
+def held_out_sources_in_train(pairs, splits, side: str) -> dict[str, int]:
+  """Held-out pairs whose `side` sentence (by `sentence_key`) is a training source."""
+  key = lambda p: spa_eng.sentence_key(getattr(p, side))
+  train = {key(p) for p, s in zip(pairs, splits) if s == "train"}
+  return {held: sum(1 for p, s in zip(pairs, splits) if s == held and key(p) in train)
+          for held in ("validation", "test")}
+
+
+def test_real_spa_eng_no_leak_in_either_direction():
+  if not os.path.exists(SHARED_ZIP):
+    pytest.skip(f"{os.path.abspath(SHARED_ZIP)} absent (shared data not available here)")
+  pairs, _ = spa_eng.parse(spa_eng.read_spa_txt(SHARED_ZIP))
+  splits = spa_eng.assign_splits(pairs)
+  sizes = collections.Counter(splits)
+  assert sum(sizes.values()) == 118_964
+  assert 0.04 < sizes["validation"] / 118_964 < 0.06 and 0.04 < sizes["test"] / 118_964 < 0.06
+  assert held_out_sources_in_train(pairs, splits, "en") == {"validation": 0, "test": 0}
+  assert held_out_sources_in_train(pairs, splits, "es") == {"validation": 0, "test": 0}
+  # Grouping by the English side alone leaks Spanish sources: the check detects it.
+  by_english = [spa_eng.split_of(p.en) for p in pairs]
+  assert held_out_sources_in_train(pairs, by_english, "en") == {"validation": 0, "test": 0}
+  assert min(held_out_sources_in_train(pairs, by_english, "es").values()) > 400
 
 
 # ----------------------------------------------------------------------------- bible

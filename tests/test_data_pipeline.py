@@ -267,7 +267,11 @@ def test_overlong_pairs_are_dropped_or_truncated_and_counted(setup, caplog):
   batches = list(pipeline.train_iterator(cut, tokenizer, num_epochs=1))
   rows = [r for b in batches for r in rows_of(b)]
   assert len(rows) == data.num_pairs and max(max(len(s), len(t)) for s, t in rows) <= 12
-  assert all(s[-1] == EOS_ID and t[-1] == EOS_ID for s, t in rows)
+  # A cut side ends without EOS (the sentence goes on); every other side ends with it.
+  assert sum(1 for s, t in rows if s[-1] != EOS_ID or t[-1] != EOS_ID) == data.truncated
+  assert all(len(s) == 12 for s, t in rows if s[-1] != EOS_ID)
+  assert all(len(t) == 12 for s, t in rows if t[-1] != EOS_ID)
+  assert all(EOS_ID not in s[:-1] and EOS_ID not in t[:-1] for s, t in rows)
 
 
 # ----------------------------------------------------------------------------- state, order
@@ -395,6 +399,10 @@ def test_data_stats_json(setup, capsys):
   out = capsys.readouterr().out.strip().splitlines()
   result = json.loads(out[-1])
   assert result["splits"] == sources.split_sizes(config)
+  for split in ("validation", "test"):
+    held = result["held_out"][split]
+    assert held["pairs"] == result["splits"][split] and 0 < held["sources"] <= held["pairs"]
+    assert held["sources_in_train"] == 0
   for name in ("bucketing", "packing", "pad_to_max"):
     b = result["batching"][name]
     assert 0 < b["src_efficiency"] <= 1 and 0 < b["tgt_efficiency"] <= 1
@@ -447,5 +455,11 @@ def test_encode_pair_drops_or_truncates(setup):
   assert example["tgt_in"].tolist() == [BOS_ID] + tokenizer.encode_tgt(tgt)
   assert example["tgt_out"].tolist() == tokenizer.encode_tgt(tgt) + [EOS_ID]
   assert pipeline.encode_pair(tokenizer, src, tgt, n) is None
-  cut = pipeline.encode_pair(tokenizer, src, tgt, n, "truncate")
-  assert cut["src"].tolist() == tokenizer.encode_src(src)[:n - 1] + [EOS_ID]
+  cut = pipeline.encode_pair(tokenizer, src, tgt, n - 1, "truncate")
+  assert cut["src"].tolist() == tokenizer.encode_src(src)[:n - 1]          # no EOS
+  assert cut["tgt_out"].tolist() == tokenizer.encode_tgt(tgt) + [EOS_ID]  # fits: EOS
+  m = len(tokenizer.encode_tgt(src))
+  cut = pipeline.encode_pair(tokenizer, tgt, src, m - 1, "truncate")
+  assert cut["src"].tolist() == tokenizer.encode_src(tgt) + [EOS_ID]
+  assert cut["tgt_in"].tolist() == [BOS_ID] + tokenizer.encode_tgt(src)[:m - 2]
+  assert cut["tgt_out"].tolist() == tokenizer.encode_tgt(src)[:m - 1]     # no EOS

@@ -101,13 +101,101 @@ def test_cached_greedy_equals_rerunning_the_full_decoder_on_each_prefix(tiny):
   np.testing.assert_allclose(cached.scores, full.scores, atol=1e-4)
 
 
-def test_beam_size_one_equals_greedy(tiny):
+def test_beam_size_one_equals_greedy_under_the_fairseq_rule(tiny):
   model, params = tiny
   src = ragged_sources(1, [7, 3, 11, 4, 1, 8], width=11)
   greedy = decode.greedy_search(model, params, src, max_len_a=1.5, max_len_b=2.0)
   beam = decode.beam_search(model, params, src, beam_size=1, alpha=0.6, max_len_a=1.5,
-                            max_len_b=2.0)
+                            max_len_b=2.0, rule="fairseq")
   np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+
+
+# A hand-built scorer: the next-token distribution depends on the last two tokens only.
+A, B, C, D = 4, 5, 6, 7
+
+
+def trigram_step(table: dict) -> decode.Step:
+  """``table[(prev, cur)] = {token: probability}``; unlisted contexts give EOS."""
+  logp = np.full((8, 8, 8), -np.inf, np.float32)
+  logp[:, :, EOS] = 0.0
+  for (prev, cur), probs in table.items():
+    logp[prev, cur] = -np.inf
+    for token, p in probs.items():
+      logp[prev, cur, token] = np.log(p)
+  logp = jnp.asarray(logp)
+
+  def step(state, seqs, i):
+    prev = jax.lax.dynamic_index_in_dim(seqs, jnp.maximum(i - 1, 0), axis=1, keepdims=False)
+    cur = jax.lax.dynamic_index_in_dim(seqs, i, axis=1, keepdims=False)
+    return logp[prev, cur], state
+  return step
+
+
+def run_rule(table: dict, limit: int, alpha: float, rule: str, beam_size: int = 2):
+  out = decode.beam_search_steps(trigram_step(table), {}, jnp.asarray([limit]), length=limit,
+                                 beam_size=beam_size, alpha=alpha, rule=rule)
+  return as_lists(out.tokens)[0], float(out.scores[0])
+
+
+def test_an_eos_ranked_below_k_finishes_under_t5x_not_fairseq():
+  bos = decode.BOS_ID
+  table = {(bos, bos): {A: 0.5, B: 0.3, EOS: 0.15, C: 0.05},   # EOS third of 2K = 4
+           (bos, A): {EOS: 0.1, A: 0.9}, (bos, B): {EOS: 0.1, B: 0.9}}
+  tokens, score = run_rule(table, limit=2, alpha=0.0, rule="t5x")
+  assert tokens == [EOS] and score == pytest.approx(np.log(0.15), abs=1e-5)
+  tokens, score = run_rule(table, limit=2, alpha=0.0, rule="fairseq")
+  assert tokens == [A, EOS] and score == pytest.approx(np.log(0.5 * 0.1), abs=1e-5)
+
+
+def test_t5x_goes_on_while_an_alive_beam_can_still_win():
+  bos = decode.BOS_ID
+  table = {(bos, bos): {A: 0.6, B: 0.4}, (bos, A): {EOS: 0.5, C: 0.45, D: 0.05},
+           (bos, B): {EOS: 0.7, D: 0.3}}
+  penalty = lambda n: (5.0 + n) / 6.0                             # alpha = 1
+  # Step 2 finishes "a" (0.30) and "b" (0.28): fairseq has K = 2 and stops.
+  tokens, score = run_rule(table, limit=3, alpha=1.0, rule="fairseq")
+  assert tokens == [A, EOS] and score == pytest.approx(np.log(0.3) / penalty(2), abs=1e-5)
+  # "a c" (0.27) may still reach log(0.27) / penalty(3) > log(0.28) / penalty(2): t5x goes on.
+  tokens, score = run_rule(table, limit=3, alpha=1.0, rule="t5x")
+  assert tokens == [A, C, EOS] and score == pytest.approx(np.log(0.27) / penalty(3), abs=1e-5)
+
+
+def test_t5x_stops_once_no_alive_beam_can_win():
+  bos = decode.BOS_ID
+  table = {(bos, bos): {EOS: 0.5, A: 0.3, B: 0.2}, (bos, A): {EOS: 0.9, A: 0.1},
+           (bos, B): {EOS: 0.9, B: 0.1}}
+  outs = [decode.beam_search_steps(trigram_step(table), {}, jnp.asarray([10]), length=10,
+                                   beam_size=2, alpha=0.0, stop_early=stop) for stop in (True, False)]
+  # After step 2 the finished are [EOS] (0.5) and [a, EOS] (0.27); the best alive, "a a"
+  # (0.03), cannot beat them whatever follows.
+  assert int(outs[0].steps) == 2 and int(outs[1].steps) == 10
+  assert as_lists(outs[0].tokens) == as_lists(outs[1].tokens) == [[EOS]]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_t5x_stopping_early_gives_the_same_result_as_running_to_the_limit(alpha):
+  model, params = make_model(eos_bias=2.0)
+  params["logits_dense"]["kernel"] = params["logits_dense"]["kernel"] * 6.0   # peaked
+  src = jnp.asarray(ragged_sources(6, [5, 1, 8, 3, 7, 2], width=8))
+  k, a, b = 3, 1.0, 4.0
+  length = decode._static_len(model, src.shape[1], a, b)
+  limits = decode._limits(src, a, b, length)
+  encoded = model.apply({"params": params}, src, method=Transformer.encode)
+  outs = []
+  for stop_early in (True, False):
+    state, step = decode._cached_stepper(model, params, jnp.repeat(encoded, k, axis=0),
+                                         jnp.repeat(src, k, axis=0), length)
+    outs.append(decode.beam_search_steps(step, state, limits, length=length, beam_size=k,
+                                         alpha=alpha, stop_early=stop_early))
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].scores, outs[1].scores, atol=1e-5)
+  assert len({len(t) for t in as_lists(outs[0].tokens)}) > 1, "outputs of varied lengths"
+
+
+def test_unknown_beam_rule_is_an_error(tiny):
+  model, params = tiny
+  with pytest.raises(ValueError, match="beam rule 'marian'.*t5x, fairseq"):
+    decode.search(model, params, np.ones((1, 3), np.int32), beam_size=2, beam_rule="marian")
 
 
 def test_cached_beam_search_equals_full_recompute(tiny):

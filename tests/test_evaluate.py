@@ -9,9 +9,10 @@ import pytest
 from mt_flax import data, decode, evaluate, inference
 
 
-def sacrebleu_cli(folder: Path, ref: str, hyp: str) -> dict:
+def sacrebleu_cli(folder: Path, ref, hyp: str) -> dict:
   """Scores recomputed by the `sacrebleu` command from the saved text files."""
-  command = ["-m", "sacrebleu", ref, "-i", hyp, "-m", "bleu", "chrf", "-w", "4"]
+  refs = [ref] if isinstance(ref, str) else list(ref)
+  command = ["-m", "sacrebleu", *refs, "-i", hyp, "-m", "bleu", "chrf", "-w", "4"]
   proc = subprocess.run([sys.executable, *command], cwd=folder, capture_output=True, text=True,
                         check=True)
   bleu, chrf = json.loads(proc.stdout)
@@ -20,9 +21,10 @@ def sacrebleu_cli(folder: Path, ref: str, hyp: str) -> dict:
 
 def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path, trained_run, run_cli):
   out = tmp_path / "eval"
+  # fairseq's rule: under t5x's a barely trained model's best hypotheses can be empty
   proc = run_cli("eval", "--workdir", trained_run, "--split", "test", "--beam", "2",
                  "--max-examples", "6", "--long-examples", "2",
-                 "--out", str(out))
+                 "--out", str(out), "--config.decode.beam_rule=fairseq")
   assert proc.returncode == 0, proc.stderr.decode()[-2000:]
   assert "BLEU signature: nrefs:1|case:mixed|eff:no|tok:13a" in proc.stdout.decode()
   report = json.loads((out / "report.json").read_text())
@@ -43,6 +45,13 @@ def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path, trained_ru
   assert sum(r["examples"] for n, r in rows.items() if n.startswith("src_len:")) == 6
   assert sum(r["examples"] for n, r in rows.items() if n.startswith("ratio:")) == 6
   assert report["decoding"]["beam_size"] == 2 and report["step"] == 40
+  assert report["decoding"]["beam_rule"] == "fairseq"
+  assert report["params"] == "best checkpoint (step 40)"
+  multi = sacrebleu_cli(out, sorted(p.name for p in out.glob("test.multi.ref.*.txt")),
+                        "test.multi.hyp.txt")
+  assert multi["bleu"] == pytest.approx(report["bleu_multi"], abs=0.01)
+  assert multi["chrf"] == pytest.approx(report["chrf_multi"], abs=0.01)
+  assert "multi-ref BLEU" in (out / "report.md").read_text()
 
 
 def test_validation_bleu_is_greedy_by_default_and_scores_the_hypotheses(loaded_run):
@@ -69,7 +78,7 @@ def test_corpus_scores_of_perfect_and_disjoint_output():
 
 def test_slice_scores_group_examples_in_a_stable_order():
   def ex(ref, *slices):
-    return {"ref_text": ref, "slices": list(slices)}
+    return {"src_text": ref, "ref_text": ref, "slices": list(slices)}
   examples = [ex("a b c d", "src_len:11-20", "ratio:>1.25"), ex("e f g h", "src_len:1-10",
               "ratio:<0.8"), ex("i j k l", "src_len:81+", "ratio:0.8-1.25"),
               ex("m n o p", "src_len:1-10", "ratio:0.8-1.25")]
@@ -95,3 +104,95 @@ def test_eval_reports_bad_input_in_one_line(trained_run, call_main, capsys, tmp_
   rc = call_main(evaluate.main, ["--workdir", trained_run, "--max-examples", "-3"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and err == ["mt_flax eval: error: --max-examples -3: expected an integer >= 0"]
+
+
+# ----------------------------------------------------------------------------- multi-reference
+
+
+def test_padding_reference_streams_by_repetition_equals_leaving_references_out():
+  from sacrebleu.metrics import BLEU, CHRF
+  hyps = ["the cat", "hello", "a b c d"]    # shorter than the references: BP < 1
+  refs = [["a cat sat on the mat", "the cat is on the mat", "there is a cat"], ["hello there"],
+          ["a b c d e f g h", "a b x d"]]
+  streams = evaluate.reference_streams(refs)
+  assert streams == [["a cat sat on the mat", "hello there", "a b c d e f g h"],
+                     ["the cat is on the mat", "hello there", "a b x d"],
+                     ["there is a cat", "hello there", "a b c d e f g h"]]
+  missing = [[r[j] if j < len(r) else None for r in refs] for j in range(3)]
+  for metric in (BLEU(), CHRF()):
+    assert metric.corpus_score(hyps, streams).score == pytest.approx(
+        metric.corpus_score(hyps, missing).score, abs=1e-9)
+  # empty strings instead would count as (empty) references and change BLEU
+  empty = [[r[j] if j < len(r) else "" for r in refs] for j in range(3)]
+  assert BLEU().corpus_score(hyps, empty).score != pytest.approx(
+      BLEU().corpus_score(hyps, missing).score, abs=1e-3)
+
+
+def test_multi_reference_groups_pairs_by_source():
+  examples = [{"src_text": s, "ref_text": r} for s, r in
+              [("Go.", "Ve."), ("Run!", "¡Corre!"), ("Go. ", "Vete."), ("go.", "Vaya."),
+               ("Go.", "Ve.")]]
+  assert evaluate.group_by_source(examples) == [[0, 2, 4], [1], [3]]
+  hyps = ["Ve.", "Corre.", "Ve.", "Ve.", "Ve."]
+  got_hyps, streams = evaluate.multi_reference(examples, hyps)
+  assert got_hyps == ["Ve.", "Corre.", "Ve."]
+  assert streams == [["Ve.", "¡Corre!", "Vaya."], ["Vete.", "¡Corre!", "Vaya."],
+                     ["Ve.", "¡Corre!", "Vaya."]]
+  row = evaluate.scores_of(examples, hyps, [0, 1, 2])
+  assert row["examples"] == 3 and row["sources"] == 2 and row["references"] == 2
+
+
+def test_evaluate_set_decodes_each_source_once_and_writes_files_sacrebleu_reproduces(tmp_path,
+                                                                                   loaded_run):
+  run = loaded_run
+  base = data.eval_examples(run.config, run.tokenizer, "validation")[:5]
+  # the same source three times with three references (two of them other pairs' references)
+  examples = base + [{**base[0], "ref_text": base[1]["ref_text"]},
+                     {**base[0], "ref_text": base[2]["ref_text"]}]
+  result = evaluate.evaluate_set(run.config, run, examples, beam_size=1, out_dir=str(tmp_path),
+                                 stem="x")
+  assert result["decode"]["sentences"] == 5
+  assert result["multi_scores"]["examples"] == 5 and result["scores"]["examples"] == 7
+  hyps = (tmp_path / "x.hyp.txt").read_text().splitlines()
+  assert hyps[0] == hyps[5] == hyps[6]
+  assert result["files"]["multi_refs"] == ["x.multi.ref.0.txt", "x.multi.ref.1.txt",
+                                           "x.multi.ref.2.txt"]
+  single = sacrebleu_cli(tmp_path, "x.ref.txt", "x.hyp.txt")
+  assert single["bleu"] == pytest.approx(result["scores"]["bleu"], abs=0.01)
+  multi = sacrebleu_cli(tmp_path, result["files"]["multi_refs"], "x.multi.hyp.txt")
+  assert multi["bleu"] == pytest.approx(result["multi_scores"]["bleu"], abs=0.01)
+  assert multi["chrf"] == pytest.approx(result["multi_scores"]["chrf"], abs=0.01)
+  assert "nrefs:3" in result["multi_scores"]["bleu_signature"]
+  assert "tokenized_bleu" not in result        # only on WMT14 data
+
+
+# ----------------------------------------------------------------------------- WMT tokenized BLEU
+
+
+def test_wmt_tokenize_splits_hyphenated_compounds_like_the_paper_evaluation():
+  assert evaluate.wmt_tokenize("Die Staats-Anwaltschaft sagte: \"Nein\".", "de") == (
+      'Die Staats ##AT##-##AT## Anwaltschaft sagte : " Nein " .')
+  # left to right without overlaps, as Perl's s{(\S)-(\S)}{...}g; a lone dash stays
+  assert evaluate.wmt_tokenize("a-b-c und - so", "de") == "a ##AT##-##AT## b-c und - so"
+
+
+def test_tokenized_bleu_counts_compound_parts_and_ignores_detokenization():
+  from sacrebleu.metrics import BLEU
+  refs = ["Der EU-Gipfel in Br\u00fcssel hat begonnen, sagte der Sprecher."]
+  assert evaluate.tokenized_bleu(refs, refs)["bleu"] == pytest.approx(100.0)
+  # Only the spacing around punctuation differs: the same text once tokenized.
+  spaced = ["Der EU-Gipfel in Br\u00fcssel hat begonnen , sagte der Sprecher ."]
+  assert evaluate.tokenized_bleu(spaced, refs)["bleu"] == pytest.approx(100.0)
+  # One compound part wrong: with compound splitting "EU" and the dash still match
+  # (12 of 13 tokens instead of 10 of 11), which changes the score.
+  hyp = ["Der EU-Rat in Br\u00fcssel hat begonnen, sagte der Sprecher."]
+  got = evaluate.tokenized_bleu(hyp, refs)
+  hyp_tok = "Der EU ##AT##-##AT## Rat in Br\u00fcssel hat begonnen , sagte der Sprecher ."
+  ref_tok = "Der EU ##AT##-##AT## Gipfel in Br\u00fcssel hat begonnen , sagte der Sprecher ."
+  expected = BLEU(tokenize="none", smooth_method="none").corpus_score([hyp_tok], [[ref_tok]])
+  assert got["bleu"] == pytest.approx(expected.score) and 0 < got["bleu"] < 100
+  unsplit = BLEU(tokenize="none", smooth_method="none").corpus_score(
+      [hyp_tok.replace(" ##AT##-##AT## ", "-")], [[ref_tok.replace(" ##AT##-##AT## ", "-")]])
+  assert got["bleu"] != pytest.approx(unsplit.score, abs=0.1)
+  assert got["detail"].split()[3].startswith("92.3/")           # unigram precision 12/13
+  assert "tok:none" in got["signature"]

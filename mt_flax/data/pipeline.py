@@ -20,7 +20,10 @@ restarting at each pair). `config.data.batching` picks how pairs become batches:
 `config.batch_tokens` bounds B * S and B * T of a global batch; each of
 `process_count` processes gets `1/process_count` of it. Pairs longer than
 `data.max_len` tokens on a side (EOS/BOS included) are dropped or truncated
-(`data.overlong`), counted and logged.
+(`data.overlong`), counted and logged. A truncated side keeps its first
+`max_len` tokens and gets no EOS (the sentence goes on, so the model is not
+taught to stop there): `src` is those tokens, `tgt_in` BOS and the first
+`max_len - 1`, `tgt_out` the first `max_len`.
 """
 from __future__ import annotations
 
@@ -59,16 +62,28 @@ def encode_pair(tokenizer: Tokenizer, src_text: str, tgt_text: str, max_len: int
   """One training example: `src` (+EOS), `tgt_in` (BOS+), `tgt_out` (+EOS), int32.
 
   Returns None when a side is longer than `max_len` and `overlong` is "drop";
-  with "truncate" the tokens are cut so that each side has `max_len` positions.
+  with "truncate" an over-long side is cut to `max_len` positions without EOS.
   """
   src, tgt = tokenizer.encode_src(src_text), tokenizer.encode_tgt(tgt_text)
   if max_len is not None and (len(src) + 1 > max_len or len(tgt) + 1 > max_len):
     if overlong == "drop":
       return None
-    src, tgt = src[:max_len - 1], tgt[:max_len - 1]
-  return {"src": np.asarray(src + [EOS_ID], np.int32),
-          "tgt_in": np.asarray([BOS_ID] + tgt, np.int32),
-          "tgt_out": np.asarray(tgt + [EOS_ID], np.int32)}
+  return _example(np.asarray(src, np.int32), np.asarray(tgt, np.int32), max_len)
+
+
+def _example(src: np.ndarray, tgt: np.ndarray, max_len: int | None) -> dict[str, np.ndarray]:
+  """`src` [n] and `tgt` [m] token ids (no BOS/EOS) -> one example of at most `max_len`
+  positions a side. A side that fits gets EOS; a longer one is cut and gets none."""
+  if max_len is None or len(src) + 1 <= max_len:
+    src = np.append(src, EOS_ID)
+  else:
+    src = src[:max_len]
+  if max_len is None or len(tgt) + 1 <= max_len:
+    tgt_in, tgt_out = np.insert(tgt, 0, BOS_ID), np.append(tgt, EOS_ID)
+  else:
+    tgt_in, tgt_out = np.insert(tgt[:max_len - 1], 0, BOS_ID), tgt[:max_len]
+  return {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32),
+          "tgt_out": tgt_out.astype(np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +171,7 @@ def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 class _Examples:
   """Random access to training examples (dicts of int32 arrays) of a `TokenStore`,
-  cut to `max_len` positions per side."""
+  cut to `max_len` positions per side (without EOS where cut)."""
 
   def __init__(self, store: TokenStore, max_len: int):
     self._store, self._max_len = store, max_len
@@ -166,14 +181,7 @@ class _Examples:
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     src, tgt = self._store.pair(int(i))
-    cut = self._max_len - 1
-    src, tgt = src[:cut], tgt[:cut]
-    out = {"src": np.empty(len(src) + 1, np.int32), "tgt_in": np.empty(len(tgt) + 1, np.int32),
-           "tgt_out": np.empty(len(tgt) + 1, np.int32)}
-    out["src"][:-1], out["src"][-1] = src, EOS_ID
-    out["tgt_in"][0], out["tgt_in"][1:] = BOS_ID, tgt
-    out["tgt_out"][:-1], out["tgt_out"][-1] = tgt, EOS_ID
-    return out
+    return _example(src, tgt, self._max_len)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,14 @@ Parsing keeps every well-formed line; a malformed one (no tab, an empty side,
 invalid UTF-8) is counted and listed with its line number in the dataset's
 metadata (`builder.info.metadata["malformed"]`) and in a logged warning.
 
-Splits are grouped by English sentence: all translations of one English sentence
-(compared case- and whitespace-insensitively) land in the same split, chosen by a
-hash of the sentence, so the split is deterministic and stable under reordering.
+Splits are leak-free in both directions. Sentences are compared by
+:func:`sentence_key` (Unicode case folding, runs of whitespace made one space,
+no other change). Pairs are grouped into connected components: a pair joins the
+component of its English sentence and that of its Spanish sentence, so every
+pair sharing an English *or* a Spanish sentence with another lands in the same
+split. A component's split is chosen by a hash of its smallest English key, so
+the assignment is deterministic and does not depend on the order of the lines.
+No English or Spanish sentence of the validation or test split occurs in train.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import io
 import logging
 import os
 import zipfile
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -31,7 +37,7 @@ from mt_flax.data.sources import DataError, locate
 URL = "http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip"
 ARCHIVE = "spa-eng.zip"
 MEMBER = "spa-eng/spa.txt"
-VALIDATION_FRACTION = 0.05   # of English sentences
+VALIDATION_FRACTION = 0.05   # of components
 TEST_FRACTION = 0.05
 MAX_LISTED = 20              # malformed lines named in the log message
 
@@ -83,20 +89,51 @@ def parse(data: bytes) -> tuple[list[Pair], list[Malformed]]:
   return pairs, malformed
 
 
-def english_key(en: str) -> str:
-  """The grouping key of an English sentence: case-folded, whitespace collapsed."""
-  return " ".join(en.casefold().split())
+def sentence_key(text: str) -> str:
+  """The comparison key of a sentence: case-folded, whitespace runs made one space."""
+  return " ".join(text.casefold().split())
 
 
 def split_of(en: str) -> str:
-  """"train", "validation" or "test" for every pair whose English side is `en`."""
-  digest = hashlib.blake2b(english_key(en).encode("utf-8"), digest_size=8).digest()
+  """"train", "validation" or "test" of a component whose smallest English key is ``en``'s."""
+  digest = hashlib.blake2b(sentence_key(en).encode("utf-8"), digest_size=8).digest()
   u = int.from_bytes(digest, "big") / 2.0**64
   if u < VALIDATION_FRACTION:
     return "validation"
   if u < VALIDATION_FRACTION + TEST_FRACTION:
     return "test"
   return "train"
+
+
+def components(pairs: Sequence[Pair]) -> list[str]:
+  """The component of every pair, named by its smallest English key.
+
+  Two pairs are in one component when they share an English or a Spanish
+  sentence (up to :func:`sentence_key`), directly or through other pairs.
+  """
+  parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+  def root(node: tuple[str, str]) -> tuple[str, str]:
+    while parent.setdefault(node, node) != node:
+      parent[node] = parent[parent[node]]
+      node = parent[node]
+    return node
+
+  for pair in pairs:
+    a, b = root(("en", sentence_key(pair.en))), root(("es", sentence_key(pair.es)))
+    if a != b:
+      parent[max(a, b)] = min(a, b)
+  name: dict[tuple[str, str], str] = {}
+  for pair in pairs:
+    key = sentence_key(pair.en)
+    top = root(("en", key))
+    name[top] = min(name.get(top, key), key)
+  return [name[root(("en", sentence_key(pair.en)))] for pair in pairs]
+
+
+def assign_splits(pairs: Sequence[Pair]) -> list[str]:
+  """"train", "validation" or "test" of every pair, one component to one split."""
+  return [split_of(component) for component in components(pairs)]
 
 
 def read_spa_txt(path: epath.PathLike) -> bytes:
@@ -113,7 +150,7 @@ def read_spa_txt(path: epath.PathLike) -> bytes:
 
 
 class SpaEng(tfds.core.GeneratorBasedBuilder):
-  """English–Spanish Tatoeba pairs, split by English sentence."""
+  """English–Spanish Tatoeba pairs, split by components over both sides."""
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -122,8 +159,12 @@ class SpaEng(tfds.core.GeneratorBasedBuilder):
     # `importlib_resources` backport on some installs.
     return epath.Path(__file__)
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "spa-eng.zip of 2018-05-13; 90/5/5 split by English sentence."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "spa-eng.zip of 2018-05-13; 90/5/5 split by English sentence.",
+      "2.0.0": "90/5/5 split by connected components over English and Spanish sentences: "
+               "no held-out sentence of either language occurs in train.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Download {URL} and put {ARCHIVE} into the manual folder "
       "(data.manual_dir or $MT_FLAX_MANUAL_DIR).")
@@ -152,8 +193,8 @@ class SpaEng(tfds.core.GeneratorBasedBuilder):
       log.warning("spa_eng: %d malformed line(s) in %s skipped: %s%s",
                   len(malformed), path, listed, more)
     by_split: dict[str, list[Pair]] = {"train": [], "validation": [], "test": []}
-    for pair in pairs:
-      by_split[split_of(pair.en)].append(pair)
+    for pair, split in zip(pairs, assign_splits(pairs)):
+      by_split[split].append(pair)
     self.info.metadata.update({
         "source": os.fspath(path),
         "num_lines": len(pairs) + len(malformed),

@@ -1,6 +1,9 @@
 """`python -m mt_flax data-stats --config experiments/<x>.py [--json] [--workdir DIR]`.
 
-Prepares the dataset if needed, then reports: pairs per split, malformed lines
+Prepares the dataset if needed, then reports: pairs per split, how many pairs of
+each held-out split have a source sentence that is also a training source
+(compared case-folded with whitespace collapsed; 0 when the splits do not
+leak in the configured direction), malformed lines
 and skipped pairs recorded by the builder, pairs dropped or truncated by
 `data.max_len`, token-length histograms of the training split, and one epoch
 of training batches for each batching mode (bucketing, packing, pad-to-max):
@@ -11,7 +14,9 @@ The tokenizer is `--workdir`'s (trained there if missing) or, without
 `--workdir`, one trained in a temporary folder. With `--json` the last line of
 stdout is one JSON object:
 
-    {"dataset": …, "splits": {"train": N, …}, "malformed": n, "dropped": n,
+    {"dataset": …, "splits": {"train": N, …},
+     "held_out": {"validation": {"pairs": n, "sources": n, "sources_in_train": n}, …},
+     "malformed": n, "dropped": n,
      "truncated": n, "histograms": {"src": [count per length], "tgt": […]},
      "batching": {"bucketing": {"src_efficiency": x, "tgt_efficiency": x,
                                 "shapes": n, …}, "packing": {…}, "pad_to_max": {…}}}
@@ -29,6 +34,7 @@ import numpy as np
 from mt_flax import cli
 from mt_flax.config import load_config
 from mt_flax.data import bucketing, pipeline, sources
+from mt_flax.data.spa_eng import sentence_key
 from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mt_flax.special_ids import PAD_ID
 
@@ -64,6 +70,23 @@ def batching_stats(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return out
 
 
+def held_out_overlap(config: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
+  """Per held-out split: pairs, distinct sources and pairs whose source is a training source.
+
+  Sources are compared by :func:`mt_flax.data.spa_eng.sentence_key`.
+  """
+  sizes = sources.split_sizes(config)
+  if not sizes.get("train"):
+    return {}
+  train = {sentence_key(src) for src, _ in sources.load_pairs(config, "train")}
+  out = {}
+  for split in (s for s in ("validation", "test") if sizes.get(s)):
+    keys = [sentence_key(src) for src, _ in sources.load_pairs(config, split)]
+    out[split] = {"pairs": len(keys), "sources": len(set(keys)),
+                  "sources_in_train": sum(1 for k in keys if k in train)}
+  return out
+
+
 def collect(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   """All figures of the report as a JSON-serialisable dict."""
   sizes = sources.split_sizes(config)
@@ -76,6 +99,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str,
       "dataset": config.data.name,
       "direction": f"{config.data.src_lang}-{config.data.tgt_lang}",
       "splits": sizes,
+      "held_out": held_out_overlap(config),
       "malformed": int(built.get("num_malformed", 0)),
       "skipped": built.get("skipped", {}),
       "max_len": data.max_len,
@@ -103,6 +127,9 @@ def render(stats: dict[str, Any]) -> str:
   """The human-readable report."""
   lines = [f"{stats['dataset']} ({stats['direction']}): "
            + "  ".join(f"{k} {v:,}" for k, v in stats["splits"].items())]
+  for split, h in stats["held_out"].items():
+    lines.append(f"  {split}: {h['pairs']:,} pairs, {h['sources']:,} distinct sources, "
+                 f"{h['sources_in_train']:,} pairs whose source is also a training source")
   skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items() if v)
   lines.append(f"malformed lines: {stats['malformed']}"
                + (f"   skipped by the builder: {skipped}" if skipped else "")
