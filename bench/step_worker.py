@@ -8,7 +8,8 @@ uses only the stable public names (``TransformerConfig``, ``Transformer``,
 ``make_optimizer``, ``create_train_state``, ``make_train_step``), so it builds
 the step of any revision that has them. It compiles and runs one step, prints
 one JSON line ``{"ready": ...}``, then for each line ``step`` on stdin runs one
-step and prints ``{"seconds": s}``; an empty line or end of input ends it.
+step and prints ``{"seconds": wall, "cpu_seconds": cpu}`` (CPU time of
+all the process's threads); an empty line or end of input ends it.
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ def main() -> int:
   for line in sys.stdin:
     if line.strip() != "step":
       break
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run()
-    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - t0,
+                      "cpu_seconds": time.process_time() - c0}), flush=True)
   return 0
 
 

@@ -188,10 +188,12 @@ class Worker:
                          "is above)")
     return json.loads(line)
 
-  def step(self) -> float:
+  def step(self) -> tuple[float, float]:
+    """Runs one step; its wall seconds and the CPU seconds of all the worker's threads."""
     self.proc.stdin.write("step\n")
     self.proc.stdin.flush()
-    return float(self._read()["seconds"])
+    reply = self._read()
+    return float(reply["seconds"]), float(reply["cpu_seconds"])
 
   def close(self) -> None:
     if self.proc.poll() is None:
@@ -200,30 +202,38 @@ class Worker:
 
 
 def compare_shape(rev_root: str, shape: dict[str, Any], repeats: int) -> dict[str, Any]:
-  """Step seconds of ``rev_root``'s (A) and the working tree's (B) step, interleaved."""
+  """Step seconds of ``rev_root``'s and the working tree's step, interleaved.
+
+  ``work_over_rev`` is the ratio of median target tokens/s (working tree over
+  revision); ``work_over_rev_paired`` the median of per-round ratios;
+  ``work_over_rev_cpu`` the ratio of median CPU seconds per step, which other
+  processes on the machine disturb less than wall time.
+  """
   sides = {"rev": Worker(rev_root, shape)}
   try:
     sides["work"] = Worker(REPO, shape)
-    times = {"rev": [], "work": []}
+    wall, cpu = {"rev": [], "work": []}, {"rev": [], "work": []}
     for r in range(repeats + 1):     # round 0 warms both up, untimed
-      order = ("rev", "work") if r % 2 == 0 else ("work", "rev")
-      for name in order:
-        t = sides[name].step()
+      for name in (("rev", "work") if r % 2 == 0 else ("work", "rev")):
+        t, c = sides[name].step()
         if r:
-          times[name].append(t)
+          wall[name].append(t)
+          cpu[name].append(c)
   finally:
     for w in sides.values():
       w.close()
   tokens = shape["batch"] * shape["length"]
   out = {"shape": shape}
-  for name, ts in times.items():
+  for name, ts in wall.items():
     out[name] = {"step_s": [round(t, 4) for t in ts], "step_s_median": round(median(ts), 4),
+                 "cpu_s_median": round(median(cpu[name]), 4),
                  "target_tokens_per_s": round(tokens / median(ts), 1),
                  "compile_and_first_step_s": sides[name].ready["compile_and_first_step_s"],
                  "first_nll": round(sides[name].ready["nll"], 4)}
-  out["work_over_rev"] = round(median(times["rev"]) / median(times["work"]), 3)
+  out["work_over_rev"] = round(median(wall["rev"]) / median(wall["work"]), 3)
   out["work_over_rev_paired"] = round(statistics.median(
-      a / b for a, b in zip(times["rev"], times["work"])), 3)
+      a / b for a, b in zip(wall["rev"], wall["work"])), 3)
+  out["work_over_rev_cpu"] = round(median(cpu["rev"]) / median(cpu["work"]), 3)
   return out
 
 
@@ -247,7 +257,8 @@ def compare(rev: str, shapes: dict[str, dict[str, Any]], repeats: int) -> dict[s
   finally:
     subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", rev_root], check=False)
     shutil.rmtree(tmp, ignore_errors=True)
-  return {"rev": rev, "rev_commit": sha.stdout.strip()[:12], "repeats": repeats,
+  return {"rev": rev, "rev_commit": sha.stdout.strip()[:12], "rev_worktree": rev_root,
+          "repeats": repeats,
           "ld_preload": os.environ.get("LD_PRELOAD", ""),
           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
           "environment": environment(), "shapes": results}
