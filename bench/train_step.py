@@ -18,9 +18,10 @@ measurement failed and is an error, never a result.
 ``--compare REV`` checks ``REV`` out into a temporary git worktree and times
 its train step and the working tree's in two worker processes
 (``bench/step_worker.py``), one step at a time, alternating which goes first,
-on the shapes of :data:`COMPARE_SHAPES`; it prints both and the ratio. Run it
-under ``LD_PRELOAD`` (``./launch.sh bench train_step --compare REV`` preloads
-tcmalloc) and both sides get the same allocator.
+on the shapes of :data:`COMPARE_SHAPES`; it prints both and the ratio. Both
+sides inherit the environment: under ``./launch.sh bench train_step --compare
+REV`` (which preloads tcmalloc) both use tcmalloc; ``--work-preload LIB`` gives
+``LD_PRELOAD=LIB`` to the working tree's side only.
 """
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ def bench_size(size: str, *, batch: int, length: int, vocab: int, repeats: int,
 
   Returns FLOPs per step (XLA), step seconds, target tokens/s, achieved
   GFLOP/s, ``mfu`` (median step rate over the best matmul rate seen here or
-  ``peak_floor_gflops``, whichever is higher), the peak used, compile seconds, the number of compilations of the step (1 = no
-  recompilation), XLA's buffer plan and the process's peak RSS.
+  ``peak_floor_gflops``, whichever is higher), the peak used, compile
+  seconds, the number of compilations of the step (1 = no recompilation),
+  XLA's buffer plan and the process's peak RSS.
   """
   config = model_config(size, vocab, **model_overrides)
   model = Transformer(config)
@@ -175,8 +177,8 @@ REPO = os.path.dirname(os.path.dirname(WORKER))
 class Worker:
   """A ``bench/step_worker.py`` process building the step of the checkout at ``root``."""
 
-  def __init__(self, root: str, shape: dict[str, Any]):
-    env = {**os.environ, "PYTHONPATH": root}
+  def __init__(self, root: str, shape: dict[str, Any], env: Optional[dict[str, str]] = None):
+    env = {**os.environ, **(env or {}), "PYTHONPATH": root}
     self.proc = subprocess.Popen([sys.executable, WORKER, json.dumps(shape)], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.ready = self._read()
@@ -201,17 +203,19 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
-def compare_shape(rev_root: str, shape: dict[str, Any], repeats: int) -> dict[str, Any]:
+def compare_shape(rev_root: str, shape: dict[str, Any], repeats: int,
+                  work_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
   """Step seconds of ``rev_root``'s and the working tree's step, interleaved.
 
   ``work_over_rev`` is the ratio of median target tokens/s (working tree over
   revision); ``work_over_rev_paired`` the median of per-round ratios;
   ``work_over_rev_cpu`` the ratio of median CPU seconds per step, which other
-  processes on the machine disturb less than wall time.
+  processes on the machine disturb less than wall time. ``work_env`` adds
+  environment variables for the working tree's worker only.
   """
   sides = {"rev": Worker(rev_root, shape)}
   try:
-    sides["work"] = Worker(REPO, shape)
+    sides["work"] = Worker(REPO, shape, work_env)
     wall, cpu = {"rev": [], "work": []}, {"rev": [], "work": []}
     for r in range(repeats + 1):     # round 0 warms both up, untimed
       for name in (("rev", "work") if r % 2 == 0 else ("work", "rev")):
@@ -237,7 +241,8 @@ def compare_shape(rev_root: str, shape: dict[str, Any], repeats: int) -> dict[st
   return out
 
 
-def compare(rev: str, shapes: dict[str, dict[str, Any]], repeats: int) -> dict[str, Any]:
+def compare(rev: str, shapes: dict[str, dict[str, Any]], repeats: int,
+            work_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
   """``--compare REV``: each of ``shapes`` (name -> worker shape) for ``REV`` and the working tree.
 
   A shape has ``batch``, ``length``, ``vocab``, ``label_smoothing`` and the
@@ -253,13 +258,14 @@ def compare(rev: str, shapes: dict[str, dict[str, Any]], repeats: int) -> dict[s
                   sha.stdout.strip()], check=True)
   try:
     load_before = os.getloadavg()[0]
-    results = {name: compare_shape(rev_root, shape, repeats) for name, shape in shapes.items()}
+    results = {name: compare_shape(rev_root, shape, repeats, work_env)
+               for name, shape in shapes.items()}
   finally:
     subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", rev_root], check=False)
     shutil.rmtree(tmp, ignore_errors=True)
   return {"rev": rev, "rev_commit": sha.stdout.strip()[:12], "rev_worktree": rev_root,
           "repeats": repeats,
-          "ld_preload": os.environ.get("LD_PRELOAD", ""),
+          "ld_preload": os.environ.get("LD_PRELOAD", ""), "work_env": work_env or {},
           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
           "environment": environment(), "shapes": results}
 
@@ -278,6 +284,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="time REV's train step and the working tree's, interleaved")
   parser.add_argument("--shapes", default=",".join(COMPARE_SHAPES),
                       help=f"with --compare: some of {','.join(COMPARE_SHAPES)}")
+  parser.add_argument("--work-preload", metavar="LIB",
+                      help="with --compare: LD_PRELOAD LIB for the working tree's side only "
+                           "(e.g. tcmalloc, to see what ./launch.sh gains over REV)")
   args = parser.parse_args(argv)
   if args.compare:
     shapes = [s for s in args.shapes.split(",") if s]
@@ -286,7 +295,10 @@ def main(argv: Optional[list[str]] = None) -> int:
       parser.error(f"--shapes: unknown {unknown}; expected some of {sorted(COMPARE_SHAPES)}")
     try:
       chosen = {name: {**COMPARE_SHAPES[name], **COMPARE_COMMON} for name in shapes}
-      print(json.dumps(compare(args.compare, chosen, args.repeats or 6), indent=2))
+      if args.work_preload and not os.path.isfile(args.work_preload):
+        raise ValueError(f"--work-preload {args.work_preload}: no such file")
+      work_env = {"LD_PRELOAD": args.work_preload} if args.work_preload else None
+      print(json.dumps(compare(args.compare, chosen, args.repeats or 6, work_env), indent=2))
     except ValueError as e:
       parser.error(str(e))
     return 0

@@ -137,7 +137,6 @@ def test_compare_times_a_revision_and_the_working_tree_interleaved():
     assert len(got[side]["step_s"]) == 2 and positive(got[side]["target_tokens_per_s"])
   assert positive(got["work_over_rev"]) and positive(got["work_over_rev_paired"])
   assert positive(got["work_over_rev_cpu"])
-  assert got["rev"]["first_nll"] == got["work"]["first_nll"]   # the same code: the same step
   # The revision's worktree is gone again.
   assert not os.path.exists(out["rev_worktree"])
   assert out["rev_worktree"] not in subprocess.run(
