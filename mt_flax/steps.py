@@ -142,7 +142,8 @@ def _token_losses_fwd(logits, labels, label_smoothing):
   if label_smoothing:
     uniform = lse - jnp.mean(logits, axis=-1)
     loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-  correct = (picked >= top).astype(jnp.float32)
+  ties = jnp.sum((logits == top[..., None]).astype(jnp.float32), axis=-1)
+  correct = jnp.where(picked >= top, 1.0 / ties, 0.0)
   return (loss, nll, correct), (logits, labels, lse)
 
 
@@ -173,7 +174,7 @@ def token_losses(logits: Array, labels: Array,
   ``1 - eps`` on the label and ``eps / V`` on every token, so
   ``loss = (1 - eps) * nll + eps * mean_v(-log p_v)`` where
   ``mean_v(-log p_v) = logsumexp(z) - mean(z)``. ``correct`` is 1.0 where the
-  label's logit is the largest (no argmax). The gradient is written out,
+  label's logit is the largest (no argmax), shared equally among tied maxima. The gradient is written out,
   ``softmax(z) * (g_loss + g_nll) - target weights``, so the backward pass is
   one elementwise sweep over the logits.
 

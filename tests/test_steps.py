@@ -103,6 +103,9 @@ def test_token_losses_gradient_and_accuracy_match_autodiff_and_argmax():
   _, _, correct = steps.token_losses(logits, labels, 0.1)
   np.testing.assert_array_equal(correct, (jnp.argmax(logits, -1) == labels).astype(np.float32))
   assert float(correct[0].sum()) == 6.0
+  # Tied maxima share the credit: all-equal logits are right 1/V of the time.
+  _, _, tied = steps.token_losses(jnp.zeros((2, 3, V)), labels[:2, :3], 0.1)
+  np.testing.assert_allclose(tied, 1.0 / V, rtol=1e-6)
 
 
 def test_a_perfect_smoothed_prediction_scores_loss_zero(setup):
