@@ -6,18 +6,21 @@
 #   ./launch.sh test [--all] [pytest args] run the fast tests (--all: the slow end-to-end ones too)
 #   ./launch.sh train|eval|translate|data-stats|audit ...   python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
+#   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
 #       --accelerator TYPE [-- <mt_flax command and flags>]
 # Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3) to create it with,
 # MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
 # "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
-# check (the venv must exist).
+# check (the venv must exist). train, eval, translate, sweep, bench and the default run preload
+# tcmalloc (Debian libtcmalloc-minimal4, installed with the SWORD packages) when it is found;
+# MT_FLAX_TCMALLOC=0 runs them with the system malloc instead.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${MT_FLAX_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
-APT_PACKAGES="sword-text-web sword-text-sparv"
+APT_PACKAGES="sword-text-web sword-text-sparv libtcmalloc-minimal4"
 DEFAULT_CONFIG=experiments/bible_en_es_tiny.py
 RUN_DIR=${MT_FLAX_RUN_DIR:-runs/bible_en_es_tiny}
 
@@ -27,10 +30,39 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
 }
 
+# Prints the path of libtcmalloc_minimal.so.4 (nothing if it is not installed).
+find_tcmalloc() {
+  local lib
+  lib=$( { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } \
+    | awk '$1 == "libtcmalloc_minimal.so.4" && !found { print $NF; found = 1 }')
+  if [ -z "$lib" ]; then
+    for lib in /usr/lib/{x86_64,aarch64}-linux-gnu/libtcmalloc_minimal.so.4 \
+               /usr/lib64/libtcmalloc_minimal.so.4 ""; do
+      [ -n "$lib" ] && [ -f "$lib" ] && break
+    done
+  fi
+  echo "$lib"
+}
+
+# XLA on CPU frees and reallocates large buffers every step; glibc malloc hands them back to the
+# kernel and faults them in again, tcmalloc keeps them. Preloaded for the commands that compute.
+preload_tcmalloc() {
+  [ "${MT_FLAX_TCMALLOC:-1}" = 0 ] && return 0
+  case "${LD_PRELOAD:-}" in *libtcmalloc*) return 0 ;; esac
+  local lib
+  lib=$(find_tcmalloc)
+  if [ -n "$lib" ]; then
+    export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  else
+    log "no tcmalloc (apt-get install libtcmalloc-minimal4): system malloc, slower steps on CPU"
+  fi
+}
+
 install_system_packages() {
   # The Bible builder reads SWORD modules from these packages; without them it downloads the modules.
+  # tcmalloc makes CPU training faster (see preload_tcmalloc).
   local ztext=/usr/share/sword/modules/texts/ztext
-  if [ -d "$ztext/engWEB2015eb" ] && [ -d "$ztext/spaRV1909eb" ]; then
+  if [ -d "$ztext/engWEB2015eb" ] && [ -d "$ztext/spaRV1909eb" ] && [ -n "$(find_tcmalloc)" ]; then
     return 0
   fi
   if command -v apt-get >/dev/null; then
@@ -39,7 +71,7 @@ install_system_packages() {
         apt-get install -y -q --no-install-recommends $APT_PACKAGES; } >&2 \
       || log "could not install $APT_PACKAGES; the bible_en_es builder will download the modules"
   else
-    log "no apt-get: the bible_en_es builder will download the SWORD modules"
+    log "no apt-get: the bible_en_es builder will download the SWORD modules (and no tcmalloc)"
   fi
 }
 
@@ -86,6 +118,7 @@ EOF
 default_run() {
   local start=$SECONDS py="$VENV/bin/python"
   setup
+  preload_tcmalloc
   log "1/3 training $DEFAULT_CONFIG into $RUN_DIR (a re-run resumes it, or reuses a finished run)"
   "$py" -m mt_flax train --config "$DEFAULT_CONFIG" --workdir "$RUN_DIR" "$@"
   local report="$RUN_DIR/eval/test/report.md"
@@ -123,7 +156,17 @@ case "$cmd" in
     ;;
   train|eval|translate|data-stats|audit|sweep)
     setup
+    case "$cmd" in train|eval|translate|sweep) preload_tcmalloc ;; esac
     exec "$VENV/bin/python" -m mt_flax "$cmd" "$@"
+    ;;
+  bench)
+    [ $# -gt 0 ] || { echo "launch.sh bench: expected a benchmark name, e.g. all --quick" >&2; exit 2; }
+    name=$1
+    shift
+    [ -f "bench/$name.py" ] || { echo "launch.sh bench: no benchmark bench/$name.py" >&2; exit 2; }
+    setup
+    preload_tcmalloc
+    exec "$VENV/bin/python" -m "bench.$name" "$@"
     ;;
   tpu)
     setup
@@ -133,11 +176,11 @@ case "$cmd" in
     setup
     ;;
   -h|--help|help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \
-      "eval, translate, data-stats, audit, sweep or tpu (./launch.sh help)" >&2
+      "eval, translate, data-stats, audit, sweep, bench or tpu (./launch.sh help)" >&2
     exit 2
     ;;
 esac

@@ -6,7 +6,8 @@
 
 A fresh process per benchmark keeps compile caches and peak RSS apart. The
 ``targets`` section checks the figures against the project's speed targets
-(base train step MFU >= 0.75 of the measured matmul peak; bucketing and
+(base train step MFU >= 0.6 of the best matmul rate measured in the run, and
+every MFU in (0, 1]: a value outside is an error, never "met"; bucketing and
 packing >= 2.5x pad-to-max effective target tokens/s; cached beam-4 decoding
 >= 5x the uncached decoder). The exit status is 1 if a benchmark failed.
 """
@@ -70,10 +71,16 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return {"value": value, "threshold": threshold,
             "met": None if value is None else bool(value >= threshold)}
 
+  def check_mfu(value: Optional[float], threshold: float) -> dict[str, Any]:
+    if value is not None and not 0.0 < value <= 1.0:
+      return {"value": value, "threshold": threshold, "met": False,
+              "error": f"MFU {value} is outside (0, 1]: the matmul peak measurement is wrong"}
+    return check(value, threshold)
+
   modes = _get(results, "pipeline", "modes") or {}
   decode = _get(results, "decode_speed") or {}
   return {
-      "base_train_mfu": check(_get(results, "train_step", "sizes", "base", "mfu"), 0.75),
+      "base_train_mfu": check_mfu(_get(results, "train_step", "sizes", "base", "mfu"), 0.6),
       "bucket_vs_pad": check(_get(modes, "bucket", "steady_speedup_vs_pad"), 2.5),
       "pack_vs_pad": check(_get(modes, "pack", "steady_speedup_vs_pad"), 2.5),
       "cached_beam4_vs_uncached": check(decode.get("beam4_cached_speedup"), 5.0),
@@ -97,16 +104,15 @@ def table(report: dict[str, Any]) -> str:
   if "sizes" in train:
     first = next(iter(train["sizes"].values()))
     lines += [f"Train step, fp32, batch {first['batch']} x {first['length']} tokens, vocabulary "
-              f"{first['vocab']}; matmul peak {_fmt(train['matmul_peak']['peak_gflops'])} "
-              "GFLOP/s:", "",
+              f"{first['vocab']}; MFU over the best matmul rate of the run, "
+              f"{_fmt(train.get('peak_gflops_used'))} GFLOP/s:", "",
               _row("model", "params", "step s", "target tokens/s", "GFLOP/s", "MFU",
-                   "MFU vs best peak", "compilations", "peak RSS MiB"),
-              _row(*["---"] * 9)]
+                   "compilations", "peak RSS MiB"),
+              _row(*["---"] * 8)]
     for name, r in train["sizes"].items():
       lines.append(_row(name, f"{r['params'] / 1e6:.1f}M", _fmt(r["step_s_median"], 2),
                         _fmt(r["target_tokens_per_s"], 0), _fmt(r["gflops"]), _fmt(r["mfu"], 2),
-                        _fmt(r["mfu_vs_best_peak"], 2), r["step_compilations"],
-                        _fmt(r["memory"]["peak_rss_mib"], 0)))
+                        r["step_compilations"], _fmt(r["memory"]["peak_rss_mib"], 0)))
     lines.append("")
   pipe = b.get("pipeline", {})
   if "modes" in pipe:
@@ -139,7 +145,8 @@ def table(report: dict[str, Any]) -> str:
     lines += ["Peak host RSS of each benchmark's process: " + ", ".join(rss) + ".", ""]
   verdict = {True: "met", False: "not met", None: "not run"}
   lines += ["Targets:", ""] + [
-      f"- {name}: {_fmt(t['value'], 2)} (>= {t['threshold']}): {verdict[t['met']]}"
+      f"- {name}: {_fmt(t['value'], 2)} (>= {t['threshold']}): "
+      + (f"ERROR, {t['error']}" if "error" in t else verdict[t["met"]])
       for name, t in report["targets"].items()]
   return "\n".join(lines)
 

@@ -169,10 +169,60 @@ def _attention_with_dropout(q, k, v, mask, rate, rng):
   """Reference attention with dropout on the weights. q ``[B,T,N,H]``, k/v ``[B,S,N,H]``."""
   logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min / 2)
-  weights = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
-  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(v.dtype)
+  weights = apply_dropout(jax.nn.softmax(logits, axis=-1), rate, rng).astype(v.dtype)
   return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def _mix32(x: Array) -> Array:
+  """A bijective avalanche mix of uint32 words (xor-shift-multiply, "lowbias32")."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout_keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> Array:
+  """Boolean keep mask of ``shape``, each entry True with probability ``1 - rate``.
+
+  Counter-based: two 32-bit seeds drawn from ``rng`` (one small Threefry call)
+  key a hash of each entry's flat index, ``mix(mix(index ^ s0) + s1)``, and an
+  entry is kept when the hash is at least ``rate * 2**32``. Every entry is an
+  elementwise function of iotas, so XLA fuses the mask into its consumer; the
+  mask is a pure function of ``(rng, shape)``, so equal keys give equal masks.
+  """
+  size = int(np.prod(shape, dtype=np.int64))
+  if size >= 2 ** 32:
+    raise ValueError(f"dropout mask of shape {shape} has {size} entries; at most 2**32 - 1")
+  seeds = jax.random.bits(rng, (2,), jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+    stride *= shape[dim]
+  threshold = np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+  return _mix32(_mix32(index ^ seeds[0]) + seeds[1]) >= threshold
+
+
+def apply_dropout(x: Array, rate: float, rng: jax.Array) -> Array:
+  """``x`` with entries zeroed at ``rate`` and the rest scaled by ``1 / (1 - rate)``."""
+  if rate <= 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep = dropout_keep_mask(rng, x.shape, rate)
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """Dropout drawing its mask from :func:`dropout_keep_mask` with the ``dropout`` RNG stream."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate <= 0.0:
+      return x
+    return apply_dropout(x, self.rate, self.make_rng("dropout"))
 
 
 class MLP(nn.Module):
@@ -184,7 +234,7 @@ class MLP(nn.Module):
     y = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                  kernel_init=_dense_init(("embed", "mlp")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
-    y = nn.Dropout(cfg.dropout_rate)(nn.relu(y), deterministic=not train)
+    y = Dropout(cfg.dropout_rate)(nn.relu(y), deterministic=not train)
     return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                     kernel_init=_dense_init(("mlp", "embed")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
@@ -199,7 +249,7 @@ def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
 def _sublayer(cfg: TransformerConfig, x: Array, f, name: str, train: bool) -> Array:
   """``x + dropout(f(LN(x)))`` (pre-LN) or ``LN(x + dropout(f(x)))`` (post-LN)."""
   norm = _layer_norm(cfg, f"{name}_norm")
-  drop = nn.Dropout(cfg.dropout_rate)
+  drop = Dropout(cfg.dropout_rate)
   if cfg.pre_ln:
     return x + drop(f(norm(x)), deterministic=not train)
   return norm(x + drop(f(x), deterministic=not train))
@@ -302,7 +352,7 @@ class Transformer(nn.Module):
                            for i in range(cfg.num_encoder_layers)]
     self.decoder_layers = [DecoderLayer(cfg, name=f"decoder_{i}")
                            for i in range(cfg.num_decoder_layers)]
-    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.embed_dropout = Dropout(cfg.dropout_rate)
     self.decode_index = DecodeIndex()
     if cfg.pre_ln:
       self.encoder_norm = _layer_norm(cfg, "encoder_norm")

@@ -114,25 +114,83 @@ def create_train_state(model: Transformer, optimizer: optax.GradientTransformati
 # ----------------------------------------------------------------------------- loss
 
 
-def cross_entropy(logits: Array, labels: Array,
-                  label_smoothing: float = 0.0) -> tuple[Array, Array]:
-  """Per-token label-smoothed loss and plain negative log-likelihood, both ``[B, T]``.
+def smoothing_constant(label_smoothing: float, vocab_size: int) -> float:
+  """Entropy of the smoothed target: the least label-smoothed cross-entropy reachable.
+
+  The target puts ``1 - eps + eps / V`` on the label and ``eps / V`` on each
+  other token; a model predicting exactly that scores this loss (0 for eps=0).
+  """
+  eps, v = float(label_smoothing), int(vocab_size)
+  if eps <= 0.0:
+    return 0.0
+  on, off = 1.0 - eps + eps / v, eps / v
+  return -(on * math.log(on) + (v - 1) * off * math.log(off))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_losses(logits: Array, labels: Array, label_smoothing: float):
+  """(smoothed loss, nll, correct) per token, each float32 ``[B, T]``; see :func:`token_losses`."""
+  return _token_losses_fwd(logits, labels, label_smoothing)[0]
+
+
+def _token_losses_fwd(logits, labels, label_smoothing):
+  top = jnp.max(logits, axis=-1)
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  nll = lse - picked
+  loss = nll
+  if label_smoothing:
+    uniform = lse - jnp.mean(logits, axis=-1)
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+  ties = jnp.sum((logits == top[..., None]).astype(jnp.float32), axis=-1)
+  correct = jnp.where(picked >= top, 1.0 / ties, 0.0)
+  return (loss, nll, correct), (logits, labels, lse)
+
+
+def _token_losses_bwd(label_smoothing, residuals, cotangents):
+  """d/dz of ``g_loss * loss + g_nll * nll``: one fused pass over ``[B, T, V]``."""
+  logits, labels, lse = residuals
+  g_loss, g_nll, _ = cotangents
+  eps = label_smoothing
+  vocab = logits.shape[-1]
+  vocab_ids = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  on_label = vocab_ids == labels[..., None]
+  total = (g_loss + g_nll)[..., None]
+  label_weight = (g_loss * (1.0 - eps) + g_nll)[..., None]
+  probs = jnp.exp(logits - lse[..., None])
+  grad = (total * probs - jnp.where(on_label, label_weight, 0.0)
+          - (g_loss * (eps / vocab))[..., None])
+  return grad.astype(logits.dtype), None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def token_losses(logits: Array, labels: Array,
+                 label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+  """Per-token label-smoothed loss, plain nll and top-1 correctness, each ``[B, T]``.
 
   From integer labels, no one-hot over the vocabulary: the smoothed target puts
   ``1 - eps`` on the label and ``eps / V`` on every token, so
   ``loss = (1 - eps) * nll + eps * mean_v(-log p_v)`` where
-  ``mean_v(-log p_v) = logsumexp(z) - mean(z)``.
+  ``mean_v(-log p_v) = logsumexp(z) - mean(z)``. ``correct`` is 1.0 where the
+  label's logit is the largest (no argmax), shared equally among tied maxima. The gradient is written out,
+  ``softmax(z) * (g_loss + g_nll) - target weights``, so the backward pass is
+  one elementwise sweep over the logits.
 
   Args:
     logits: float ``[B, T, V]``.
     labels: int ``[B, T]``.
   """
-  logits = logits.astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if not label_smoothing:
-    return nll, nll
-  uniform = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
-  return (1.0 - label_smoothing) * nll + label_smoothing * uniform, nll
+  return _token_losses(logits.astype(jnp.float32), labels.astype(jnp.int32),
+                       float(label_smoothing))
+
+
+def cross_entropy(logits: Array, labels: Array,
+                  label_smoothing: float = 0.0) -> tuple[Array, Array]:
+  """Per-token label-smoothed loss and plain negative log-likelihood, both ``[B, T]``."""
+  loss, nll, _ = token_losses(logits, labels, label_smoothing)
+  return loss, nll
 
 
 def _apply(model: Transformer, params, batch: Batch, *, train: bool,
@@ -149,8 +207,7 @@ def loss_sums(params, batch: Batch, rng: Array, *, model: Transformer,
   logits = _apply(model, params, batch, train=True, rng=rng)
   labels = batch["tgt_out"]
   weights = (labels != PAD_ID).astype(jnp.float32)
-  loss, nll = cross_entropy(logits, labels, label_smoothing)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  loss, nll, correct = token_losses(logits, labels, label_smoothing)
   sums = {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights),
           "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
   return sums["loss"], sums
@@ -203,7 +260,9 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
   a resumed run draws the same masks. With ``axis_name`` (``pmap``) gradients
   and sums are summed over devices before normalising.
 
-  Returns the new state and scalar metrics: ``loss`` (smoothed objective),
+  Returns the new state and scalar metrics: ``loss`` (the label-smoothed
+  cross-entropy minus :func:`smoothing_constant`, so a perfect smoothed
+  prediction scores 0; the gradients are those of the smoothed objective),
   ``nll``, ``accuracy``, ``grad_norm`` (before clipping), ``learning_rate``,
   ``tokens`` (non-pad targets) and ``finite`` (1.0 if loss and grads are finite).
   """
@@ -220,7 +279,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
-  metrics = {"loss": sums["loss"] / denom, "nll": sums["nll"] / denom,
+  floor = smoothing_constant(label_smoothing, model.config.tgt_vocab_size)
+  metrics = {"loss": sums["loss"] / denom - floor, "nll": sums["nll"] / denom,
              "accuracy": sums["correct"] / denom, "grad_norm": grad_norm,
              "tokens": sums["tokens"],
              "finite": jnp.isfinite(sums["loss"] + grad_norm).astype(jnp.float32)}
@@ -239,8 +299,7 @@ def eval_step(params, batch: Batch, *, model: Transformer,
   logits = _apply(model, params, batch, train=False)
   labels = batch["tgt_out"]
   weights = (labels != PAD_ID).astype(jnp.float32)
-  _, nll = cross_entropy(logits, labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  _, nll, correct = token_losses(logits, labels)
   sums = {"nll": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
           "tokens": jnp.sum(weights)}
   return jax.lax.psum(sums, axis_name) if axis_name is not None else sums

@@ -31,6 +31,13 @@ def test_pass_through_reaches_mt_flax():
   assert r.returncode == 2 and "sweep file '/nonexistent/sweep.py' not found" in r.stderr
 
 
+def test_bench_needs_a_known_benchmark():
+  for args, message in ((("bench",), "expected a benchmark name"),
+                        (("bench", "nosuch"), "no benchmark bench/nosuch.py")):
+    r = launch(*args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_no_tests_collected_is_an_error():
   r = launch("test", "tests/test_launch.py", "-k", "no_such_test_anywhere", "-q")
   assert r.returncode == 1 and "collected no tests" in r.stderr

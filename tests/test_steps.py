@@ -75,6 +75,60 @@ def test_cross_entropy_matches_explicit_smoothed_target():
   np.testing.assert_array_equal(plain, same)
 
 
+def explicit_smoothed_loss(logits, labels, eps):
+  """Reference: cross-entropy against the explicit smoothed target, by plain autodiff."""
+  logp = jax.nn.log_softmax(logits, -1)
+  target = (1 - eps) * jax.nn.one_hot(labels, logits.shape[-1]) + eps / logits.shape[-1]
+  return -(target * logp).sum(-1), -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+
+
+def test_token_losses_gradient_and_accuracy_match_autodiff_and_argmax():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(4, 6, V)).astype(np.float32) * 3)
+  labels = jnp.asarray(rng.integers(0, V, (4, 6)))
+  labels = labels.at[0].set(jnp.argmax(logits[0], -1))     # some correct predictions
+  w = jnp.asarray(rng.uniform(size=(4, 6)).astype(np.float32))
+  for eps in (0.0, 0.1):
+    def ours(z):
+      loss, nll, _ = steps.token_losses(z, labels, eps)
+      return jnp.sum(w * loss) + 0.3 * jnp.sum(w * nll)
+
+    def reference(z):
+      loss, nll = explicit_smoothed_loss(z, labels, eps)
+      return jnp.sum(w * loss) + 0.3 * jnp.sum(w * nll)
+
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-5)
+  _, _, correct = steps.token_losses(logits, labels, 0.1)
+  np.testing.assert_array_equal(correct, (jnp.argmax(logits, -1) == labels).astype(np.float32))
+  assert float(correct[0].sum()) == 6.0
+  # Tied maxima share the credit: all-equal logits are right 1/V of the time.
+  _, _, tied = steps.token_losses(jnp.zeros((2, 3, V)), labels[:2, :3], 0.1)
+  np.testing.assert_allclose(tied, 1.0 / V, rtol=1e-6)
+
+
+def test_a_perfect_smoothed_prediction_scores_loss_zero(setup):
+  eps = 0.1
+  target = np.full((2, 3, V), eps / V)
+  labels = np.array([[5, 6, 7], [8, 9, 10]])
+  np.put_along_axis(target, labels[..., None], 1 - eps + eps / V, axis=-1)
+  loss, nll = steps.cross_entropy(jnp.log(jnp.asarray(target, jnp.float32)), labels, eps)
+  np.testing.assert_allclose(loss, steps.smoothing_constant(eps, V), rtol=1e-5)
+  np.testing.assert_allclose(nll, -np.log(1 - eps + eps / V), rtol=1e-5)
+  assert steps.smoothing_constant(0.0, V) == 0.0
+  # The logged train loss is the summed smoothed loss per token minus that constant; nll is plain.
+  model, opt, step, state = setup
+  batch = make_batch(8)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  _, sums = steps.loss_sums(state.params, batch, rng, model=model, label_smoothing=eps)
+  _, m = step(fresh(state), batch)
+  tokens = float(sums["tokens"])
+  assert float(m["loss"]) == pytest.approx(float(sums["loss"]) / tokens
+                                           - steps.smoothing_constant(eps, V), rel=1e-5)
+  assert float(m["nll"]) == pytest.approx(float(sums["nll"]) / tokens, rel=1e-5)
+
+
 def test_loss_and_gradients_ignore_pad_targets(setup):
   model, _, _, state = setup
   fn = functools.partial(steps.loss_sums, model=model, label_smoothing=0.1)
