@@ -5,44 +5,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from mt_flax import decode
-from mt_flax.model import Transformer, TransformerConfig, init_params
+from mt_flax.model import Transformer
 
 V = 40
 EOS = decode.EOS_ID
 
 
-def random_params(model: Transformer, seed: int):
-  """Random weights drawn with numpy on the model's parameter shapes (no init compile)."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name == "bias":
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(0.0, leaf.shape[-1] ** -0.5, leaf.shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def make_model(eos_bias: float = 0.5, vocab: int = V, **overrides):
-  """Tiny model whose EOS logit is raised so that hypotheses end at varied lengths."""
-  base = dict(src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=32, num_heads=4,
-              num_encoder_layers=2, num_decoder_layers=2, mlp_dim=64, max_len=64)
-  base.update(overrides)
-  model = Transformer(TransformerConfig(**base))
-  params = random_params(model, seed=0)
-  params["logits_dense"]["bias"] = params["logits_dense"]["bias"].at[EOS].set(eos_bias)
-  return model, params
+@pytest.fixture(scope="module")
+def make_model(tiny_model):
+  """``make(eos_bias=0.5, vocab=V, **overrides) -> (model, params)``: a tiny random model
+  whose EOS logit is raised so that hypotheses end at varied lengths."""
+  def make(eos_bias: float = 0.5, vocab: int = V, **overrides):
+    model, params = tiny_model(src_vocab_size=vocab, tgt_vocab_size=vocab, **overrides)
+    params["logits_dense"]["bias"] = params["logits_dense"]["bias"].at[EOS].set(eos_bias)
+    return model, params
+  return make
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(make_model):
   return make_model()
 
 
@@ -173,7 +156,7 @@ def test_t5x_stops_once_no_alive_beam_can_win():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
-def test_t5x_stopping_early_gives_the_same_result_as_running_to_the_limit(alpha):
+def test_t5x_stopping_early_gives_the_same_result_as_running_to_the_limit(alpha, make_model):
   model, params = make_model(eos_bias=2.0)
   params["logits_dense"]["kernel"] = params["logits_dense"]["kernel"] * 6.0   # peaked
   src = jnp.asarray(ragged_sources(6, [5, 1, 8, 3, 7, 2], width=8))
@@ -229,7 +212,7 @@ def sequence_scores(model, params, src_row, seqs, limit, alpha) -> np.ndarray:
   return scores / np.asarray(decode.length_penalty(lengths.astype(np.float32), alpha))
 
 
-def test_a_wide_beam_finds_the_best_sequence_by_exhaustive_search():
+def test_a_wide_beam_finds_the_best_sequence_by_exhaustive_search(make_model):
   vocab, alpha, limit = 7, 0.6, 3        # words 1 (unk), 4, 5, 6 plus EOS
   model, params = make_model(eos_bias=0.5, vocab=vocab)
   src = np.asarray([[4, 5, 6, 5]], np.int32)
@@ -247,7 +230,7 @@ def test_a_wide_beam_finds_the_best_sequence_by_exhaustive_search():
   assert max(scores) >= sequence_scores(model, params, src[0], [greedy], limit, alpha)[0]
 
 
-def test_no_eos_means_exactly_the_length_limit_then_eos():
+def test_no_eos_means_exactly_the_length_limit_then_eos(make_model):
   model, params = make_model(eos_bias=-1e4)    # EOS only when forced
   a, b = 1.5, 2.0
   lengths = [1, 4, 7]
