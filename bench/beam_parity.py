@@ -1,7 +1,7 @@
 """Beam parity: mt_flax's beam search against the Flax WMT example's ``beam_search``.
 
     python -m bench.beam_parity --workdir RUN --flax-decode /tmp/flax_wmt/decode.py \
-        [--sentences 200] [--examples 5]
+        [--sentences 200] [--examples 5] [--max-len-a A --max-len-b B]
 
 The Flax example's ``decode.py`` (google/flax, ``examples/wmt/decode.py``) is
 not part of this repository: ``--flax-decode`` names a copy of it, imported
@@ -25,7 +25,8 @@ model side through the ``tokens_to_logits`` function handed to it):
 * PAD and BOS exclusion. Their logits are set to -inf before the example's
   own ``log_softmax``, which then computes the same log-probabilities as
   mt_flax's ``_token_logprobs``.
-* Length limit. A source of ``n`` tokens (EOS included) may get
+* Length limit. ``--max-len-a``/``--max-len-b`` replace the run's settings
+  (a tight limit makes many outputs end with a forced EOS). A source of ``n`` tokens (EOS included) may get
   ``floor(a * n + b)`` target tokens, EOS included (``decode.max_target_len``,
   clipped to the static length ``L`` of its padded width). The example stops
   after ``max_decode_len - 1`` tokens and forces nothing; it is given
@@ -52,8 +53,8 @@ model side through the ``tokens_to_logits`` function handed to it):
 * Output. The example returns its ``K`` finished hypotheses in ascending score
   order; the last is its answer (or the best alive one if none finished).
 
-``max_score_gap_identical_t5x``: the largest difference between the two
-searches' scores of the same output (t5x rule), which checks the bridging of
+``max_score_gap_identical``: the largest difference between the two
+searches' scores of the same output (either rule), which checks the bridging of
 scores; ``flax_outputs_at_limit``: outputs as long as their source's limit
 allows (their EOS was forced). Disagreements are listed with both token lists and both scores (the example's
 returned score, mt_flax's ``Decoded.scores`` for the same padded source: both
@@ -69,7 +70,7 @@ import os
 import sys
 import time
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,26 +145,31 @@ def _padded(ids: Sequence[int]) -> np.ndarray:
   return src
 
 
-def _mt_scores(model, params, src: np.ndarray, settings: dict, rule: str) -> float:
+def _mt_score(model, params, src: np.ndarray, settings: dict, rule: str) -> float:
+  """mt_flax's score of its output for ``src`` ``[1, S]`` (log-probability / penalty)."""
   out = decode.search(model, params, src, beam_size=settings["beam_size"],
                       alpha=settings["alpha"], max_len_a=settings["max_len_a"],
                       max_len_b=settings["max_len_b"], beam_rule=rule)
   return float(out.scores[0])
 
 
-def compare(trained, flax_decode: ModuleType, sources: Sequence[Sequence[int]], *,
-            beam_size: int = 4, examples: int = 5) -> dict[str, Any]:
-  """Decodes every source with both searches; counts identical outputs per mt_flax rule."""
-  settings = {**decode_settings_of(trained), "beam_size": beam_size}
-  model, params = trained.model, trained.params
+RULES = ("t5x", "fairseq")
+
+
+def compare(model, params, flax_decode: ModuleType, sources: Sequence[Sequence[int]],
+            settings: dict, *, examples: int = 5) -> dict[str, Any]:
+  """Decodes every source with both searches; counts identical outputs per mt_flax rule.
+
+  ``settings``: ``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b``.
+  ``example_higher_<rule>``: disagreements where the example's output scores
+  higher than mt_flax's.
+  """
   run_flax = jax.jit(functools.partial(flax_search, flax_decode),
                      static_argnames=("model", "beam_size", "alpha", "max_len_a", "max_len_b"))
-  kw = dict(beam_size=beam_size, alpha=settings["alpha"], max_len_a=settings["max_len_a"],
-            max_len_b=settings["max_len_b"])
-  result: dict[str, Any] = {"sentences": len(sources)}
-  seconds = {"flax": 0.0, "t5x": 0.0, "fairseq": 0.0}
-  disagreements: dict[str, list] = {"t5x": [], "fairseq": []}
-  same = {"t5x": 0, "fairseq": 0}
+  kw = {key: settings[key] for key in ("beam_size", "alpha", "max_len_a", "max_len_b")}
+  seconds = {"flax": 0.0, **{rule: 0.0 for rule in RULES}}
+  same, higher = dict.fromkeys(RULES, 0), dict.fromkeys(RULES, 0)
+  listed: dict[str, list] = {rule: [] for rule in RULES}
   score_gap, at_limit = 0.0, 0
   for n, ids in enumerate(sources):
     src = _padded(ids)
@@ -171,51 +177,54 @@ def compare(trained, flax_decode: ModuleType, sources: Sequence[Sequence[int]], 
     tokens, score = run_flax(model, params, jnp.asarray(src), **kw)
     theirs, their_score = decode.strip_eos(np.asarray(tokens)[0]), float(score[0])
     seconds["flax"] += time.perf_counter() - start
-    mt_score = _mt_scores(model, params, src, settings, "t5x")
     limit = decode.max_target_len(len(ids), settings["max_len_a"], settings["max_len_b"])
     at_limit += len(theirs) + 1 >= limit
-    for rule in same:
+    for rule in RULES:
       start = time.perf_counter()
       ours = decode.decode_ids(model, params, [list(ids)], beam_rule=rule, **kw)[0]
       seconds[rule] += time.perf_counter() - start
+      our_score = _mt_score(model, params, src, settings, rule)
       if ours == theirs:
         same[rule] += 1
-        if rule == "t5x":
-          score_gap = max(score_gap, abs(mt_score - their_score))
-      elif len(disagreements[rule]) < examples:
-        disagreements[rule].append({
-            "index": n, "src_len": len(ids), "limit": limit,
-            "mt_flax": ours, "mt_flax_score": _mt_scores(model, params, src, settings, rule),
-            "flax_example": theirs, "flax_example_score": their_score})
-  for rule in same:
+        score_gap = max(score_gap, abs(our_score - their_score))
+        continue
+      higher[rule] += their_score > our_score
+      if len(listed[rule]) < examples:
+        listed[rule].append({"index": n, "src_len": len(ids), "limit": limit,
+                             "mt_flax": ours, "mt_flax_score": our_score,
+                             "flax_example": theirs, "flax_example_score": their_score})
+  result: dict[str, Any] = {"sentences": len(sources)}
+  for rule in RULES:
     result[f"identical_{rule}"] = same[rule]
     result[f"fraction_{rule}"] = same[rule] / max(len(sources), 1)
-  result["max_score_gap_identical_t5x"] = score_gap
-  result["flax_outputs_at_limit"] = int(at_limit)
-  result["disagreements"] = disagreements
-  result["seconds"] = seconds
+    result[f"example_higher_{rule}"] = int(higher[rule])
+  result.update(max_score_gap_identical=score_gap, flax_outputs_at_limit=int(at_limit),
+                disagreements=listed, seconds=seconds)
   return result
 
 
-def decode_settings_of(trained) -> dict:
-  from mt_flax.inference import decode_settings
-  return decode_settings(trained.config)
+def run_parity(workdir: str, flax_decode: ModuleType, *, sentences: int = 200,
+               split: str = "test", beam_size: int = 4, max_len_a: Optional[float] = None,
+               max_len_b: Optional[float] = None, examples: int = 5) -> dict[str, Any]:
+  """The parity figures for the first ``sentences`` sources of ``split`` of a trained run.
 
-
-def run_parity(workdir: str, flax_decode: ModuleType, *, sentences: int = 200, split: str = "test",
-               beam_size: int = 4, examples: int = 5) -> dict[str, Any]:
-  """The parity figures for the first ``sentences`` sources of ``split`` of a trained run."""
+  ``max_len_a``/``max_len_b`` replace the run's length limit when given.
+  """
   from mt_flax import data
-  from mt_flax.inference import load_trained
+  from mt_flax.inference import decode_settings, load_trained
   trained = load_trained(workdir)
   picked = data.eval_examples(trained.config, trained.tokenizer, split)[:sentences]
-  settings = decode_settings_of(trained)
+  settings = decode_settings(trained.config, beam_size)
+  if max_len_a is not None:
+    settings["max_len_a"] = float(max_len_a)
+  if max_len_b is not None:
+    settings["max_len_b"] = float(max_len_b)
   out: dict[str, Any] = {"benchmark": "beam_parity", "workdir": workdir, "step": trained.step,
                          "split": split, "beam_size": beam_size, "alpha": settings["alpha"],
                          "max_len_a": settings["max_len_a"], "max_len_b": settings["max_len_b"],
                          "environment": environment()}
-  out.update(compare(trained, flax_decode, [ex["src_ids"] for ex in picked],
-                     beam_size=beam_size, examples=examples))
+  out.update(compare(trained.model, trained.params, flax_decode,
+                     [ex["src_ids"] for ex in picked], settings, examples=examples))
   return out
 
 
@@ -226,6 +235,10 @@ def main() -> None:
                       help="path of a copy of google/flax examples/wmt/decode.py")
   parser.add_argument("--sentences", type=int, default=200)
   parser.add_argument("--beam-size", type=int, default=4)
+  parser.add_argument("--max-len-a", type=float, default=None,
+                      help="length limit a*n+b: replaces the run's decode.max_len_a")
+  parser.add_argument("--max-len-b", type=float, default=None,
+                      help="replaces the run's decode.max_len_b")
   parser.add_argument("--examples", type=int, default=5, help="disagreements listed per rule")
   args = parser.parse_args()
   try:
@@ -233,7 +246,8 @@ def main() -> None:
   except FileNotFoundError as e:
     sys.exit(f"error: {e}")
   result = run_parity(args.workdir, flax_decode, sentences=args.sentences,
-                      beam_size=args.beam_size, examples=args.examples)
+                      beam_size=args.beam_size, max_len_a=args.max_len_a,
+                      max_len_b=args.max_len_b, examples=args.examples)
   print(json.dumps(result, indent=2))
 
 
