@@ -26,11 +26,11 @@ model side through the ``tokens_to_logits`` function handed to it):
   own ``log_softmax``, which then computes the same log-probabilities as
   mt_flax's ``_token_logprobs``.
 * Length limit. ``--max-len-a``/``--max-len-b`` replace the run's settings
-  (a tight limit makes many outputs end with a forced EOS). A source of ``n`` tokens (EOS included) may get
-  ``floor(a * n + b)`` target tokens, EOS included (``decode.max_target_len``,
-  clipped to the static length ``L`` of its padded width). The example stops
-  after ``max_decode_len - 1`` tokens and forces nothing; it is given
-  ``max_decode_len = L + 1`` (its sequences hold the start token at 0), one
+  (a tight limit makes many outputs end with a forced EOS). A source of ``n``
+  tokens (EOS included) may get ``floor(a * n + b)`` target tokens, EOS
+  included (``decode.max_target_len``, clipped to the static length ``L`` of
+  its padded width). The example stops after ``max_decode_len - 1`` tokens and
+  forces nothing; it is given ``max_decode_len = L + 1`` (its sequences hold the start token at 0), one
   compiled shape per padded width as in ``decode_ids``.
 * Forced EOS at the limit. mt_flax lets only EOS be chosen at the step that
   reaches the source's limit, scored with EOS's *unrestricted* log-probability
@@ -56,9 +56,11 @@ model side through the ``tokens_to_logits`` function handed to it):
 ``max_score_gap_identical``: the largest difference between the two
 searches' scores of the same output (either rule), which checks the bridging of
 scores; ``flax_outputs_at_limit``: outputs as long as their source's limit
-allows (their EOS was forced). Disagreements are listed with both token lists and both scores (the example's
-returned score, mt_flax's ``Decoded.scores`` for the same padded source: both
-log-probability / length penalty).
+allows (their EOS was forced). Disagreements are listed with both token lists
+and both scores (the example's returned score, mt_flax's ``Decoded.scores``
+for the same padded source: both log-probability / length penalty);
+``example_higher_<rule>`` counts the disagreements where the example's output
+scores higher.
 """
 from __future__ import annotations
 
@@ -116,7 +118,10 @@ def _bridged_logits(logits: jax.Array, step: jax.Array, limits: jax.Array) -> ja
 
 def flax_search(flax_decode: ModuleType, model, params, src: jax.Array, *, beam_size: int,
                 alpha: float, max_len_a: float, max_len_b: float) -> tuple[jax.Array, jax.Array]:
-  """The example's beam search over this model: src ``[B, S]`` -> (tokens ``[B, L]``, scores ``[B]``)."""
+  """The example's beam search over this model.
+
+  src ``[B, S]`` -> (tokens ``[B, L]``, scores ``[B]``): its best hypothesis per source.
+  """
   k = beam_size
   length = decode._static_len(model, src.shape[1], max_len_a, max_len_b)
   limits = jnp.repeat(decode._limits(src, max_len_a, max_len_b, length), k)   # [B*K]
