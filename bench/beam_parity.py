@@ -30,8 +30,9 @@ model side through the ``tokens_to_logits`` function handed to it):
   tokens (EOS included) may get ``floor(a * n + b)`` target tokens, EOS
   included (``decode.max_target_len``, clipped to the static length ``L`` of
   its padded width). The example stops after ``max_decode_len - 1`` tokens and
-  forces nothing; it is given ``max_decode_len = L + 1`` (its sequences hold the start token at 0), one
-  compiled shape per padded width as in ``decode_ids``.
+  forces nothing; it is given ``max_decode_len = L + 1`` (its sequences hold
+  the start token at 0), one compiled shape per padded width as in
+  ``decode_ids``.
 * Forced EOS at the limit. mt_flax lets only EOS be chosen at the step that
   reaches the source's limit, scored with EOS's *unrestricted* log-probability
   (it is not renormalised to 0). A ``log_softmax`` over EOS alone would give 0,
