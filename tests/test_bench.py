@@ -163,3 +163,35 @@ def test_decode_speed_measures_a_variant():
   json.dumps(out)
   assert out["target_tokens"] == 2 * 4          # EOS only at the length limit
   assert positive(out["sentences_per_s"]) and positive(out["tokens_per_s"])
+
+
+def test_beam_parity_refuses_a_missing_flax_example_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  missing = tmp_path / "no_decode.py"
+  proc = subprocess.run([sys.executable, "-m", "bench.beam_parity", "--workdir", str(tmp_path),
+                         "--flax-decode", str(missing)], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1 and proc.stdout == ""
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(missing) in lines[0] and "examples/wmt/decode.py" in lines[0]
+
+
+def test_beam_parity_bridged_logits_follow_the_forced_eos_rule():
+  import jax
+  import jax.numpy as jnp
+  from bench.beam_parity import _bridged_logits
+  from mt_flax import decode
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 12)), jnp.float32)
+  limits = jnp.array([5, 4, 3])                  # step 3: before, at and past the limit
+  got = jax.nn.log_softmax(_bridged_logits(logits, jnp.int32(3), limits), axis=-1)
+  want = decode._token_logprobs(logits, jnp.array([False, True, True]))
+  np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)          # free step
+  # at the limit EOS keeps its unrestricted log-probability; the rest of the mass is on PAD
+  np.testing.assert_allclose(got[1, decode.EOS_ID], want[1, decode.EOS_ID], atol=1e-6)
+  assert np.isclose(np.exp(got[1, decode.PAD_ID]), 1 - np.exp(want[1, decode.EOS_ID]), atol=1e-6)
+  finite = {0: set(range(12)) - {decode.PAD_ID, decode.BOS_ID},
+            1: {decode.EOS_ID, decode.PAD_ID}, 2: {decode.PAD_ID}}
+  for row, tokens in finite.items():
+    assert set(np.flatnonzero(np.isfinite(np.asarray(got[row])))) == tokens
+  assert float(got[2, decode.PAD_ID]) == 0.0                             # past it: PAD only
