@@ -7,8 +7,8 @@ small interface (:class:`JitPartitioner`, :class:`PmapPartitioner`):
   Parameters are placed by their logical axis names (``LOGICAL_AXIS_RULES``):
   ``data`` only = pure data parallel, ``fsdp`` shards parameters and optimizer
   state along ``embed`` (and the batch), ``tensor`` shards heads/MLP/vocab.
-- ``pmap``: data parallel over the local devices, state replicated per device,
-  gradients summed with ``psum``.
+- ``pmap``: data parallel, state replicated on every device, gradients summed
+  with ``psum`` over all devices of all processes.
 
 Activations follow from the batch and parameter shardings by XLA's sharding
 propagation: steps are traced without a context mesh, so the model's
@@ -259,12 +259,22 @@ class JitPartitioner:
 
 
 class PmapPartitioner:
-  """Runs steps with ``jax.pmap`` (data parallel over local devices, psum over ``batch``)."""
+  """Runs steps with ``jax.pmap``: data parallel, ``psum`` over ``batch``.
+
+  Each process maps over its local devices; the collectives span every
+  process's devices (``jax.pmap`` with its default ``devices=None``), so
+  gradients, losses and eval sums are global. Naming the devices restricts the
+  collectives to them and is for one process only.
+  """
 
   mode = "pmap"
   axis_name = "batch"
 
   def __init__(self, devices: Optional[Sequence[jax.Device]] = None):
+    if devices is not None and jax.process_count() > 1:
+      raise ValueError("PmapPartitioner(devices=...) on several processes would reduce over "
+                       "those devices only; leave devices unset")
+    self._pmap_devices = None if devices is None else list(devices)
     self.devices = list(jax.local_devices() if devices is None else devices)
     self.n = len(self.devices)
 
@@ -293,9 +303,22 @@ class PmapPartitioner:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                         self._abstract)
 
+  @staticmethod
+  def first_copy(tree: Any) -> Any:
+    """This process's first device's copy of every leaf, on the host (numpy).
+
+    Reads the local shard, with no computation: indexing a pmap output that
+    spans several processes would start a program every process must join.
+    """
+    def first(x):
+      if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+      return np.asarray(x)[0]
+    return jax.tree.map(first, tree)
+
   def to_checkpoint(self, state: Any) -> Any:
-    """Device 0's copy, on the host (identical on every device)."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+    """The first local device's copy, on the host (identical on every device)."""
+    return self.first_copy(state)
 
   def from_checkpoint(self, state: Any) -> Any:
     return self.replicate(jax.device_get(state))
@@ -311,18 +334,18 @@ class PmapPartitioner:
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch, axis_name=...)`` mapped over devices."""
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
-                    axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
+                    axis_name=self.axis_name, devices=self._pmap_devices, donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     return jax.pmap(functools.partial(eval_fn, axis_name=self.axis_name),
-                    axis_name=self.axis_name, devices=self.devices)
+                    axis_name=self.axis_name, devices=self._pmap_devices)
 
   def params_of(self, state: Any) -> Any:
     return state.params
 
   def metrics_to_host(self, metrics: Any) -> Any:
-    """Metrics are psum'd, so device 0 holds the global values."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+    """Metrics are psum'd, so every device holds the global values."""
+    return self.first_copy(metrics)
 
 
 def make_partitioner(config) -> JitPartitioner | PmapPartitioner:

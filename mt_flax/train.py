@@ -278,7 +278,7 @@ def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[C
 
   def bleu_fn(params):
     if partitioner.mode == "pmap":
-      params = jax.tree.map(lambda x: x[0], params)
+      params = partitioner.first_copy(params)
     elif jax.process_count() > 1:
       from jax.experimental import multihost_utils
       params = multihost_utils.process_allgather(params, tiled=True)
