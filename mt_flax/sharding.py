@@ -10,11 +10,9 @@ small interface (:class:`JitPartitioner`, :class:`PmapPartitioner`):
 - ``pmap``: data parallel, state replicated on every device, gradients summed
   with ``psum`` over all devices of all processes.
 
-Activations follow from the batch and parameter shardings by XLA's sharding
-propagation: steps are traced without a context mesh, so the model's
-``nn.with_logical_constraint`` calls are no-ops (under a context mesh flax's
-apply-time shape check re-runs the boxed DenseGeneral initializers on their
-flattened 2-D kernels, which fails).
+Steps are traced under the mesh (as an abstract mesh) and the logical axis
+rules, so the model's ``nn.with_logical_constraint`` calls pin activations to
+``(batch, length, embed)`` shardings; XLA's propagation fills in the rest.
 
 On several hosts each process passes its own rows: :func:`common_batch_shape`
 pads them to one shape over all processes, then ``shard_batch`` assembles the
@@ -216,11 +214,7 @@ class JitPartitioner:
                                              self.rules)
 
   def init_state(self, rng: jax.Array) -> Any:
-    """Builds a fresh state directly in its shardings.
-
-    Traced without a context mesh: the output shardings place the arrays (a
-    context mesh would make flax constrain the flattened DenseGeneral kernels).
-    """
+    """Builds a fresh state directly in its shardings (the output shardings place it)."""
     init = jax.jit(lambda r: nn.meta.unbox(self._boxed_init(r)),
                    out_shardings=self.state_shardings)
     return init(rng)
@@ -241,14 +235,28 @@ class JitPartitioner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()}
 
+  def in_context(self, fn: Callable) -> Callable:
+    """``fn`` traced with this mesh and the logical axis rules active.
+
+    Inside, ``nn.with_logical_constraint`` becomes a sharding constraint.
+    """
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+          nn.logical_axis_rules(self.rules):
+        return fn(*args, **kwargs)
+    return traced
+
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
-    return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+    return jax.jit(self.in_context(step_fn),
+                   in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
-    return jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.batch_sharding),
+    return jax.jit(self.in_context(eval_fn),
+                   in_shardings=(self.state_shardings.params, self.batch_sharding),
                    out_shardings=self.replicated)
 
   def params_of(self, state: Any) -> Any:
