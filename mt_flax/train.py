@@ -7,7 +7,8 @@ it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
 with status 143. A non-finite loss stops the run (status 1) and keeps the last
 good checkpoint.
 
-The workdir receives ``config.json`` (resolved config), ``git_commit.txt``,
+The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
+device counts), ``git_commit.txt``,
 ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 ``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
 programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
@@ -42,8 +43,14 @@ PREEMPTED_EXIT = 143   # 128 + SIGTERM
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
-# Sections the resumed run must share with the run that made the workdir.
-FIXED_ON_RESUME = ("model", "data", "seed")
+# Config keys and sections the resumed run must share with the run that made the workdir
+# (the model, and everything that decides which examples make up each step's batch) ...
+FIXED_ON_RESUME = ("model", "data", "seed", "batch_tokens", "grad_accum_steps", "mesh",
+                   "parallelism")
+# ... except where the data lives, which may move (e.g. to gs://).
+MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
+# The devices the run was made on: how each batch is split over processes (run.json).
+RUN_FILE = "run.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,20 +92,31 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
 
 
+def _run_devices() -> dict:
+  return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
 def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes ``config.json`` and ``git_commit.txt``; refuses a workdir made with other settings."""
+  """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
+  other settings (one line naming each changed key with its old and new value)."""
   path = epath.Path(workdir) / checkpoint.CONFIG_FILE
+  run_path = epath.Path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
+  devices = _run_devices()
   if path.exists():
     old = json.loads(path.read_text())
     diffs = [d for k in FIXED_ON_RESUME
-             for d in _differences(new.get(k), old.get(k), k + ".")]
+             for d in _differences(new.get(k, "<unset>"), old.get(k, "<unset>"), k + ".")
+             if d.split(":")[0] not in MOVABLE]
+    if run_path.exists():
+      diffs += _differences(devices, json.loads(run_path.read_text()))
     if diffs:
       raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
-                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same config")
+                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same settings")
   if sharding.is_primary():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
     (epath.Path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
 
 
