@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from mt_flax import checkpoint
+from mt_flax import checkpoint, paths
 from mt_flax.config import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
                                translate_examples)
@@ -59,8 +59,7 @@ def slice_scores(examples: Sequence[dict], hypotheses: Sequence[str]) -> list[di
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
+  paths.as_path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
@@ -71,8 +70,8 @@ def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_siz
                             beam_size=beam_size, cached=cached)
   seconds = time.time() - t0
   refs = [one_line(ex["ref_text"]) for ex in examples]
-  _write_lines(os.path.join(out_dir, f"{stem}.hyp.txt"), hyps)
-  _write_lines(os.path.join(out_dir, f"{stem}.ref.txt"), refs)
+  _write_lines(paths.as_path(out_dir) / f"{stem}.hyp.txt", hyps)
+  _write_lines(paths.as_path(out_dir) / f"{stem}.ref.txt", refs)
   tokens = sum(len(trained.tokenizer.encode_tgt(h)) for h in hyps)
   return {"scores": corpus_scores(hyps, refs), "slices": slice_scores(examples, hyps),
           "files": {"hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt"},
@@ -99,7 +98,8 @@ def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
   ax.set_xlabel("BLEU (sacrebleu)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.as_path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -150,7 +150,7 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   examples = data.eval_examples(config, trained.tokenizer, split)
   if not examples:
     raise data.DataError(f"split {split!r} of {config.data.name} has no examples")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
   main = evaluate_set(config, trained, examples, beam_size=settings["beam_size"],
                       out_dir=out_dir, stem=split, cached=cached)
   table = [{"name": "all", **{k: main["scores"][k] for k in ("bleu", "chrf", "examples")}}]
@@ -171,11 +171,10 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
             "bleu": main["scores"]["bleu"], "chrf": main["scores"]["chrf"],
             "table": table, "split_result": main, "long_result": long_result,
             "commands": commands}
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(_markdown(report))
-  plot_slices(os.path.join(out_dir, CHART), table,
+  out = paths.as_path(out_dir)
+  (out / "report.json").write_text(json.dumps(report, indent=2))
+  (out / "report.md").write_text(_markdown(report))
+  plot_slices(out / CHART, table,
               f"{config.data.name} {report['direction']} {split}, step {trained.step}, "
               f"{search_name(settings['beam_size'])}")
   return report
@@ -198,7 +197,7 @@ def main(argv: Sequence[str]) -> int:
     args, config_path, overrides = parse(parser, argv)
     trained = load_trained(args.workdir, which=args.checkpoint, config_path=config_path,
                            overrides=overrides)
-    out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
+    out_dir = os.fspath(paths.as_path(args.out or paths.as_path(args.workdir) / "eval" / args.split))
     report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
                           max_examples=args.max_examples, long_examples=args.long_examples,
                           which=args.checkpoint, cached=not args.full_recompute)
@@ -210,5 +209,5 @@ def main(argv: Sequence[str]) -> int:
           f"chrF {row['chrf']:6.2f}")
   print(f"BLEU signature: {report['split_result']['scores'].get('bleu_signature', '')}")
   print(f"chrF signature: {report['split_result']['scores'].get('chrf_signature', '')}")
-  print(f"report: {os.path.join(out_dir, 'report.md')}")
+  print(f"report: {paths.as_path(out_dir) / 'report.md'}")
   return 0

@@ -28,10 +28,9 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, data, inference, sharding, steps
+from mt_flax import checkpoint, data, inference, paths, sharding, steps
 from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
@@ -99,8 +98,8 @@ def _run_devices() -> dict:
 def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
   other settings (one line naming each changed key with its old and new value)."""
-  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
-  run_path = epath.Path(workdir) / RUN_FILE
+  path = paths.as_path(workdir) / checkpoint.CONFIG_FILE
+  run_path = paths.as_path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
   devices = _run_devices()
   if path.exists():
@@ -117,7 +116,7 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
-    (epath.Path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
+    (paths.as_path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
 
 
 def git_commit() -> str:
@@ -319,7 +318,7 @@ def _tokenizer(config, workdir):
 
 def _mark_done(workdir: str) -> None:
   if sharding.is_primary():
-    (epath.Path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    (paths.as_path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
 class _Loop:
@@ -369,6 +368,7 @@ class _Loop:
 
   def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
     data_state = self.train_iter.get_state()
+    self.writer.flush()
     checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
                     self.config, metrics)
 

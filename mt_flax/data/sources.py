@@ -22,6 +22,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mt_flax import paths
+
 SPLITS = ("train", "validation", "test")
 MANUAL_DIR_ENV = "MT_FLAX_MANUAL_DIR"
 OUR_BUILDERS = ("spa_eng", "bible_en_es")
@@ -33,7 +35,7 @@ class DataError(ValueError):
 
 def _absolute(folder: str) -> str:
   """A local path made absolute; a URL-like path (gs://…) unchanged."""
-  return folder if "://" in folder else os.path.abspath(os.path.expanduser(folder))
+  return os.fspath(paths.as_path(folder))
 
 
 def manual_dir(config: ml_collections.ConfigDict) -> str | None:
