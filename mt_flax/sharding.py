@@ -78,6 +78,19 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def barrier(name: str, timeout_s: int = 3 * 3600) -> None:
+  """Waits until every process reaches ``barrier(name)`` (a no-op on one process).
+
+  Uses the coordination service of ``jax.distributed``, not a device
+  collective: on CPU a collective waits 30 s for its peers, too short for one
+  process that trains a tokenizer while the others wait.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def is_primary() -> bool:
   return jax.process_index() == 0
 

@@ -306,10 +306,9 @@ def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[C
 def _tokenizer(config, workdir):
   """Process 0 trains (or loads) the tokenizer first; the others then load it."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     if sharding.is_primary():
       tok = data.load_or_train_tokenizer(config, workdir)
-    multihost_utils.sync_global_devices("mt_flax_tokenizer")
+    sharding.barrier("mt_flax_tokenizer")
     if not sharding.is_primary():
       tok = data.load_or_train_tokenizer(config, workdir)
     return tok
