@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from mt_flax import paths
 from mt_flax.cli import UserError
 from mt_flax.config import with_defaults
 
@@ -71,10 +72,7 @@ class _IteratorState:
     pass
 
 
-def _path(workdir: str) -> epath.Path:
-  """``workdir`` as an absolute path (local) or as is (``gs://...``)."""
-  path = epath.Path(workdir)
-  return path if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+_path = paths.as_path
 
 
 def _metric_fn(best_metric: str, best_mode: str):

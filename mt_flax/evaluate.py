@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 from sacrebleu.metrics import BLEU
 
-from mt_flax import cli
+from mt_flax import cli, paths
 from mt_flax.config import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
                                stream_scores, translate_examples)
@@ -114,8 +114,7 @@ def slice_scores(examples: Sequence[dict], hypotheses: Sequence[str]) -> list[di
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
+  paths.as_path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
@@ -136,11 +135,11 @@ def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_siz
   files = {"hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt",
            "multi_hyp": f"{stem}.multi.hyp.txt",
            "multi_refs": [f"{stem}.multi.ref.{j}.txt" for j in range(len(streams))]}
-  _write_lines(os.path.join(out_dir, files["hyp"]), hyps)
-  _write_lines(os.path.join(out_dir, files["ref"]), refs)
-  _write_lines(os.path.join(out_dir, files["multi_hyp"]), multi_hyps)
+  _write_lines(paths.as_path(out_dir) / files["hyp"], hyps)
+  _write_lines(paths.as_path(out_dir) / files["ref"], refs)
+  _write_lines(paths.as_path(out_dir) / files["multi_hyp"], multi_hyps)
   for name, stream in zip(files["multi_refs"], streams):
-    _write_lines(os.path.join(out_dir, name), stream)
+    _write_lines(paths.as_path(out_dir) / name, stream)
   tokens = sum(len(trained.tokenizer.encode_tgt(h)) for h in unique)
   result = {"scores": corpus_scores(hyps, refs), "multi_scores": stream_scores(multi_hyps, streams),
             "slices": slice_scores(examples, hyps), "files": files,
@@ -212,7 +211,8 @@ def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
   ax.set_xlabel("BLEU (sacrebleu)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.as_path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -289,7 +289,7 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   examples = data.eval_examples(config, trained.tokenizer, split)
   if not examples:
     raise data.DataError(f"split {split!r} of {config.data.name} has no examples")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
   main = evaluate_set(config, trained, examples, beam_size=settings["beam_size"],
                       out_dir=out_dir, stem=split, cached=cached)
   table = [_row("all", main)] + main["slices"]
@@ -312,11 +312,10 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
             "commands": commands}
   if "tokenized_bleu" in main:
     report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(_markdown(report))
-  plot_slices(os.path.join(out_dir, CHART), table,
+  out = paths.as_path(out_dir)
+  (out / "report.json").write_text(json.dumps(report, indent=2))
+  (out / "report.md").write_text(_markdown(report))
+  plot_slices(out / CHART, table,
               f"{config.data.name} {report['direction']} {split}, {trained.which} params, "
               f"step {trained.step}, {search_name(settings['beam_size'])}")
   return report
@@ -345,7 +344,7 @@ def run(args) -> int:
       raise ConfigError(f"{flag} {value}: expected an integer >= {1 if flag == '--beam' else 0}")
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
-  out_dir = args.out or os.path.join(args.workdir, "eval", args.split)
+  out_dir = os.fspath(paths.as_path(args.out or paths.as_path(args.workdir) / "eval" / args.split))
   report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
                         max_examples=args.max_examples, long_examples=args.long_examples,
                         cached=not args.full_recompute)
@@ -362,7 +361,7 @@ def run(args) -> int:
   if "tokenized_bleu" in main:
     print(f"tokenized BLEU with compound splitting (compare with papers): "
           f"{main['tokenized_bleu']['bleu']:.2f}")
-  print(f"report: {os.path.join(out_dir, 'report.md')}")
+  print(f"report: {paths.as_path(out_dir) / 'report.md'}")
   return 0
 
 

@@ -5,6 +5,7 @@ Shared by ``train`` (validation BLEU), ``eval``, ``translate``, ``audit`` and ``
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -12,9 +13,8 @@ import jax
 import ml_collections
 from flax import linen as nn
 from sacrebleu.metrics import BLEU, CHRF
-from etils import epath
 
-from mt_flax import checkpoint, decode
+from mt_flax import checkpoint, decode, paths
 from mt_flax.config import ConfigError, apply_overrides, load_config
 from mt_flax.special_ids import EOS_ID
 from mt_flax.model import Transformer, TransformerConfig, init_params
@@ -75,7 +75,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   """
   from mt_flax.data import tokenizer as tok_lib
 
-  if not epath.Path(workdir).is_dir():
+  if not paths.as_path(workdir).is_dir():
     raise checkpoint.CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir "
                                      "of a `python -m mt_flax train` run")
   config = checkpoint.read_config(workdir)
@@ -96,7 +96,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   else:
     _, params, step = checkpoint.restore_for_inference(workdir, which)
     source = f"{which} checkpoint (step {step})"
-  tokenizer = tok_lib.Tokenizer.load(f"{workdir}/{tok_lib.TOKENIZER_DIR}")
+  tokenizer = tok_lib.Tokenizer.load(os.fspath(paths.as_path(workdir) / tok_lib.TOKENIZER_DIR))
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
                                               tokenizer.tgt_vocab_size)

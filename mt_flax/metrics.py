@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
+import time
 from typing import Any, Optional
 
-from etils import epath
 from tensorboardX import SummaryWriter
+
+from mt_flax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -30,7 +35,7 @@ def _clean(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All complete JSON lines of ``workdir/metrics.jsonl`` (a torn last line is skipped)."""
-  path = epath.Path(workdir) / METRICS_FILE
+  path = paths.as_path(workdir) / METRICS_FILE
   if not path.exists():
     return []
   rows = []
@@ -42,21 +47,54 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+class _RewrittenFile:
+  """Append-only text file on a store without appends (GCS): keeps the text and rewrites the
+  object, at most every ``interval`` seconds on ``flush()`` and always on ``close()``."""
+
+  def __init__(self, path, interval: float = 30.0):
+    self.path, self.interval = path, interval
+    self._text = path.read_text() if path.exists() else ""
+    self._saved_at = 0.0
+
+  def write(self, text: str) -> None:
+    self._text += text
+
+  def flush(self, force: bool = False) -> None:
+    if force or time.time() - self._saved_at >= self.interval:
+      self.path.write_text(self._text)
+      self._saved_at = time.time()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
 class MetricWriter:
   """Appends metric dicts to ``metrics.jsonl`` and TensorBoard (``<split>/<name>`` scalars)."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
-    self.path = epath.Path(workdir) / METRICS_FILE
+    self.path = paths.as_path(workdir) / METRICS_FILE
     self._tb = None
     if not enabled:
       return
     if resume_step is not None:
       self._truncate_after(resume_step)
-    if "://" not in str(workdir):   # tensorboardX writes local files only
-      self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR),
-                               purge_step=resume_step, flush_secs=30)
-    self._file = self.path.open("a")
+    self._tb_dir = paths.as_path(workdir) / TENSORBOARD_DIR
+    # tensorboardX writes local files: for a gs:// workdir they are written to a local
+    # folder and copied to the workdir on every flush and on close.
+    self._tb_local = tempfile.mkdtemp(prefix="mt_flax_tb_") if paths.is_remote(workdir) else None
+    self._tb = SummaryWriter(self._tb_local or os.fspath(self._tb_dir),
+                             purge_step=resume_step, flush_secs=30)
+    self._file = _RewrittenFile(self.path) if paths.is_remote(workdir) else self.path.open("a")
+
+  def _copy_tensorboard(self) -> None:
+    """Copies the local event files of a gs:// workdir to ``workdir/tensorboard/``."""
+    if self._tb_local is None:
+      return
+    self._tb_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._tb_local):
+      with open(os.path.join(self._tb_local, name), "rb") as f:
+        (self._tb_dir / name).write_bytes(f.read())
 
   def _truncate_after(self, step: int) -> None:
     """Keeps lines with ``step <= step`` (a resumed run re-logs the later ones)."""
@@ -88,12 +126,16 @@ class MetricWriter:
 
   def flush(self) -> None:
     if self.enabled:
-      self._file.flush()
+      self._file.flush(**({"force": True} if isinstance(self._file, _RewrittenFile) else {}))
       if self._tb is not None:
         self._tb.flush()
+        self._copy_tensorboard()
 
   def close(self) -> None:
     if self.enabled:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+        self._copy_tensorboard()
+        if self._tb_local is not None:
+          shutil.rmtree(self._tb_local, ignore_errors=True)

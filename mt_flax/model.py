@@ -106,8 +106,23 @@ def sinusoidal_positions(positions: Array, d_model: int) -> Array:
   return enc
 
 
+class _LogicalKernel(nn.LogicallyPartitioned):
+  """A logically partitioned kernel that ``DenseGeneral`` may see flattened.
+
+  ``DenseGeneral`` initialises its kernel flat (2-D) and reshapes it; unboxing
+  the flat value under a mesh would constrain it with the full-rank names, so a
+  value whose rank differs from its names is returned unconstrained.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    if jnp.ndim(self.value) != len(self.names):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
 def _dense_init(axes):
-  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+  init = nn.initializers.xavier_uniform()
+  return lambda key, shape, dtype=jnp.float32: _LogicalKernel(init(key, shape, dtype), axes)
 
 
 class Attention(nn.Module):
@@ -303,7 +318,12 @@ class Embedder(nn.Module):
   def __call__(self, tokens: Array, positions: Array) -> Array:
     """tokens, positions: int ``[B, T]`` -> ``[B, T, D]``."""
     cfg = self.config
-    x = self.embedding(tokens) * jnp.sqrt(cfg.d_model).astype(cfg.compute_dtype)
+    # The lookup reads a table gathered along ``embed``: a gather from a table
+    # split along ``embed`` into rows split along ``batch`` (both on ``fsdp``)
+    # is a resharding XLA can only do by replicating the whole result.
+    table = nn.with_logical_constraint(
+        jnp.asarray(self.embedding.embedding, cfg.compute_dtype), ("vocab", None))
+    x = jnp.take(table, tokens, axis=0) * jnp.sqrt(cfg.d_model).astype(cfg.compute_dtype)
     if cfg.positions == "learned":
       pos = self.pos_embedding(positions)
     else:

@@ -7,14 +7,12 @@ small interface (:class:`JitPartitioner`, :class:`PmapPartitioner`):
   Parameters are placed by their logical axis names (``LOGICAL_AXIS_RULES``):
   ``data`` only = pure data parallel, ``fsdp`` shards parameters and optimizer
   state along ``embed`` (and the batch), ``tensor`` shards heads/MLP/vocab.
-- ``pmap``: data parallel over the local devices, state replicated per device,
-  gradients summed with ``psum``.
+- ``pmap``: data parallel, state replicated on every device, gradients summed
+  with ``psum`` over all devices of all processes.
 
-Activations follow from the batch and parameter shardings by XLA's sharding
-propagation: steps are traced without a context mesh, so the model's
-``nn.with_logical_constraint`` calls are no-ops (under a context mesh flax's
-apply-time shape check re-runs the boxed DenseGeneral initializers on their
-flattened 2-D kernels, which fails).
+Steps are traced under the mesh (as an abstract mesh) and the logical axis
+rules, so the model's ``nn.with_logical_constraint`` calls pin activations to
+``(batch, length, embed)`` shardings; XLA's propagation fills in the rest.
 
 On several hosts each process passes its own rows: :func:`common_batch_shape`
 pads them to one shape over all processes, then ``shard_batch`` assembles the
@@ -78,6 +76,19 @@ def maybe_initialize_distributed() -> None:
   if (env.get("MT_FLAX_DISTRIBUTED") == "1" or len(tpu_hosts) > 1
       or int(env.get("SLURM_NTASKS", "1") or 1) > 1):
     jax.distributed.initialize()
+
+
+def barrier(name: str, timeout_s: int = 3 * 3600) -> None:
+  """Waits until every process reaches ``barrier(name)`` (a no-op on one process).
+
+  Uses the coordination service of ``jax.distributed``, not a device
+  collective: on CPU a collective waits 30 s for its peers, too short for one
+  process that trains a tokenizer while the others wait.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def is_primary() -> bool:
@@ -216,11 +227,7 @@ class JitPartitioner:
                                              self.rules)
 
   def init_state(self, rng: jax.Array) -> Any:
-    """Builds a fresh state directly in its shardings.
-
-    Traced without a context mesh: the output shardings place the arrays (a
-    context mesh would make flax constrain the flattened DenseGeneral kernels).
-    """
+    """Builds a fresh state directly in its shardings (the output shardings place it)."""
     init = jax.jit(lambda r: nn.meta.unbox(self._boxed_init(r)),
                    out_shardings=self.state_shardings)
     return init(rng)
@@ -241,14 +248,28 @@ class JitPartitioner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()}
 
+  def in_context(self, fn: Callable) -> Callable:
+    """``fn`` traced with this mesh and the logical axis rules active.
+
+    Inside, ``nn.with_logical_constraint`` becomes a sharding constraint.
+    """
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
+          nn.logical_axis_rules(self.rules):
+        return fn(*args, **kwargs)
+    return traced
+
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
-    return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+    return jax.jit(self.in_context(step_fn),
+                   in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
-    return jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.batch_sharding),
+    return jax.jit(self.in_context(eval_fn),
+                   in_shardings=(self.state_shardings.params, self.batch_sharding),
                    out_shardings=self.replicated)
 
   def params_of(self, state: Any) -> Any:
@@ -259,12 +280,22 @@ class JitPartitioner:
 
 
 class PmapPartitioner:
-  """Runs steps with ``jax.pmap`` (data parallel over local devices, psum over ``batch``)."""
+  """Runs steps with ``jax.pmap``: data parallel, ``psum`` over ``batch``.
+
+  Each process maps over its local devices; the collectives span every
+  process's devices (``jax.pmap`` with its default ``devices=None``), so
+  gradients, losses and eval sums are global. Naming the devices restricts the
+  collectives to them and is for one process only.
+  """
 
   mode = "pmap"
   axis_name = "batch"
 
   def __init__(self, devices: Optional[Sequence[jax.Device]] = None):
+    if devices is not None and jax.process_count() > 1:
+      raise ValueError("PmapPartitioner(devices=...) on several processes would reduce over "
+                       "those devices only; leave devices unset")
+    self._pmap_devices = None if devices is None else list(devices)
     self.devices = list(jax.local_devices() if devices is None else devices)
     self.n = len(self.devices)
 
@@ -293,9 +324,22 @@ class PmapPartitioner:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                         self._abstract)
 
+  @staticmethod
+  def first_copy(tree: Any) -> Any:
+    """This process's first device's copy of every leaf, on the host (numpy).
+
+    Reads the local shard, with no computation: indexing a pmap output that
+    spans several processes would start a program every process must join.
+    """
+    def first(x):
+      if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+      return np.asarray(x)[0]
+    return jax.tree.map(first, tree)
+
   def to_checkpoint(self, state: Any) -> Any:
-    """Device 0's copy, on the host (identical on every device)."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], state))
+    """The first local device's copy, on the host (identical on every device)."""
+    return self.first_copy(state)
 
   def from_checkpoint(self, state: Any) -> Any:
     return self.replicate(jax.device_get(state))
@@ -311,18 +355,18 @@ class PmapPartitioner:
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch, axis_name=...)`` mapped over devices."""
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
-                    axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
+                    axis_name=self.axis_name, devices=self._pmap_devices, donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     return jax.pmap(functools.partial(eval_fn, axis_name=self.axis_name),
-                    axis_name=self.axis_name, devices=self.devices)
+                    axis_name=self.axis_name, devices=self._pmap_devices)
 
   def params_of(self, state: Any) -> Any:
     return state.params
 
   def metrics_to_host(self, metrics: Any) -> Any:
-    """Metrics are psum'd, so device 0 holds the global values."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+    """Metrics are psum'd, so every device holds the global values."""
+    return self.first_copy(metrics)
 
 
 def make_partitioner(config) -> JitPartitioner | PmapPartitioner:

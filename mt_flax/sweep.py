@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
-from mt_flax import cli
+from mt_flax import cli, paths
 from mt_flax.config import ConfigError, load_config
 
 TRIAL_FILE = "sweep_trial.json"   # per trial workdir: overrides and attempt times
@@ -423,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
       steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
     except ConfigError as e:
       raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
-  sweep_dir = epath.Path(args.workdir or default_sweep_dir(args.config, args.sweep))
+  sweep_dir = paths.as_path(args.workdir or default_sweep_dir(args.config, args.sweep))
   digest = config_digest(args.config)
   failed = []
   if not args.table_only:

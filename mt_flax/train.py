@@ -7,7 +7,8 @@ it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
 with status 143. A non-finite loss stops the run (status 1) and keeps the last
 good checkpoint.
 
-The workdir receives ``config.json`` (resolved config), ``git_commit.txt``,
+The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
+device counts), ``git_commit.txt``,
 ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 ``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
 programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
@@ -27,10 +28,9 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, cli, data, inference, sharding, steps
+from mt_flax import checkpoint, cli, data, inference, paths, sharding, steps
 from mt_flax.config import ConfigError, load_config, with_defaults
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
@@ -41,8 +41,14 @@ PREEMPTED_EXIT = 143   # 128 + SIGTERM
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
-# Sections the resumed run must share with the run that made the workdir.
-FIXED_ON_RESUME = ("model", "data", "seed")
+# Config keys and sections the resumed run must share with the run that made the workdir
+# (the model, and everything that decides which examples make up each step's batch) ...
+FIXED_ON_RESUME = ("model", "data", "seed", "batch_tokens", "grad_accum_steps", "mesh",
+                   "parallelism")
+# ... except where the data lives, which may move (e.g. to gs://).
+MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
+# The devices the run was made on: how each batch is split over processes (run.json).
+RUN_FILE = "run.json"
 
 
 class TrainingDiverged(cli.UserError, RuntimeError):
@@ -85,21 +91,32 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
 
 
+def _run_devices() -> dict:
+  return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
 def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes ``config.json`` and ``git_commit.txt``; refuses a workdir made with other settings."""
-  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
+  """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
+  other settings (one line naming each changed key with its old and new value)."""
+  path = paths.as_path(workdir) / checkpoint.CONFIG_FILE
+  run_path = paths.as_path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
+  devices = _run_devices()
   if path.exists():
     old = json.loads(path.read_text())
     diffs = [d for k in FIXED_ON_RESUME
-             for d in _differences(new.get(k), old.get(k), k + ".")]
+             for d in _differences(new.get(k, "<unset>"), old.get(k, "<unset>"), k + ".")
+             if d.split(":")[0] not in MOVABLE]
+    if run_path.exists():
+      diffs += _differences(devices, json.loads(run_path.read_text()))
     if diffs:
       raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
-                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same config")
+                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same settings")
   if sharding.is_primary():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    (epath.Path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
+    run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
+    (paths.as_path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
 
 
 def git_commit() -> str:
@@ -278,7 +295,7 @@ def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[C
 
   def bleu_fn(params):
     if partitioner.mode == "pmap":
-      params = jax.tree.map(lambda x: x[0], params)
+      params = partitioner.first_copy(params)
     elif jax.process_count() > 1:
       from jax.experimental import multihost_utils
       params = multihost_utils.process_allgather(params, tiled=True)
@@ -289,10 +306,9 @@ def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[C
 def _tokenizer(config, workdir):
   """Process 0 trains (or loads) the tokenizer first; the others then load it."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     if sharding.is_primary():
       tok = data.load_or_train_tokenizer(config, workdir)
-    multihost_utils.sync_global_devices("mt_flax_tokenizer")
+    sharding.barrier("mt_flax_tokenizer")
     if not sharding.is_primary():
       tok = data.load_or_train_tokenizer(config, workdir)
     return tok
@@ -301,7 +317,7 @@ def _tokenizer(config, workdir):
 
 def _mark_done(workdir: str) -> None:
   if sharding.is_primary():
-    (epath.Path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    (paths.as_path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
 class _Loop:
@@ -351,6 +367,7 @@ class _Loop:
 
   def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
     data_state = self.train_iter.get_state()
+    self.writer.flush()
     checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
                     self.config, metrics)
 

@@ -10,12 +10,16 @@ Fixtures (no test module imports another; helpers come from here):
   ``loaded_run``      that run loaded for inference in this process
   ``run_cli``         ``python -m mt_flax ...`` in a subprocess (one CPU device)
   ``call_main``       a command's ``main(argv)`` in this process with a given stdin
+  ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) for gs:// workdirs
 """
+import dataclasses
 import io
 import os
 import random
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -190,3 +194,55 @@ def trained_run(trained_config) -> str:
 def loaded_run(trained_run):
   from mt_flax.inference import load_trained
   return load_trained(trained_run)
+
+# ----------------------------------------------------------------------------- GCS emulator
+
+@dataclasses.dataclass(frozen=True)
+class GcsEmulator:
+  """A running emulator: ``url`` (``$STORAGE_EMULATOR_HOST``) and a ``bucket`` that exists."""
+  url: str
+  bucket: str
+
+  def path(self, name: str) -> str:
+    """``gs://BUCKET/name``."""
+    return f"gs://{self.bucket}/{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """gcp-storage-emulator (tests/gcs_emulator.py, in memory) on 127.0.0.1 for the session.
+
+  Sets ``STORAGE_EMULATOR_HOST`` (gcsfs, and through mt_flax.paths tensorstore)
+  for this process and its subprocesses; restores the environment afterwards.
+  """
+  pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (test extra)")
+  import portpicker
+  port = portpicker.pick_unused_port()
+  url, bucket = f"http://127.0.0.1:{port}", "mt-flax-test"
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
+  proc = subprocess.Popen([sys.executable, script, str(port), bucket],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  try:
+    deadline = time.time() + 120
+    while True:
+      try:
+        urllib.request.urlopen(url + "/", timeout=5).read()
+        break
+      except OSError:
+        if proc.poll() is not None or time.time() > deadline:
+          raise RuntimeError(f"the GCS emulator did not start on {url}") from None
+        time.sleep(0.2)
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+    from mt_flax import paths
+    paths.use_gcs_emulator_for_tensorstore()
+    yield GcsEmulator(url, bucket)
+  finally:
+    proc.kill()
+    proc.wait()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

@@ -3,13 +3,13 @@
 Each process runs this file as a worker: it joins ``jax.distributed`` through
 :func:`mt_flax.sharding.maybe_initialize_distributed`, feeds only its own rows
 of each global batch (trimmed to its own lengths, so the processes' shapes
-differ and are made common), trains on a mesh spanning both processes, then
-saves and restores an Orbax checkpoint in a shared directory.
+differ and are made common), trains with ``jit`` on a mesh spanning both
+processes or with ``pmap`` over each process's devices (collectives over all
+four), then saves and restores an Orbax checkpoint in a shared directory.
 """
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -72,22 +72,32 @@ def train_run(partitioner, per_process_rows: bool):
   return losses, metrics, state
 
 
-def worker(out_dir: str) -> None:
+def _same_params(restored, state, partitioner) -> bool:
+  import jax
+  first = lambda x: np.asarray(x.addressable_data(0) if hasattr(x, "addressable_data") else x)
+  got = jax.tree.leaves(restored.params)
+  want = jax.tree.leaves(partitioner.to_checkpoint(state).params)
+  return all(np.array_equal(first(a), first(b)) for a, b in zip(got, want))
+
+
+def worker(out_dir: str, mode: str) -> None:
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
   sharding.maybe_initialize_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 4
-  part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+  if mode == "jit":
+    part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+  else:
+    part = sharding.PmapPartitioner()
   losses, metrics, state = train_run(part, per_process_rows=True)
   # a checkpoint written by both processes into one directory, read back by both
   manager = checkpoint.make_manager(os.path.join(out_dir, "run"))
-  checkpoint.save(manager, NUM_STEPS, state, {"process": jax.process_index()},
+  checkpoint.save(manager, NUM_STEPS, part.to_checkpoint(state), {"process": jax.process_index()},
                   ml_collections.ConfigDict({"seed": 0}))
   manager.wait_until_finished()
   restored, data_state, step = checkpoint.restore_latest_good(manager, part.abstract_state())
-  same = all(np.array_equal(np.asarray(a.addressable_data(0)), np.asarray(b.addressable_data(0)))
-             for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)))
+  same = _same_params(restored, state, part)
   manager.close()
   result = {"losses": losses, "metrics": metrics, "restored_step": step, "restored_same": same,
             "data_state": data_state}
@@ -95,38 +105,60 @@ def worker(out_dir: str) -> None:
     json.dump(result, f)
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def run_two_processes(out_dir, mode: str) -> list[dict]:
+  """Starts two workers (2 CPU devices each) on loopback; returns their JSON results."""
+  import portpicker
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
+             MT_FLAX_NUM_PROCESSES="2")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  logs = [open(out_dir / f"process_{i}.log", "w") for i in range(2)]   # files: a pipe can fill
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), mode],
+                            env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT)
+           for i, log in enumerate(logs)]
+  try:
+    for p in procs:
+      p.wait(timeout=600)
+  finally:
+    for p, log in zip(procs, logs):        # never leave a straggler behind
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      log.close()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, (out_dir / f"process_{i}.log").read_text()[-3000:]
+  return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(2)]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   import jax
   from mt_flax import sharding
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{free_port()}",
-             MT_FLAX_NUM_PROCESSES="2")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path)],
-                            env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:        # never leave a straggler behind
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
-
+  results = run_two_processes(tmp_path, "jit")
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
+  check_results(results, losses, metrics)
+
+
+def test_pmap_two_processes_reduce_over_all_devices(tmp_path):
+  """pmap on 2 processes x 2 devices equals pmap on 4 devices of one process.
+
+  Dropout is drawn per device from the global device index, and every device
+  gets the same rows in both runs, so the losses agree with dropout on. A
+  reduction over one process's devices only would give each process its own
+  loss and update.
+  """
+  import jax
+  from mt_flax import sharding
+  results = run_two_processes(tmp_path, "pmap")
+  losses, metrics, _ = train_run(sharding.PmapPartitioner(jax.devices()[:4]),
+                                 per_process_rows=False)
+  check_results(results, losses, metrics)
+
+
+def check_results(results: list[dict], losses: list[float], metrics: dict) -> None:
   for i, r in enumerate(results):
     np.testing.assert_allclose(r["losses"], losses, rtol=2e-5)
     for k in ("eval_loss", "eval_accuracy"):
@@ -136,4 +168,4 @@ def test_two_processes_match_one(tmp_path):
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(sys.argv[1])
+  worker(sys.argv[1], sys.argv[2])

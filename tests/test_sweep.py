@@ -218,7 +218,9 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
   (workdir / sweep.DONE_FILE).write_text("")
   argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
   assert sweep.main(argv) == 0
-  config.write_text(config.read_text().replace("c.warmup_steps = 150", "c.warmup_steps = 151"))
+  changed = config.read_text().replace("warmup_steps=150", "warmup_steps=151")
+  assert changed != config.read_text()
+  config.write_text(changed)
   capsys.readouterr()
   assert sweep.main(argv) == 2
   assert "changed since the sweep" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mt_flax import paths
 from mt_flax.cli import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -35,7 +36,7 @@ class DataError(UserError, ValueError):
 
 def _absolute(folder: str) -> str:
   """A local path made absolute; a URL-like path (gs://…) unchanged."""
-  return folder if "://" in folder else os.path.abspath(os.path.expanduser(folder))
+  return os.fspath(paths.as_path(folder))
 
 
 def manual_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -44,10 +45,53 @@ def manual_dir(config: ml_collections.ConfigDict) -> str | None:
   return _absolute(folder) if folder else None
 
 
+LOCAL_TFDS_COPIES = os.path.expanduser("~/.cache/mt_flax/tfds")
+
+
 def tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
-  """`data.tfds_data_dir`, or None for the TFDS default (`$TFDS_DATA_DIR`, ~/tensorflow_datasets)."""
-  folder = config.data.tfds_data_dir
-  return _absolute(folder) if folder else None
+  """`data.tfds_data_dir`, or None for the TFDS default (`$TFDS_DATA_DIR`, ~/tensorflow_datasets).
+
+  A gs:// folder (in the config or `$TFDS_DATA_DIR`) is read through a copy of
+  the dataset's prepared files on this host (array_record reads local files
+  only without TensorFlow); see `local_copy`.
+  """
+  folder = config.data.tfds_data_dir or os.environ.get("TFDS_DATA_DIR", "")
+  if folder and paths.is_remote(folder):
+    return local_copy(folder, config.data.name)
+  return _absolute(config.data.tfds_data_dir) if config.data.tfds_data_dir else None
+
+
+def _files(folder: epath.Path):
+  """Every file under `folder` (GCS paths do not glob recursively)."""
+  for child in folder.iterdir():
+    if child.is_dir():
+      yield from _files(child)
+    else:
+      yield child
+
+
+def local_copy(remote_dir: str, name: str, cache: str | None = None) -> str:
+  """Copies `remote_dir/<name>/` (prepared TFDS files) under `cache`; returns the local data dir.
+
+  Files already copied with the same size are kept; each file is written to a
+  temporary name and renamed, so processes sharing a host can copy at once.
+  """
+  key = urllib.parse.quote(remote_dir.rstrip("/"), safe="")
+  local_root = epath.Path(cache or LOCAL_TFDS_COPIES) / key
+  source = epath.Path(remote_dir) / name
+  if not source.exists():
+    raise DataError(f"{source} does not exist; expected {name} prepared there "
+                    "(copy ~/tensorflow_datasets/NAME to the bucket)")
+  for path in _files(source):
+    target = local_root / name / os.fspath(path)[len(os.fspath(source)) + 1:]
+    size = path.stat().length
+    if target.exists() and target.stat().length == size:
+      continue
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.partial"
+    partial.write_bytes(path.read_bytes())
+    partial.rename(target)
+  return os.fspath(local_root)
 
 
 def _register_builders() -> None:

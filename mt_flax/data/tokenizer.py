@@ -18,9 +18,9 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 import numpy as np
 import sentencepiece as spm
-from etils import epath
 
 from mt_flax.data.sources import DataError, load_pairs
+from mt_flax.paths import as_path
 
 from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -44,7 +44,7 @@ class Tokenizer:
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
     """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://)."""
-    folder = epath.Path(directory)
+    folder = as_path(directory)
     if (folder / SHARED_MODEL).exists():
       model = spm.SentencePieceProcessor(model_proto=(folder / SHARED_MODEL).read_bytes())
       return cls(model, model, str(folder))
@@ -129,7 +129,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   Raises:
     DataError: the saved tokenizer was trained for another dataset/direction/vocabulary.
   """
-  directory = epath.Path(workdir) / TOKENIZER_DIR
+  directory = as_path(workdir) / TOKENIZER_DIR
   expected = _expected_info(config)
   info_path = directory / INFO_FILE
   if info_path.exists():

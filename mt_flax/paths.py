@@ -1,0 +1,42 @@
+"""One path type for local folders and ``gs://`` buckets: ``etils.epath.Path``.
+
+Every workdir, data and report path goes through :func:`as_path`. ``gs://``
+paths are read and written through gcsfs (fsspec), without TensorFlow; Orbax
+and TFDS use the same ``epath`` paths, and Orbax's array store (tensorstore)
+talks to GCS itself.
+
+A local GCS emulator is used by setting ``STORAGE_EMULATOR_HOST`` (e.g.
+``http://127.0.0.1:9023``), which gcsfs reads; importing this module then sets
+``TENSORSTORE_GCS_HTTP_URL`` to the same address unless it is already set, so
+checkpoints go to the emulator too.
+"""
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+TENSORSTORE_GCS_ENV = "TENSORSTORE_GCS_HTTP_URL"
+
+
+def use_gcs_emulator_for_tensorstore() -> None:
+  """Points tensorstore at ``$STORAGE_EMULATOR_HOST`` unless ``$TENSORSTORE_GCS_HTTP_URL`` is set."""
+  host = os.environ.get(EMULATOR_ENV, "")
+  if host and not os.environ.get(TENSORSTORE_GCS_ENV):
+    os.environ[TENSORSTORE_GCS_ENV] = host if "://" in host else f"http://{host}"
+
+
+use_gcs_emulator_for_tensorstore()
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URL-like path (``gs://...``), False for a local one."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``: local paths made absolute (``~`` expanded), URLs as they are."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))

@@ -1,0 +1,41 @@
+"""Prepared TFDS data on gs:// (a GCS emulator) is read through a per-host local copy."""
+import os
+
+import pytest
+from etils import epath
+
+from mt_flax.config import with_defaults
+from mt_flax.data import sources
+
+LOCAL = os.path.expanduser("~/tensorflow_datasets/bible_en_es")
+
+
+def upload(local: str, remote: epath.Path) -> int:
+  count = 0
+  for folder, _, names in os.walk(local):
+    for name in names:
+      target = remote / os.path.relpath(os.path.join(folder, name), local)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with open(os.path.join(folder, name), "rb") as f:
+        target.write_bytes(f.read())
+      count += 1
+  return count
+
+
+@pytest.mark.skipif(not os.path.isdir(LOCAL), reason="needs the prepared bible_en_es dataset")
+def test_tfds_data_dir_on_gcs_reads_the_same_pairs(gcs_emulator, tmp_path, monkeypatch):
+  remote = gcs_emulator.path("tensorflow_datasets")
+  assert upload(LOCAL, epath.Path(remote) / "bible_en_es") >= 4
+  monkeypatch.setattr(sources, "LOCAL_TFDS_COPIES", str(tmp_path / "copies"))
+  config = with_defaults({"data": {"name": "bible_en_es"}})
+  want = sources.load_pairs(config, "validation")
+  config.data.tfds_data_dir = remote
+  local = sources.tfds_data_dir(config)
+  assert local.startswith(str(tmp_path / "copies"))
+  assert sources.load_pairs(config, "validation") == want
+  # $TFDS_DATA_DIR on gs:// too, and a second call reuses the copy
+  config.data.tfds_data_dir = ""
+  monkeypatch.setenv("TFDS_DATA_DIR", remote)
+  assert sources.tfds_data_dir(config) == local
+  with pytest.raises(sources.DataError, match="does not exist"):
+    sources.local_copy(gcs_emulator.path("nothing_here"), "bible_en_es")

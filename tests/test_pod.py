@@ -1,0 +1,93 @@
+"""An emulated TPU pod: 2 processes x 4 CPU devices on loopback, workdir on a GCS emulator.
+
+This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a pod
+(every host runs the same command, JAX connects them, all write one gs://
+checkpoint): both processes get SIGTERM mid-run, save and exit 143; the same
+command resumes; the per-step losses equal one uninterrupted process with 8
+devices. Then ``eval``, ``translate`` and ``audit`` read the gs:// workdir.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mt_flax.metrics import read_metrics
+from test_gcs import ROOT, TINY, command_env, losses, mt_flax
+
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+STEPS = 20
+SETTINGS = {**TINY, "num_train_steps": STEPS, "eval_every_steps": 10}
+MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
+                                  "mesh.tensor": 2},
+         "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}
+
+
+def args(mode: str) -> list[str]:
+  values = {**SETTINGS, **MODES[mode]}
+  return ["--config", CONFIG] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def pod_train(workdir: str, mode: str, log_dir, sigterm_after: int | None) -> list[int]:
+  """Runs ``train`` as 2 processes x 4 devices; SIGTERMs both once ``sigterm_after`` is logged.
+
+  Returns both exit statuses.
+  """
+  import portpicker
+  env = dict(command_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
+             MT_FLAX_NUM_PROCESSES="2")
+  logs = [open(log_dir / f"{mode}_{sigterm_after}_{i}.log", "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir,
+                             *args(mode)], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+           for i, log in enumerate(logs)]
+  try:
+    deadline = time.time() + 900
+    while sigterm_after and time.time() < deadline and all(p.poll() is None for p in procs):
+      if any(r.get("step", 0) >= sigterm_after for r in read_metrics(workdir)):
+        for p in procs:
+          p.send_signal(signal.SIGTERM)
+        break
+      time.sleep(0.5)
+    return [p.wait(timeout=900) for p in procs]
+  finally:
+    for p, log in zip(procs, logs):
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tmp_path, mode):
+  single = str(tmp_path / "single")
+  one = subprocess.run([sys.executable, "-m", "mt_flax", "train", "--workdir", single, *args(mode)],
+                       env=dict(command_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  workdir = gcs_emulator.path(f"pod_{mode}")
+  status = pod_train(workdir, mode, tmp_path, sigterm_after=2)
+  log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
+  assert status == [143, 143], log()
+  stopped = max(losses(workdir))
+  assert stopped < STEPS
+  assert pod_train(workdir, mode, tmp_path, sigterm_after=None) == [0, 0], log()
+  got, want = losses(workdir), losses(single)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-4)
+  if mode != "jit_data_fsdp_tensor":
+    return
+  ev = mt_flax("eval", "--workdir", workdir, "--split", "validation", "--beam", "1",
+               "--max-examples", "8", "--long-examples", "0")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  tr = mt_flax("translate", "--workdir", workdir, "--beam", "1", stdin="And God said.\n")
+  assert tr.returncode == 0 and len(tr.stdout.splitlines()) == 1, tr.stderr[-3000:]
+  au = mt_flax("audit", "--workdir", workdir)
+  assert au.returncode == 0, au.stderr[-3000:] + au.stdout[-3000:]
