@@ -3,14 +3,17 @@
 Train lines: ``{"step", "loss", "nll", "learning_rate", "grad_norm", "tokens_per_s",
 "padding_efficiency", "steps_per_s", ...}``; validation lines:
 ``{"step", "split": "validation", "eval_loss", "eval_accuracy", "eval_perplexity", ...}``.
-Only process 0 writes. On resume, lines past the restored step are dropped so
-every step appears once.
+Only process 0 writes. Every (re)start cuts both back to the step it starts from
+(the restored checkpoint's, 0 for a fresh start): lines and TensorBoard events
+past it are dropped and the old event files are merged into one, so every step
+appears once.
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional
+import struct
+from typing import Any, Iterator, Optional
 
 from etils import epath
 from tensorboardX import SummaryWriter
@@ -42,10 +45,47 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+def _event_records(blob: bytes) -> Iterator[bytes]:
+  """The framed records of a TFRecord file (length, crc, data, crc); a torn tail is dropped."""
+  at = 0
+  while at + 12 <= len(blob):
+    (length,) = struct.unpack("<Q", blob[at:at + 8])
+    end = at + 12 + length + 4
+    if end > len(blob):
+      return
+    yield blob[at:end]
+    at = end
+
+
+def _record_step(record: bytes) -> int:
+  from tensorboardX.proto import event_pb2
+  event = event_pb2.Event()
+  event.ParseFromString(record[12:-4])
+  return int(event.step)
+
+
+def cut_tensorboard(directory: epath.Path, step: int) -> None:
+  """Keeps the events with ``step <= step`` (none when ``step`` is 0), merged into the oldest file."""
+  files = sorted(directory.glob("events.out.tfevents.*")) if directory.exists() else []
+  if not files:
+    return
+  kept = [r for f in files for r in _event_records(f.read_bytes())
+          if step > 0 and _record_step(r) <= step]
+  tmp = files[0].parent / (files[0].name + ".tmp")
+  tmp.write_bytes(b"".join(kept))
+  for f in files:
+    f.unlink()
+  if kept:
+    tmp.rename(files[0])
+  else:
+    tmp.unlink()
+
+
 class MetricWriter:
   """Appends metric dicts to ``metrics.jsonl`` and TensorBoard (``<split>/<name>`` scalars)."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: Optional[int] = None):
+    """``resume_step``: the step this run starts from; later lines and events are dropped."""
     self.enabled = enabled
     self.path = epath.Path(workdir) / METRICS_FILE
     self._tb = None
@@ -54,8 +94,10 @@ class MetricWriter:
     if resume_step is not None:
       self._truncate_after(resume_step)
     if "://" not in str(workdir):   # tensorboardX writes local files only
+      if resume_step is not None:
+        cut_tensorboard(epath.Path(workdir) / TENSORBOARD_DIR, resume_step)
       self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR),
-                               purge_step=resume_step, flush_secs=30)
+                               purge_step=resume_step or None, flush_secs=30)
     self._file = self.path.open("a")
 
   def _truncate_after(self, step: int) -> None:
@@ -65,7 +107,9 @@ class MetricWriter:
     text = self.path.read_text()
     keep = [r for r in read_metrics(str(self.path.parent)) if int(r.get("step", 0)) <= step]
     if len(keep) != len(text.splitlines()) or (text and not text.endswith("\n")):
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+      tmp.rename(self.path)
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
     if not self.enabled:

@@ -4,10 +4,18 @@ Re-running the same command on an existing workdir resumes from its latest good
 checkpoint (params, optimizer state, step, RNG and data-iterator state), so
 the per-step losses continue exactly as if uninterrupted; on a finished run
 it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
-with status 143. A non-finite loss stops the run (status 1) and keeps the last
-good checkpoint.
+with status 143; Ctrl-C (SIGINT) does the same and exits with 130, and a second
+Ctrl-C stops at once without saving. A non-finite loss stops the run (status 1)
+and keeps the last good checkpoint. A checkpoint save that fails in the
+background (e.g. disk full) stops the run at the next step (status 1) with the
+previous checkpoint intact.
 
-The workdir receives ``config.json`` (resolved config), ``git_commit.txt``,
+One run at a time: the run holds ``train.lock`` in the workdir (see
+:mod:`mt_flax.workdir_lock`); a second run on the same workdir stops at once.
+Errors reach the terminal as one line; tracebacks and third-party log output
+(absl, Orbax, XLA, asyncio) go to ``train.log`` in the workdir.
+
+The workdir receives ``config.json`` (resolved config), ``git_commit.txt``, ``train.log``,
 ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 ``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
 programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
@@ -15,13 +23,17 @@ programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -30,7 +42,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from mt_flax import checkpoint, data, inference, sharding, steps
+from mt_flax import checkpoint, data, inference, sharding, steps, workdir_lock
 from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
@@ -39,6 +51,8 @@ from mt_flax.model import Transformer, TransformerConfig, count_params
 DONE_FILE = "DONE"
 GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
+LOG_FILE = "train.log"
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
@@ -48,6 +62,10 @@ FIXED_ON_RESUME = ("model", "data", "seed")
 
 class TrainingDiverged(RuntimeError):
   """The loss or gradients became NaN/inf."""
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint save failed (in the background or at the end); one line for the user."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -119,26 +137,35 @@ def git_commit() -> str:
 
 
 class _Preemption:
-  """Records SIGTERM so the loop can checkpoint and stop between steps."""
+  """Records SIGTERM or a first SIGINT so the loop can checkpoint and stop between steps.
+
+  A second SIGINT ends the process at once (status 130) without saving.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: Optional[str] = None    # name of the signal received
+    self._previous: dict = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     except ValueError:   # not the main thread: no handler
-      self._previous = None
+      self._previous = {}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested == "SIGINT":
+      print("mt_flax train: interrupted again: stopped at once without saving (re-run the same "
+            "command to resume from the last checkpoint)", file=sys.stderr, flush=True)
+      os._exit(INTERRUPTED_EXIT)
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -195,6 +222,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   config = resolve_config(config)
   sharding.maybe_initialize_distributed()
+  with _locked(workdir), _Preemption() as preemption:
+    return _train_locked(config, workdir, preemption, t_start)
+
+
+def _locked(workdir: str):
+  """The workdir lock, taken by process 0 (the others stop too if it is busy)."""
+  stack = contextlib.ExitStack()
+  busy = None
+  if sharding.is_primary():
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirBusy as e:
+      busy = e
+  if sharding.any_process(busy is not None):
+    stack.close()
+    raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir} is in use by another run")
+  return stack
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "_Preemption",
+                  t_start: float) -> dict:
+  """:func:`train_and_evaluate` once the workdir is locked."""
   write_run_info(workdir, config)
   tokenizer = _tokenizer(config, workdir)
   try:
@@ -247,18 +296,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       learning_rate_fn=schedule, jit=False))
   eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
 
-  writer = MetricWriter(workdir, enabled=sharding.is_primary(),
-                        resume_step=start if restored is not None else None)
+  writer = MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start)
   loop = _Loop(config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
                eval_batches, start,
                bleu_fn=_make_bleu_fn(config, model, tokenizer, eval_examples, partitioner))
+  loop.verified = restored is None or checkpoint.has_digests(manager, start)
   try:
-    with _Preemption() as preemption:
-      summary = loop.run(state, preemption)
+    summary = loop.run(state, preemption)
+    loop.poll_save(wait=True)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    loop.close()
   if not summary["preempted"]:
     _mark_done(workdir)
   summary["wall_s"] = time.time() - t_start
@@ -304,6 +351,43 @@ def _mark_done(workdir: str) -> None:
     (epath.Path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
+def _all_processes(flags: Sequence[bool]) -> list[bool]:
+  """``flags`` OR-ed over all processes (one gather on several hosts)."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  from jax.experimental import multihost_utils
+  return [bool(f) for f in np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)]
+
+
+def failure_cause(error: Optional[BaseException], where: str) -> str:
+  """A short cause of an I/O failure: "no space left on device in WHERE", or the first words."""
+  seen, e = [], error
+  while e is not None and len(seen) < 8:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  text = " ".join(" ".join(str(x).split()) for x in seen)
+  if any(getattr(x, "errno", None) == errno.ENOSPC for x in seen) or \
+      "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+    return f"no space left on device in {where}"
+  if error is None:
+    return "another process reported a failure"
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":
+  """The one-line error of a failed save; its temporary directory is removed."""
+  directory = epath.Path(manager.directory)
+  if sharding.is_primary():
+    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      tmp.rmtree(missing_ok=True)
+  previous = [s for s in manager.all_steps() if s < step and (directory / str(s)).exists()]
+  kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
+          else "no earlier checkpoint exists")
+  return SaveFailed(f"saving checkpoint step {step} failed: "
+                    f"{failure_cause(error, str(directory.parent))}; stopped, {kept}; fix the "
+                    "cause and re-run the same command to resume")
+
+
 class _Loop:
   """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
 
@@ -317,6 +401,8 @@ class _Loop:
     self.pending: list[tuple[int, Any, tuple[int, int]]] = []
     self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
     self.last_eval: dict = {}
+    self.saving: Optional[int] = None    # step of the save in flight
+    self.verified = True                 # the state trained from was initialized or verified
 
   def _flush(self, t0: float, compiled: bool = False) -> dict:
     """Waits for the pending steps, writes their train lines, raises on a non-finite loss.
@@ -339,20 +425,62 @@ class _Loop:
       if not m["finite"]:
         self.writer.flush()
         latest = self.manager.latest_step()
+        stopped = (f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
+                   f"grad_norm={float(m['grad_norm'])}); stopped. ")
+        if not self.verified:
+          raise TrainingDiverged(
+              stopped + f"This run resumed from checkpoint step {self.start} of "
+              f"{self.manager.directory}, saved without digests, so it could not be verified "
+              "and may be damaged; move it aside and re-run to resume from an older one")
         raise TrainingDiverged(
-            f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}); stopped. The last good checkpoint "
-            f"(step {latest}) is kept in {self.manager.directory}; lower learning_rate, raise "
-            "warmup_steps or set grad_clip_norm, then re-run to resume from it")
+            stopped + f"The last good checkpoint (step {latest}) is kept in "
+            f"{self.manager.directory}; lower learning_rate, raise warmup_steps or set "
+            "grad_clip_norm, then re-run to resume from it")
     if not compiled:
       self.throughput.append((real, elapsed))
     self.pending = []
     return {k: float(v) for k, v in fetched[-1][1].items()}
 
   def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
+    self.poll_save(wait=True)
     data_state = self.train_iter.get_state()
     checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
                     self.config, metrics)
+    self.saving = step
+
+  def poll_save(self, wait: bool = False) -> None:
+    """Checks the save in flight (waits for it with ``wait``); raises SaveFailed if it failed.
+
+    Every process stops together: each reports whether its part finished and failed.
+    """
+    if self.saving is None:
+      return
+    done = wait or not self.manager.is_saving_in_progress()
+    error = None
+    if done:
+      try:
+        self.manager.wait_until_finished()
+        if sharding.is_primary() and not (
+            epath.Path(self.manager.directory) / str(self.saving)).exists():
+          raise RuntimeError("the save did not complete")
+      except Exception as e:  # pylint: disable=broad-except  (reported in one line)
+        error = e
+    flags = _all_processes([done, error is not None])
+    if flags[1]:
+      step, self.saving = self.saving, None
+      raise _save_failure(self.manager, step, error)
+    if flags[0]:
+      self.saving = None
+
+  def close(self) -> None:
+    """Waits for the save in flight and closes the manager and the writer, raising nothing
+    (called on the way out of an error; a save failure is then in ``train.log``)."""
+    try:
+      self.poll_save(wait=True)
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.getLogger(__name__).exception("closing the checkpoint manager")
+    self.writer.close()
 
   def run(self, state, preemption: _Preemption) -> dict:
     c = self.config
@@ -363,6 +491,11 @@ class _Loop:
     step, preempted = self.start, False
     seen_shapes: set = set()
     t0 = time.time()
+    if sharding.any_process(bool(preemption.requested)):   # signalled while setting up
+      _log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
+      bar.close()
+      return {"step": step, "train_steps_run": 0, "tokens_per_s": None,
+              "preempted": preemption.requested or "SIGTERM"}
     try:
       while step < num_steps and not preempted:
         step += 1
@@ -382,7 +515,8 @@ class _Loop:
         if compiles:
           self._flush(t0, compiled=True)
           t0 = time.time()
-        preempted = sharding.any_process(preemption.requested)
+        preempted = sharding.any_process(bool(preemption.requested))
+        self.poll_save()
         do_eval = every(c.eval_every_steps, step) or step == num_steps
         do_save = every(c.checkpoint_every_steps, step) or do_eval or preempted
         if self.pending and (every(c.log_every_steps, step) or do_save):
@@ -401,12 +535,14 @@ class _Loop:
         if do_eval or do_save:
           t0 = time.time()
       if preempted:
-        self.manager.wait_until_finished()
-        _log(f"SIGTERM: saved checkpoint step {step}; re-run the same command to resume")
+        self.poll_save(wait=True)
+        _log(f"{preemption.requested or 'SIGTERM'}: saved checkpoint step {step}; re-run the "
+             "same command to resume")
     finally:
       bar.close()
     tokens = sum(t for t, _ in self.throughput)
     seconds = sum(s for _, s in self.throughput)
+    preempted = (preemption.requested or "SIGTERM") if preempted else False
     return {"step": step, "train_steps_run": step - self.start, "preempted": preempted,
             "tokens_per_s": tokens / seconds if seconds else None, **self.last_eval}
 
@@ -414,36 +550,151 @@ class _Loop:
 # ----------------------------------------------------------------------------- CLI
 
 
+class _LogRouting:
+  """Sends third-party output to ``path`` so the terminal shows one-line errors.
+
+  Python logging (absl, Orbax), warnings, exceptions in threads and "Exception
+  ignored" reports (asyncio at shutdown) go to the file. When ``sys.stderr`` is
+  the process's own stderr (the command line), file descriptor 2 (XLA's C++
+  logging) goes there too and ``sys.stderr`` keeps the terminal; that routing
+  lasts until the process ends. Otherwise everything is undone on exit.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.file = open(path, "a", encoding="utf-8", buffering=1)   # pylint: disable=consider-using-with
+    self.file.write(f"==== train, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self.permanent = sys.stderr is sys.__stderr__ and _fileno(sys.stderr) == 2
+    self._saved = (list(logging.root.handlers), logging.root.level, sys.unraisablehook,
+                   __import__("threading").excepthook)
+
+  def __enter__(self) -> "_LogRouting":
+    import threading
+    handler = logging.StreamHandler(self.file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.root.handlers = [handler]
+    logging.root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    sys.unraisablehook = self._unraisable
+    threading.excepthook = lambda a: self._write_exception(
+        f"exception in thread {a.thread.name if a.thread else '?'}", a.exc_type, a.exc_value,
+        a.exc_traceback)
+    if self.permanent:
+      sys.stderr.flush()
+      terminal = os.dup(2)
+      os.dup2(self.file.fileno(), 2)
+      sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8",
+                             errors="backslashreplace")
+    return self
+
+  def _unraisable(self, info) -> None:
+    self._write_exception(f"{info.err_msg or 'Exception ignored in'}: {info.object!r}",
+                          info.exc_type, info.exc_value, info.exc_traceback)
+
+  def _write_exception(self, title: str, exc_type, value, tb) -> None:
+    try:
+      self.file.write(title + "\n" + "".join(traceback.format_exception(exc_type, value, tb)))
+    except (ValueError, OSError):   # the file is closed or the disk is full: drop it
+      pass
+
+  def __exit__(self, *exc) -> None:
+    logging.captureWarnings(False)
+    if self.permanent:
+      return
+    import threading
+    handlers, level, sys.unraisablehook, threading.excepthook = self._saved
+    logging.root.handlers, _ = handlers, logging.root.setLevel(level)
+    self.file.close()
+
+
+def _fileno(stream) -> int:
+  try:
+    return stream.fileno()
+  except (AttributeError, OSError, ValueError):
+    return -1
+
+
+def _log_path(workdir: str) -> str:
+  """``WORKDIR/train.log`` (a local file in the temporary folder for a gs:// workdir)."""
+  if "://" in workdir:
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"mt_flax-train-{os.getpid()}.log")
+  os.makedirs(workdir, exist_ok=True)
+  return os.path.join(workdir, LOG_FILE)
+
+
+def _parse_args(argv: Sequence[str]) -> Optional[tuple[str, list[str], str]]:
+  """(config file, overrides, workdir), or None after printing the help."""
+  path, overrides, rest = split_config_args(list(argv))
+  workdir = None
+  it = iter(rest)
+  for arg in it:
+    if arg == "--workdir":
+      workdir = next(it, None)
+    elif arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg in ("-h", "--help"):
+      print(__doc__)
+      return None
+    else:
+      raise ConfigError(f"unknown argument {arg!r}; expected --config FILE --workdir DIR "
+                        "[--config.key=value ...]")
+  if not path:
+    raise ConfigError("--config FILE is required (e.g. experiments/bible_en_es_tiny.py)")
+  if not workdir:
+    raise ConfigError("--workdir DIR is required (where checkpoints and logs go)")
+  return path, overrides, workdir
+
+
 def main(argv: Sequence[str]) -> int:
   """``train --config FILE --workdir DIR [--config.key=value ...]``; returns the exit status."""
+  expected = (ConfigError, DataError, checkpoint.CheckpointError, TrainingDiverged, SaveFailed,
+              workdir_lock.WorkdirBusy)
   try:
-    path, overrides, rest = split_config_args(list(argv))
-    workdir = None
-    it = iter(rest)
-    for arg in it:
-      if arg == "--workdir":
-        workdir = next(it, None)
-      elif arg.startswith("--workdir="):
-        workdir = arg.split("=", 1)[1]
-      elif arg in ("-h", "--help"):
-        print(__doc__)
-        return 0
-      else:
-        raise ConfigError(f"unknown argument {arg!r}; expected --config FILE --workdir DIR "
-                          "[--config.key=value ...]")
-    if not path:
-      raise ConfigError("--config FILE is required (e.g. experiments/bible_en_es_tiny.py)")
-    if not workdir:
-      raise ConfigError("--workdir DIR is required (where checkpoints and logs go)")
+    parsed = _parse_args(argv)
+    if parsed is None:
+      return 0
+    path, overrides, workdir = parsed
     config = load_config(path, overrides)
+  except expected as e:
+    print(f"mt_flax train: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("mt_flax train: interrupted before training started", file=sys.stderr)
+    return INTERRUPTED_EXIT
+  try:
+    routing = _LogRouting(_log_path(workdir))
+  except OSError as e:
+    print(f"mt_flax train: error: cannot write {os.path.join(workdir, LOG_FILE)}: "
+          f"{failure_cause(e, workdir)}", file=sys.stderr)
+    return 2
+  with routing:
+    return _run(config, workdir, routing)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, routing: _LogRouting) -> int:
+  """Trains with output routed; every error is one line on the terminal."""
+  details = f"(details in {routing.path})"
+  try:
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
       jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
     summary = train_and_evaluate(config, workdir)
-  except (ConfigError, DataError, checkpoint.CheckpointError, TrainingDiverged) as e:
+  except (ConfigError, DataError, checkpoint.CheckpointError, workdir_lock.WorkdirBusy) as e:
     print(f"mt_flax train: error: {e}", file=sys.stderr)
-    return 1 if isinstance(e, TrainingDiverged) else 2
+    return 2
+  except (TrainingDiverged, SaveFailed) as e:
+    routing._write_exception(type(e).__name__, type(e), e, e.__traceback__)
+    print(f"mt_flax train: error: {e} {details}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("mt_flax train: interrupted before training started; nothing saved", file=sys.stderr)
+    return INTERRUPTED_EXIT
+  except Exception as e:  # pylint: disable=broad-except  (one line here, traceback in the log)
+    routing._write_exception("unexpected error", type(e), e, e.__traceback__)
+    print(f"mt_flax train: error: {failure_cause(e, workdir)} {details}", file=sys.stderr)
+    return 1
   if summary.get("preempted"):
-    return PREEMPTED_EXIT
+    return INTERRUPTED_EXIT if summary["preempted"] == "SIGINT" else PREEMPTED_EXIT
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
   _log("done: " + json.dumps(shown))
   return 0
