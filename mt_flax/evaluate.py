@@ -17,6 +17,7 @@ Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from mt_flax import checkpoint
+from mt_flax import checkpoint, files
 from mt_flax.config import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
                                translate_examples)
@@ -59,8 +60,7 @@ def slice_scores(examples: Sequence[dict], hypotheses: Sequence[str]) -> list[di
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
+  files.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
@@ -99,8 +99,10 @@ def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
   ax.set_xlabel("BLEU (sacrebleu)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=100)
   plt.close(fig)
+  files.write_bytes(path, image.getvalue())
 
 
 def search_name(beam_size: int) -> str:
@@ -171,10 +173,8 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
             "bleu": main["scores"]["bleu"], "chrf": main["scores"]["chrf"],
             "table": table, "split_result": main, "long_result": long_result,
             "commands": commands}
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(_markdown(report))
+  files.write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
+  files.write_text(os.path.join(out_dir, "report.md"), _markdown(report))
   plot_slices(os.path.join(out_dir, CHART), table,
               f"{config.data.name} {report['direction']} {split}, step {trained.step}, "
               f"{search_name(settings['beam_size'])}")
@@ -196,6 +196,10 @@ def main(argv: Sequence[str]) -> int:
   from mt_flax.data import DataError
   try:
     args, config_path, overrides = parse(parser, argv)
+    for flag, value in (("--max-examples", args.max_examples),
+                        ("--long-examples", args.long_examples)):
+      if value is not None and value < 0:
+        raise ConfigError(f"{flag} {value}: expected an integer >= 0")
     trained = load_trained(args.workdir, which=args.checkpoint, config_path=config_path,
                            overrides=overrides)
     out_dir = args.out or os.path.join(args.workdir, "eval", args.split)

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from mt_flax import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -66,19 +68,17 @@ def _record_step(record: bytes) -> int:
 
 def cut_tensorboard(directory: epath.Path, step: int) -> None:
   """Keeps the events with ``step <= step`` (none when ``step`` is 0), merged into the oldest file."""
-  files = sorted(directory.glob("events.out.tfevents.*")) if directory.exists() else []
-  if not files:
+  event_files = sorted(directory.glob("events.out.tfevents.*")) if directory.exists() else []
+  if not event_files:
     return
-  kept = [r for f in files for r in _event_records(f.read_bytes())
+  kept = [r for f in event_files for r in _event_records(f.read_bytes())
           if step > 0 and _record_step(r) <= step]
-  tmp = files[0].parent / (files[0].name + ".tmp")
-  tmp.write_bytes(b"".join(kept))
-  for f in files:
+  for f in event_files[1:]:
     f.unlink()
   if kept:
-    tmp.rename(files[0])
+    files.write_bytes(event_files[0], b"".join(kept))
   else:
-    tmp.unlink()
+    event_files[0].unlink()
 
 
 class MetricWriter:
@@ -107,9 +107,7 @@ class MetricWriter:
     text = self.path.read_text()
     keep = [r for r in read_metrics(str(self.path.parent)) if int(r.get("step", 0)) <= step]
     if len(keep) != len(text.splitlines()) or (text and not text.endswith("\n")):
-      tmp = self.path.parent / (self.path.name + ".tmp")
-      tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-      tmp.rename(self.path)
+      files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
     if not self.enabled:

@@ -284,6 +284,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     return {"step": start, "wall_s": time.time() - t_start, "train_steps_run": 0,
             "preempted": False, **(last[-1] if last else {})}
 
+  if sharding.is_primary():
+    (epath.Path(workdir) / DONE_FILE).unlink(missing_ok=True)   # trains again (more steps)
   _log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
        f"{partitioner.mode} over {jax.device_count()} device(s), "
        f"{jax.process_count()} process(es); steps {start} -> {num_steps}")
