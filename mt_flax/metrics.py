@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from typing import Any, Iterator, Optional
 
 from etils import epath
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
 
 from mt_flax import files
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TB_FLUSH_S = 30.0
 
 
 def _clean(value: Any) -> Any:
@@ -82,7 +86,11 @@ def cut_tensorboard(directory: epath.Path, step: int) -> None:
 
 
 class MetricWriter:
-  """Appends metric dicts to ``metrics.jsonl`` and TensorBoard (``<split>/<name>`` scalars)."""
+  """Appends metric dicts to ``metrics.jsonl`` and TensorBoard (``<split>/<name>`` scalars).
+
+  Both are written in the calling thread, so a write error (e.g. disk full)
+  raises here at once; TensorBoard events are flushed every ``TB_FLUSH_S`` seconds.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: Optional[int] = None):
     """``resume_step``: the step this run starts from; later lines and events are dropped."""
@@ -96,9 +104,17 @@ class MetricWriter:
     if "://" not in str(workdir):   # tensorboardX writes local files only
       if resume_step is not None:
         cut_tensorboard(epath.Path(workdir) / TENSORBOARD_DIR, resume_step)
-      self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR),
-                               purge_step=resume_step or None, flush_secs=30)
+      folder = epath.Path(workdir) / TENSORBOARD_DIR
+      folder.mkdir(parents=True, exist_ok=True)
+      self._tb = EventsWriter(str(folder / "events"), filename_suffix=f".{time.time_ns()}")
+    self._tb_flushed = time.time()
     self._file = self.path.open("a")
+
+  def _tb_write(self, step: int, summary: Any) -> None:
+    self._tb.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+    if time.time() - self._tb_flushed > TB_FLUSH_S:
+      self._tb.flush()
+      self._tb_flushed = time.time()
 
   def _truncate_after(self, step: int) -> None:
     """Keeps lines with ``step <= step`` (a resumed run re-logs the later ones)."""
@@ -122,11 +138,11 @@ class MetricWriter:
       for k, v in metrics.items():
         v = _clean(v)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+          self._tb_write(step, tb_summary.scalar(f"{split}/{k}", v))
 
   def write_text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled and self._tb is not None:
-      self._tb.add_text(tag, text, step)
+      self._tb_write(step, tb_summary.text(tag, text))
 
   def flush(self) -> None:
     if self.enabled:

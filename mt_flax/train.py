@@ -552,6 +552,13 @@ class _Loop:
 # ----------------------------------------------------------------------------- CLI
 
 
+class _FileHandler(logging.StreamHandler):
+  """A log handler that drops records it cannot write (e.g. disk full) instead of printing."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    del record
+
+
 class _LogRouting:
   """Sends third-party output to ``path`` so the terminal shows one-line errors.
 
@@ -572,7 +579,7 @@ class _LogRouting:
 
   def __enter__(self) -> "_LogRouting":
     import threading
-    handler = logging.StreamHandler(self.file)
+    handler = _FileHandler(self.file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.root.handlers = [handler]
     logging.root.setLevel(logging.WARNING)
@@ -600,12 +607,13 @@ class _LogRouting:
       pass
 
   def __exit__(self, *exc) -> None:
-    logging.captureWarnings(False)
     if self.permanent:
       return
+    logging.captureWarnings(False)
     import threading
     handlers, level, sys.unraisablehook, threading.excepthook = self._saved
-    logging.root.handlers, _ = handlers, logging.root.setLevel(level)
+    logging.root.handlers = handlers
+    logging.root.setLevel(level)
     self.file.close()
 
 

@@ -292,13 +292,16 @@ def small_disk(tmp_path):
 
 def fill(folder) -> None:
   """Writes zeros to ``folder/filler`` until the file system is full."""
-  with open(os.path.join(folder, "filler"), "wb") as f:
-    try:
-      while True:
-        f.write(b"\0" * (1 << 16))
-        f.flush()
-    except OSError:
-      pass
+  fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+  try:
+    for size in (1 << 16, 1 << 10, 1):
+      try:
+        while os.write(fd, b"\0" * size):
+          pass
+      except OSError:
+        continue
+  finally:
+    os.close(fd)
 
 
 def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path, tokenizer_dir, small_disk):
@@ -311,6 +314,7 @@ def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path, tokenizer_dir,
   fill(small_disk)
   code, err = finish(proc)
   lines = err.strip().splitlines()
+  print("\n".join(lines))
   assert code == 1, lines
   assert_quiet(lines)
   assert lines[-1].startswith("mt_flax train: error: ")
