@@ -446,8 +446,11 @@ class _Loop:
   def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
     self.poll_save(wait=True)
     data_state = self.train_iter.get_state()
-    checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
-                    self.config, metrics)
+    try:
+      checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
+                      self.config, metrics)
+    except Exception as e:  # pylint: disable=broad-except  (its synchronous part failed)
+      raise _save_failure(self.manager, step, e) from e
     self.saving = step
 
   def poll_save(self, wait: bool = False) -> None:

@@ -8,6 +8,7 @@
 - the workdir lock objects (OS lock; generation-conditional lock object);
 - small inputs: negative ``--max-examples``, CR-only line ends, atomic writes.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -273,14 +274,13 @@ def test_restarts_log_each_step_once(tmp_path, tokenizer_dir):
 # ----------------------------------------------------------------------------- disk full
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 40 MB tmpfs at tmp_path/disk (root only); unmounted afterwards."""
-  mount = tmp_path / "disk"
-  mount.mkdir()
+@contextlib.contextmanager
+def tmpfs(mount, size: str = "40m"):
+  """A small tmpfs mounted on the folder ``mount`` (root only; skips otherwise); unmounted after."""
+  os.makedirs(mount, exist_ok=True)
   if os.geteuid() != 0:
     pytest.skip("mounting a small tmpfs needs root")
-  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                         capture_output=True, text=True)
   if done.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -288,6 +288,12 @@ def small_disk(tmp_path):
     yield mount
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  with tmpfs(tmp_path / "disk") as mount:
+    yield mount
 
 
 def fill(folder) -> None:
@@ -304,22 +310,51 @@ def fill(folder) -> None:
     os.close(fd)
 
 
-def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path, tokenizer_dir, small_disk):
-  workdir = new_workdir(small_disk, tokenizer_dir, "run")
-  environ = env(tmp_path)
+def start_then_fill(workdir: str, disk, environ: dict) -> tuple[int, list[str]]:
+  """Trains until checkpoint 10, fills ``disk``, returns (status, stderr lines)."""
   args = overrides(num_train_steps=400, checkpoint_every_steps=10, eval_every_steps=1000,
                    progress_bar=False)
   proc = cli("train", workdir, args, environ)
   wait_for(has_checkpoint(workdir, 10), proc, "checkpoint 10")
-  fill(small_disk)
+  fill(disk)
   code, err = finish(proc)
   lines = err.strip().splitlines()
-  print("\n".join(lines))
-  assert code == 1, lines
   assert_quiet(lines)
+  return code, lines
+
+
+def test_failed_background_save_stops_training_in_one_line(tmp_path, tokenizer_dir):
+  """Only the checkpoints folder is full: the step-20 save fails in the background and
+  training stops before the next save with one line; checkpoint 10 stays usable."""
+  workdir = new_workdir(tmp_path, tokenizer_dir, "run")
+  environ = env(tmp_path)
+  with tmpfs(os.path.join(workdir, "checkpoints")) as disk:
+    code, lines = start_then_fill(workdir, disk, environ)
+    assert code == 1, lines
+    assert lines[-1] == (
+        f"mt_flax train: error: saving checkpoint step 20 failed: no space left on device in "
+        f"{workdir}; stopped, the previous checkpoint (step 10) is intact; fix the cause and "
+        f"re-run the same command to resume (details in {workdir}/train.log)")
+    assert max(logged_steps(workdir)) <= 30          # stopped before the step-30 save
+    assert sorted(os.listdir(disk)) == ["10", "filler"]   # no temporary folder left
+    assert "No space left on device" in open(os.path.join(workdir, "train.log")).read()
+    os.remove(os.path.join(disk, "filler"))
+    code, _, err = run("train", workdir, overrides(
+        num_train_steps=12, checkpoint_every_steps=10, eval_every_steps=1000,
+        progress_bar=False), environ)
+    assert code == 0, err
+    assert any("resumed from checkpoint step 10" in line for line in err)
+
+
+def test_full_disk_stops_training_in_one_line(tmp_path, tokenizer_dir, small_disk):
+  """The whole workdir on a full disk: whichever write fails first, one line, then a resume."""
+  workdir = new_workdir(small_disk, tokenizer_dir, "run")
+  environ = env(tmp_path)
+  code, lines = start_then_fill(workdir, small_disk, environ)
+  assert code == 1, lines
   assert lines[-1].startswith("mt_flax train: error: ")
   assert f"no space left on device in {workdir}" in lines[-1]
-  assert f"(details in {workdir}/train.log)" in lines[-1]
+  assert lines[-1].endswith(f"(details in {workdir}/train.log)")
   assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
   os.remove(small_disk / "filler")
   last = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")))
