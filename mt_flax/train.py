@@ -24,7 +24,6 @@ programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -33,7 +32,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -43,6 +41,7 @@ from etils import epath
 from tqdm import tqdm
 
 from mt_flax import checkpoint, data, inference, sharding, steps, workdir_lock
+from mt_flax.runlog import LogRouting, failure_cause, log_path
 from mt_flax.config import ConfigError, load_config, split_config_args, with_defaults
 from mt_flax.data import DataError
 from mt_flax.metrics import MetricWriter, read_metrics
@@ -52,7 +51,6 @@ DONE_FILE = "DONE"
 GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
-LOG_FILE = "train.log"
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
@@ -361,21 +359,6 @@ def _all_processes(flags: Sequence[bool]) -> list[bool]:
   return [bool(f) for f in np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)]
 
 
-def failure_cause(error: Optional[BaseException], where: str) -> str:
-  """A short cause of an I/O failure: "no space left on device in WHERE", or the first words."""
-  seen, e = [], error
-  while e is not None and len(seen) < 8:
-    seen.append(e)
-    e = e.__cause__ or e.__context__
-  text = " ".join(" ".join(str(x).split()) for x in seen)
-  if any(getattr(x, "errno", None) == errno.ENOSPC for x in seen) or \
-      "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
-    return f"no space left on device in {where}"
-  if error is None:
-    return "another process reported a failure"
-  return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
-
-
 def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":
   """The one-line error of a failed save; its temporary directory is removed."""
   directory = epath.Path(manager.directory)
@@ -555,87 +538,6 @@ class _Loop:
 # ----------------------------------------------------------------------------- CLI
 
 
-class _FileHandler(logging.StreamHandler):
-  """A log handler that drops records it cannot write (e.g. disk full) instead of printing."""
-
-  def handleError(self, record: logging.LogRecord) -> None:
-    del record
-
-
-class _LogRouting:
-  """Sends third-party output to ``path`` so the terminal shows one-line errors.
-
-  Python logging (absl, Orbax), warnings, exceptions in threads and "Exception
-  ignored" reports (asyncio at shutdown) go to the file. When ``sys.stderr`` is
-  the process's own stderr (the command line), file descriptor 2 (XLA's C++
-  logging) goes there too and ``sys.stderr`` keeps the terminal; that routing
-  lasts until the process ends. Otherwise everything is undone on exit.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-    self.file = open(path, "a", encoding="utf-8", buffering=1)   # pylint: disable=consider-using-with
-    self.file.write(f"==== train, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    self.permanent = sys.stderr is sys.__stderr__ and _fileno(sys.stderr) == 2
-    self._saved = (list(logging.root.handlers), logging.root.level, sys.unraisablehook,
-                   __import__("threading").excepthook)
-
-  def __enter__(self) -> "_LogRouting":
-    import threading
-    handler = _FileHandler(self.file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.root.handlers = [handler]
-    logging.root.setLevel(logging.WARNING)
-    logging.captureWarnings(True)
-    sys.unraisablehook = self._unraisable
-    threading.excepthook = lambda a: self._write_exception(
-        f"exception in thread {a.thread.name if a.thread else '?'}", a.exc_type, a.exc_value,
-        a.exc_traceback)
-    if self.permanent:
-      sys.stderr.flush()
-      terminal = os.dup(2)
-      os.dup2(self.file.fileno(), 2)
-      sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8",
-                             errors="backslashreplace")
-    return self
-
-  def _unraisable(self, info) -> None:
-    self._write_exception(f"{info.err_msg or 'Exception ignored in'}: {info.object!r}",
-                          info.exc_type, info.exc_value, info.exc_traceback)
-
-  def _write_exception(self, title: str, exc_type, value, tb) -> None:
-    try:
-      self.file.write(title + "\n" + "".join(traceback.format_exception(exc_type, value, tb)))
-    except (ValueError, OSError):   # the file is closed or the disk is full: drop it
-      pass
-
-  def __exit__(self, *exc) -> None:
-    if self.permanent:
-      return
-    logging.captureWarnings(False)
-    import threading
-    handlers, level, sys.unraisablehook, threading.excepthook = self._saved
-    logging.root.handlers = handlers
-    logging.root.setLevel(level)
-    self.file.close()
-
-
-def _fileno(stream) -> int:
-  try:
-    return stream.fileno()
-  except (AttributeError, OSError, ValueError):
-    return -1
-
-
-def _log_path(workdir: str) -> str:
-  """``WORKDIR/train.log`` (a local file in the temporary folder for a gs:// workdir)."""
-  if "://" in workdir:
-    import tempfile
-    return os.path.join(tempfile.gettempdir(), f"mt_flax-train-{os.getpid()}.log")
-  os.makedirs(workdir, exist_ok=True)
-  return os.path.join(workdir, LOG_FILE)
-
-
 def _parse_args(argv: Sequence[str]) -> Optional[tuple[str, list[str], str]]:
   """(config file, overrides, workdir), or None after printing the help."""
   path, overrides, rest = split_config_args(list(argv))
@@ -676,16 +578,16 @@ def main(argv: Sequence[str]) -> int:
     print("mt_flax train: interrupted before training started", file=sys.stderr)
     return INTERRUPTED_EXIT
   try:
-    routing = _LogRouting(_log_path(workdir))
+    routing = LogRouting(log_path(workdir))
   except OSError as e:
-    print(f"mt_flax train: error: cannot write {os.path.join(workdir, LOG_FILE)}: "
+    print(f"mt_flax train: error: cannot write the log file in {workdir}: "
           f"{failure_cause(e, workdir)}", file=sys.stderr)
     return 2
   with routing:
     return _run(config, workdir, routing)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, routing: _LogRouting) -> int:
+def _run(config: ml_collections.ConfigDict, workdir: str, routing: LogRouting) -> int:
   """Trains with output routed; every error is one line on the terminal."""
   details = f"(details in {routing.path})"
   try:
@@ -696,14 +598,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, routing: _LogRouting) 
     print(f"mt_flax train: error: {e}", file=sys.stderr)
     return 2
   except (TrainingDiverged, SaveFailed) as e:
-    routing._write_exception(type(e).__name__, type(e), e, e.__traceback__)
+    routing.write_exception(type(e).__name__, e)
     print(f"mt_flax train: error: {e} {details}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("mt_flax train: interrupted before training started; nothing saved", file=sys.stderr)
     return INTERRUPTED_EXIT
   except Exception as e:  # pylint: disable=broad-except  (one line here, traceback in the log)
-    routing._write_exception("unexpected error", type(e), e, e.__traceback__)
+    routing.write_exception("unexpected error", e)
     print(f"mt_flax train: error: {failure_cause(e, workdir)} {details}", file=sys.stderr)
     return 1
   if summary.get("preempted"):
