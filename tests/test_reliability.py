@@ -20,7 +20,7 @@ import time
 import pytest
 
 from mt_flax import checkpoint, evaluate, files, workdir_lock
-from mt_flax.metrics import _event_records, _record_step, read_metrics
+from mt_flax.metrics import read_metrics
 from mt_flax.translate import read_lines
 from test_train import CONFIG, ROOT, finish, new_workdir, overrides, tokenizer_dir  # noqa: F401
 
@@ -230,16 +230,19 @@ def logged_steps(workdir: str) -> list[int]:
 
 
 def tensorboard_steps(workdir: str) -> list[int]:
-  """Steps of the ``train/loss`` scalars in all event files."""
+  """Steps of the ``train/loss`` scalars in all event files (TFRecord: length, crc, data, crc)."""
   from tensorboardX.proto import event_pb2
   steps = []
   folder = os.path.join(workdir, "tensorboard")
   for name in os.listdir(folder):
-    for record in _event_records(open(os.path.join(folder, name), "rb").read()):
+    blob, at = open(os.path.join(folder, name), "rb").read(), 0
+    while at + 12 <= len(blob):
+      length = int.from_bytes(blob[at:at + 8], "little")
       event = event_pb2.Event()
-      event.ParseFromString(record[12:-4])
+      event.ParseFromString(blob[at + 12:at + 12 + length])
+      at += 12 + length + 4
       if any(v.tag == "train/loss" for v in event.summary.value):
-        steps.append(_record_step(record))
+        steps.append(int(event.step))
   return sorted(steps)
 
 
