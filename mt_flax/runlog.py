@@ -41,11 +41,17 @@ def log_path(workdir: str) -> str:
   return os.path.join(workdir, LOG_FILE)
 
 
+class _OneLine(logging.Formatter):
+  def format(self, record: logging.LogRecord) -> str:
+    return f"{record.name}: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+
+
 class LogRouting:
   """Sends third-party output to ``path`` so the terminal shows one-line errors.
 
   Python logging (absl, Orbax), warnings, exceptions in threads and "Exception
-  ignored" reports (asyncio at shutdown) go to the file. When ``sys.stderr`` is
+  ignored" reports (asyncio at shutdown) go to the file; warnings of mt_flax's
+  own loggers also reach the terminal, one line each. When ``sys.stderr`` is
   the process's own stderr (the command line), file descriptor 2 (XLA's C++
   logging) goes there too while ``sys.stderr`` keeps the terminal; that routing
   lasts until the process ends. Otherwise everything is undone on exit.
@@ -74,6 +80,10 @@ class LogRouting:
       os.dup2(self.file.fileno(), 2)
       sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8",
                              errors="backslashreplace")
+    self._ours = logging.StreamHandler(sys.stderr)
+    self._ours.setFormatter(_OneLine())
+    self._ours.setLevel(logging.WARNING)
+    logging.getLogger("mt_flax").addHandler(self._ours)
     return self
 
   def _unraisable(self, info) -> None:
@@ -91,6 +101,7 @@ class LogRouting:
   def __exit__(self, *exc) -> None:
     if self.permanent:
       return
+    logging.getLogger("mt_flax").removeHandler(self._ours)
     logging.captureWarnings(False)
     handlers, level, sys.unraisablehook, threading.excepthook = self._saved
     logging.root.handlers = handlers
