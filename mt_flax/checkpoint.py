@@ -5,32 +5,41 @@
 - ``params``, ``opt_state``: the state arrays (saved asynchronously, sharded as trained);
 - ``train``: ``{"step", "rng"}``;
 - ``data``: the data-iterator state, one JSON file per process (Grain's handler);
-- ``config``: the resolved config.
+- ``config``: the resolved config;
+- ``digests``: the SHA-256 of every saved array (path -> hex) and of the data
+  state, taken from the state being saved.
 
 The manager keeps the last ``keep_checkpoints`` steps and the best step by the
 validation metric ``best_metric`` (``best_mode`` "min" or "max"), which is
 attached to the checkpoints saved right after validation.
 
-A checkpoint that cannot be read (corrupt or partial) is reported, moved to
-``workdir/checkpoints_unreadable/`` and the previous one is used.
+Every restore checks the arrays it read against ``digests`` and checks that the
+parameters are finite. A checkpoint that cannot be read or fails those checks
+is reported in one line; training moves it to ``workdir/checkpoints_unreadable/``
+and uses the previous one, inference (read-only) just uses the previous one.
+On several processes each array that a process holds whole is digested; arrays
+split over processes are checked for finiteness only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mt_flax import paths
+from mt_flax import paths, sharding
 from mt_flax.cli import UserError
 from mt_flax.config import with_defaults
 
@@ -54,6 +63,120 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint is missing or unusable; the message is one line for the user."""
+
+
+class VerificationError(CheckpointError):
+  """A checkpoint read back differs from what was saved, or holds non-finite parameters."""
+
+
+# ----------------------------------------------------------------------------- digests
+
+DIGEST_ALGORITHM = "sha256"
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_path(path: Sequence[Any]) -> str:
+  """``decoder_1/mlp/Dense_0/kernel`` for a jax key path (dict, attribute or index keys)."""
+  return "/".join(_key_name(e) for e in path)
+
+
+def _host_array(leaf: Any) -> Optional[np.ndarray]:
+  """The whole array on the host, or None when this process does not hold all of it."""
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if not leaf.is_fully_addressable:
+      return None
+  return np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+
+
+def array_digest(array: np.ndarray) -> str:
+  """SHA-256 of dtype, shape and bytes."""
+  h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+  h.update(array.tobytes())
+  return h.hexdigest()
+
+
+def tree_digests(tree: Any, prefix: str) -> dict[str, str]:
+  """``{prefix/leaf path: digest}`` of every leaf this process holds whole."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = _host_array(leaf)
+    if array is not None:
+      out[f"{prefix}/{leaf_path(path)}"] = array_digest(array)
+  return out
+
+
+def data_digest(data_state: Optional[dict]) -> str:
+  return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+def _state_digests(state: Any, data_state: Optional[dict]) -> dict:
+  arrays = {**tree_digests(state.params, "params"), **tree_digests(state.opt_state, "opt_state")}
+  return {"algorithm": DIGEST_ALGORITHM, "arrays": arrays, "data": data_digest(data_state)}
+
+
+def _first_mismatch(tree: Any, prefix: str, saved: dict[str, str]) -> Optional[str]:
+  """The first leaf of ``tree`` whose digest differs from ``saved`` (leaves not saved: skipped)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = f"{prefix}/{leaf_path(path)}"
+    if name in saved:
+      array = _host_array(leaf)
+      if array is not None and array_digest(array) != saved[name]:
+        return name
+  return None
+
+
+def _first_non_finite(params: Any) -> Optional[str]:
+  """The first floating-point parameter holding NaN or inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      ok = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))(leaf)
+      if not bool(np.asarray(ok.addressable_data(0))):
+        return f"params/{leaf_path(path)}"
+  return None
+
+
+def _read_digests(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The ``digests`` item of ``step``, or None for a checkpoint saved without one."""
+  if not (epath.Path(manager.directory) / str(step) / "digests").exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore())).digests
+
+
+def verify(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None,
+           data_state: Any = None, check_data: bool = False) -> bool:
+  """Checks restored arrays against the digests saved with ``step`` and that params are finite.
+
+  Returns whether digests were found (False: an old checkpoint, only finiteness checked).
+
+  Raises:
+    VerificationError: a digest differs or a parameter is NaN/inf (one-line reason).
+  """
+  saved = _read_digests(manager, step)
+  if saved is not None:
+    bad = _first_mismatch(params, "params", saved["arrays"])
+    if bad is None and opt_state is not None:
+      bad = _first_mismatch(opt_state, "opt_state", saved["arrays"])
+    if bad is not None:
+      raise VerificationError(f"{bad} differs from the digest saved with it")
+    if check_data and jax.process_index() == 0 and data_digest(data_state) != saved["data"]:
+      raise VerificationError("the data-iterator state differs from the digest saved with it")
+  bad = _first_non_finite(params)
+  if bad is not None:
+    raise VerificationError(f"{bad} holds NaN or inf values")
+  return saved is not None
+
+
+def has_digests(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether ``step`` was saved with digests (so a restore of it was verified)."""
+  return (epath.Path(manager.directory) / str(step) / "digests").exists()
 
 
 class _IteratorState:
@@ -104,7 +227,8 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
               "opt_state": ocp.StandardCheckpointHandler(),
               "train": ocp.StandardCheckpointHandler(),
               "data": grain.checkpoint.CheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler()}
+              "config": ocp.JsonCheckpointHandler(),
+              "digests": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -112,9 +236,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Opti
          config: ml_collections.ConfigDict, metrics: Optional[dict] = None) -> None:
   """Starts saving ``state`` (a ``steps.TrainState``) at ``step``; returns once arrays are copied.
 
-  ``data_state`` is this process's ``iterator.get_state()`` taken now.
+  ``data_state`` is this process's ``iterator.get_state()`` taken now. The
+  digests of the arrays are computed here, from the state being saved.
   """
   args = ocp.args.Composite(
+      digests=ocp.args.JsonSave(_state_digests(state, data_state)),
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
@@ -153,23 +279,46 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   manager.reload()
 
 
+def _reason(e: Exception) -> str:
+  """One line: the verification failure, or the read error's type and first words."""
+  if isinstance(e, VerificationError):
+    return f"failed verification: {e}"
+  text = " ".join(str(e).split())[:300] or type(e).__name__
+  return f"is unreadable ({type(e).__name__}: {text})"
+
+
 def restore_latest_good(manager: ocp.CheckpointManager,
                         abstract_state: Any) -> Optional[tuple[Any, Optional[dict], int]]:
-  """Restores the newest readable checkpoint into ``abstract_state``'s shapes and shardings.
+  """Restores the newest checkpoint that reads and verifies into ``abstract_state``'s shapes.
 
   Returns ``(state, data_state, step)`` or None when there is no checkpoint.
-  Unreadable newer steps are reported on stderr and set aside.
+  Newer steps that cannot be read or fail :func:`verify` are reported on stderr
+  (one line each) and set aside.
+
+  Raises:
+    CheckpointError: there were checkpoints but none was good.
   """
+  failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       state, data_state = _restore_step(manager, step, abstract_state)
+      bad = None
+      try:
+        verify(manager, step, state.params, state.opt_state, data_state, check_data=True)
+      except VerificationError as e:
+        bad = e
+      if sharding.any_process(bad is not None):
+        raise bad or VerificationError("another process found it damaged")
       return state, data_state, step
     except Exception as e:  # pylint: disable=broad-except  (any read failure: try older)
-      reason = " ".join(str(e).split())[:300] or type(e).__name__
-      print(f"mt_flax: checkpoint step {step} in {manager.directory} is unreadable "
-            f"({type(e).__name__}: {reason}); moved to {UNREADABLE_DIR}/ and using the "
-            "previous one", file=sys.stderr, flush=True)
+      print(f"mt_flax: checkpoint step {step} in {manager.directory} {_reason(e)}; moved to "
+            f"{UNREADABLE_DIR}/ and using the previous one", file=sys.stderr, flush=True)
+      failed.append(step)
       _set_aside(manager, step)
+  if failed:
+    raise CheckpointError(
+        f"no good checkpoint in {manager.directory}: step(s) {', '.join(map(str, failed))} "
+        f"failed and were moved to {UNREADABLE_DIR}/; re-run to start again from step 0")
   return None
 
 
@@ -215,14 +364,15 @@ def restore_for_inference(workdir: str, which: str = "best"
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
       params = manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(target))).params
-      if errors:
-        print(f"mt_flax: using checkpoint step {step} instead ({'; '.join(errors)})",
-              file=sys.stderr, flush=True)
-      return config, params, int(step)
+      verify(manager, step, params)
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step} unreadable: {type(e).__name__}")
-  raise CheckpointError(f"no readable checkpoint in {manager.directory} "
-                        f"({'; '.join(errors)})")
+      errors.append(f"step {step} {_reason(e)}")
+      continue
+    if errors:
+      print(f"mt_flax: checkpoint {'; '.join(errors)}; using step {step} instead",
+            file=sys.stderr, flush=True)
+    return config, params, int(step)
+  raise CheckpointError(f"no good checkpoint in {manager.directory} ({'; '.join(errors)})")
 
 
 # ----------------------------------------------------------------------------- averaged params
@@ -242,12 +392,15 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
-  """The params of checkpoint ``step``, a plain tree of arrays on the default device."""
+  """The params of checkpoint ``step``, a plain tree of arrays on the default device, verified
+  against the digests saved with them (:func:`verify`)."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   meta = manager.item_metadata(step)["params"].tree
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  return manager.restore(step, args=ocp.args.Composite(
+  params = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target))).params
+  verify(manager, step, params)
+  return params
 
 
 def save_averaged(workdir: str, params: Any, info: dict) -> str:

@@ -99,6 +99,9 @@ def entry(command: str, build_parser: Callable[[], argparse.ArgumentParser],
     except UserError as e:
       print(f"mt_flax {command}: error: {e}", file=sys.stderr)
       return e.exit_code
+    except KeyboardInterrupt:             # commands that save on Ctrl-C handle it themselves
+      print(f"mt_flax {command}: interrupted", file=sys.stderr)
+      return 130
 
   main.__doc__ = f"``python -m mt_flax {command} ...``; returns the exit status."
   return main

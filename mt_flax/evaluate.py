@@ -32,6 +32,7 @@ Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -114,7 +115,7 @@ def slice_scores(examples: Sequence[dict], hypotheses: Sequence[str]) -> list[di
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  paths.as_path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  paths.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
@@ -211,9 +212,10 @@ def plot_slices(path: str, rows: Sequence[dict], title: str) -> None:
   ax.set_xlabel("BLEU (sacrebleu)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  with paths.as_path(path).open("wb") as f:
-    fig.savefig(f, format="png", dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, image.getvalue())
 
 
 def search_name(beam_size: int) -> str:
@@ -313,8 +315,8 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   if "tokenized_bleu" in main:
     report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
   out = paths.as_path(out_dir)
-  (out / "report.json").write_text(json.dumps(report, indent=2))
-  (out / "report.md").write_text(_markdown(report))
+  paths.write_text(out / "report.json", json.dumps(report, indent=2))
+  paths.write_text(out / "report.md", _markdown(report))
   plot_slices(out / CHART, table,
               f"{config.data.name} {report['direction']} {split}, {trained.which} params, "
               f"step {trained.step}, {search_name(settings['beam_size'])}")

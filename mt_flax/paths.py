@@ -5,6 +5,12 @@ paths are read and written through gcsfs (fsspec), without TensorFlow; Orbax
 and TFDS use the same ``epath`` paths, and Orbax's array store (tensorstore)
 talks to GCS itself.
 
+Writes of whole files go through :func:`write_bytes` / :func:`write_text`:
+a reader sees the old file or the whole new one, never a part (local files are
+written beside the target and renamed over it; the temporary file is removed
+if the write fails, e.g. on a full disk; ``gs://`` objects are replaced whole
+by each upload, so they are written directly).
+
 A local GCS emulator is used by setting ``STORAGE_EMULATOR_HOST`` (e.g.
 ``http://127.0.0.1:9023``), which gcsfs reads; importing this module then sets
 ``TENSORSTORE_GCS_HTTP_URL`` to the same address unless it is already set, so
@@ -40,3 +46,26 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   if is_remote(path):
     return epath.Path(os.fspath(path))
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically (see the module docstring)."""
+  path = as_path(path)
+  if is_remote(path):
+    path.write_bytes(data)
+    return
+  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` atomically."""
+  write_bytes(path, text.encode("utf-8"))

@@ -4,11 +4,19 @@ Re-running the same command on an existing workdir resumes from its latest good
 checkpoint (params, optimizer state, step, RNG and data-iterator state), so
 the per-step losses continue exactly as if uninterrupted; on a finished run
 it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
-with status 143. A non-finite loss stops the run (status 1) and keeps the last
-good checkpoint.
+with status 143; Ctrl-C (SIGINT) does the same and exits with 130, and a second
+Ctrl-C stops at once without saving. A non-finite loss stops the run (status 1)
+and keeps the last good checkpoint. A checkpoint save that fails in the
+background (e.g. disk full) stops the run at the next step (status 1) with the
+previous checkpoint intact.
+
+One run at a time: the run holds ``train.lock`` in the workdir (see
+:mod:`mt_flax.workdir_lock`); a second run on the same workdir stops at once.
+Errors reach the terminal as one line; tracebacks and third-party log output
+(absl, Orbax, XLA, asyncio) go to ``train.log`` in the workdir.
 
 The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
-device counts), ``git_commit.txt``,
+device counts), ``git_commit.txt``, ``train.log``,
 ``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 ``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
 programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
@@ -16,8 +24,10 @@ programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,14 +40,16 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from mt_flax import checkpoint, cli, data, inference, paths, sharding, steps
+from mt_flax import checkpoint, cli, data, inference, paths, sharding, steps, workdir_lock
 from mt_flax.config import ConfigError, load_config, with_defaults
+from mt_flax.runlog import LogRouting, failure_cause, log_path
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 
 DONE_FILE = "DONE"
 GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
@@ -54,6 +66,10 @@ RUN_FILE = "run.json"
 class TrainingDiverged(cli.UserError, RuntimeError):
   """The loss or gradients became NaN/inf."""
   exit_code = 1
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint save failed (in the background or at the end); one line for the user."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -136,26 +152,35 @@ def git_commit() -> str:
 
 
 class _Preemption:
-  """Records SIGTERM so the loop can checkpoint and stop between steps."""
+  """Records SIGTERM or a first SIGINT so the loop can checkpoint and stop between steps.
+
+  A second SIGINT ends the process at once (status 130) without saving.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: Optional[str] = None    # name of the signal received
+    self._previous: dict = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     except ValueError:   # not the main thread: no handler
-      self._previous = None
+      self._previous = {}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested == "SIGINT":
+      print("mt_flax train: interrupted again: stopped at once without saving (re-run the same "
+            "command to resume from the last checkpoint)", file=sys.stderr, flush=True)
+      os._exit(INTERRUPTED_EXIT)
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,6 +237,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   config = resolve_config(config)
   sharding.maybe_initialize_distributed()
+  with _locked(workdir), _Preemption() as preemption:
+    return _train_locked(config, workdir, preemption, t_start)
+
+
+def _locked(workdir: str):
+  """The workdir lock, taken by process 0 (the others stop too if it is busy)."""
+  stack = contextlib.ExitStack()
+  busy = None
+  if sharding.is_primary():
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirBusy as e:
+      busy = e
+  if sharding.any_process(busy is not None):
+    stack.close()
+    raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir} is in use by another run")
+  return stack
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "_Preemption",
+                  t_start: float) -> dict:
+  """:func:`train_and_evaluate` once the workdir is locked."""
   write_run_info(workdir, config)
   tokenizer = _tokenizer(config, workdir)
   try:
@@ -252,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"step": start, "wall_s": time.time() - t_start, "train_steps_run": 0,
             "preempted": False, **(last[-1] if last else {})}
 
+  if sharding.is_primary():
+    (paths.as_path(workdir) / DONE_FILE).unlink(missing_ok=True)   # trains again (more steps)
   _log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
        f"{partitioner.mode} over {jax.device_count()} device(s), "
        f"{jax.process_count()} process(es); steps {start} -> {num_steps}")
@@ -264,18 +313,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       learning_rate_fn=schedule, jit=False))
   eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
 
-  writer = MetricWriter(workdir, enabled=sharding.is_primary(),
-                        resume_step=start if restored is not None else None)
+  writer = MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start)
   loop = _Loop(config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
                eval_batches, start,
                bleu_fn=_make_bleu_fn(config, model, tokenizer, eval_examples, partitioner))
+  loop.verified = restored is None or checkpoint.has_digests(manager, start)
   try:
-    with _Preemption() as preemption:
-      summary = loop.run(state, preemption)
+    summary = loop.run(state, preemption)
+    loop.poll_save(wait=True)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    loop.close()
   if not summary["preempted"]:
     _mark_done(workdir)
   summary["wall_s"] = time.time() - t_start
@@ -320,6 +367,28 @@ def _mark_done(workdir: str) -> None:
     (paths.as_path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
+def _all_processes(flags: Sequence[bool]) -> list[bool]:
+  """``flags`` OR-ed over all processes (one gather on several hosts)."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  from jax.experimental import multihost_utils
+  return [bool(f) for f in np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)]
+
+
+def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":
+  """The one-line error of a failed save; its temporary directory is removed."""
+  directory = paths.as_path(manager.directory)
+  if sharding.is_primary():
+    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      tmp.rmtree(missing_ok=True)
+  previous = [s for s in manager.all_steps() if s < step and (directory / str(s)).exists()]
+  kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
+          else "no earlier checkpoint exists")
+  return SaveFailed(f"saving checkpoint step {step} failed: "
+                    f"{failure_cause(error, str(directory.parent))}; stopped, {kept}; fix the "
+                    "cause and re-run the same command to resume")
+
+
 class _Loop:
   """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
 
@@ -333,6 +402,8 @@ class _Loop:
     self.pending: list[tuple[int, Any, tuple[int, int]]] = []
     self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
     self.last_eval: dict = {}
+    self.saving: Optional[int] = None    # step of the save in flight
+    self.verified = True                 # the state trained from was initialized or verified
 
   def _flush(self, t0: float, compiled: bool = False) -> dict:
     """Waits for the pending steps, writes their train lines, raises on a non-finite loss.
@@ -355,21 +426,66 @@ class _Loop:
       if not m["finite"]:
         self.writer.flush()
         latest = self.manager.latest_step()
+        stopped = (f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
+                   f"grad_norm={float(m['grad_norm'])}); stopped. ")
+        if not self.verified:
+          raise TrainingDiverged(
+              stopped + f"This run resumed from checkpoint step {self.start} of "
+              f"{self.manager.directory}, saved without digests, so it could not be verified "
+              "and may be damaged; move it aside and re-run to resume from an older one")
         raise TrainingDiverged(
-            f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}); stopped. The last good checkpoint "
-            f"(step {latest}) is kept in {self.manager.directory}; lower learning_rate, raise "
-            "warmup_steps or set grad_clip_norm, then re-run to resume from it")
+            stopped + f"The last good checkpoint (step {latest}) is kept in "
+            f"{self.manager.directory}; lower learning_rate, raise warmup_steps or set "
+            "grad_clip_norm, then re-run to resume from it")
     if not compiled:
       self.throughput.append((real, elapsed))
     self.pending = []
     return {k: float(v) for k, v in fetched[-1][1].items()}
 
   def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
+    self.poll_save(wait=True)
     data_state = self.train_iter.get_state()
     self.writer.flush()
-    checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
-                    self.config, metrics)
+    try:
+      checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
+                      self.config, metrics)
+    except Exception as e:  # pylint: disable=broad-except  (its synchronous part failed)
+      raise _save_failure(self.manager, step, e) from e
+    self.saving = step
+
+  def poll_save(self, wait: bool = False) -> None:
+    """Checks the save in flight (waits for it with ``wait``); raises SaveFailed if it failed.
+
+    Every process stops together: each reports whether its part finished and failed.
+    """
+    if self.saving is None:
+      return
+    done = wait or not self.manager.is_saving_in_progress()
+    error = None
+    if done:
+      try:
+        self.manager.wait_until_finished()
+        if sharding.is_primary() and not (
+            paths.as_path(self.manager.directory) / str(self.saving)).exists():
+          raise RuntimeError("the save did not complete")
+      except Exception as e:  # pylint: disable=broad-except  (reported in one line)
+        error = e
+    flags = _all_processes([done, error is not None])
+    if flags[1]:
+      step, self.saving = self.saving, None
+      raise _save_failure(self.manager, step, error)
+    if flags[0]:
+      self.saving = None
+
+  def close(self) -> None:
+    """Waits for the save in flight and closes the manager and the writer, raising nothing
+    (called on the way out of an error; a save failure is then in ``train.log``)."""
+    try:
+      self.poll_save(wait=True)
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.getLogger(__name__).exception("closing the checkpoint manager")
+    self.writer.close()
 
   def run(self, state, preemption: _Preemption) -> dict:
     c = self.config
@@ -380,6 +496,11 @@ class _Loop:
     step, preempted = self.start, False
     seen_shapes: set = set()
     t0 = time.time()
+    if sharding.any_process(bool(preemption.requested)):   # signalled while setting up
+      _log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
+      bar.close()
+      return {"step": step, "train_steps_run": 0, "tokens_per_s": None,
+              "preempted": preemption.requested or "SIGTERM"}
     try:
       while step < num_steps and not preempted:
         step += 1
@@ -399,7 +520,8 @@ class _Loop:
         if compiles:
           self._flush(t0, compiled=True)
           t0 = time.time()
-        preempted = sharding.any_process(preemption.requested)
+        preempted = sharding.any_process(bool(preemption.requested))
+        self.poll_save()
         do_eval = every(c.eval_every_steps, step) or step == num_steps
         do_save = every(c.checkpoint_every_steps, step) or do_eval or preempted
         if self.pending and (every(c.log_every_steps, step) or do_save):
@@ -418,12 +540,14 @@ class _Loop:
         if do_eval or do_save:
           t0 = time.time()
       if preempted:
-        self.manager.wait_until_finished()
-        _log(f"SIGTERM: saved checkpoint step {step}; re-run the same command to resume")
+        self.poll_save(wait=True)
+        _log(f"{preemption.requested or 'SIGTERM'}: saved checkpoint step {step}; re-run the "
+             "same command to resume")
     finally:
       bar.close()
     tokens = sum(t for t, _ in self.throughput)
     seconds = sum(s for _, s in self.throughput)
+    preempted = (preemption.requested or "SIGTERM") if preempted else False
     return {"step": step, "train_steps_run": step - self.start, "preempted": preempted,
             "tokens_per_s": tokens / seconds if seconds else None, **self.last_eval}
 
@@ -441,11 +565,38 @@ def build_parser():
 
 def run(args) -> int:
   config = load_config(args.config, args.overrides)
-  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
-    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-  summary = train_and_evaluate(config, args.workdir)
+  try:
+    routing = LogRouting(log_path(args.workdir))
+  except OSError as e:
+    raise ConfigError(f"cannot write the log file in {args.workdir}: "
+                      f"{failure_cause(e, args.workdir)}") from None
+  with routing:
+    return _run(config, args.workdir, routing)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, routing: LogRouting) -> int:
+  """Trains with output routed; every error is one line on the terminal (user errors through
+  :func:`cli.entry`, the others here with a pointer to the log file)."""
+  details = f"(details in {routing.path})"
+  try:
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
+      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+    summary = train_and_evaluate(config, workdir)
+  except (TrainingDiverged, SaveFailed) as e:
+    routing.write_exception(type(e).__name__, e)
+    print(f"mt_flax train: error: {e} {details}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("mt_flax train: interrupted before training started; nothing saved", file=sys.stderr)
+    return INTERRUPTED_EXIT
+  except cli.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (one line here, traceback in the log)
+    routing.write_exception("unexpected error", e)
+    print(f"mt_flax train: error: {failure_cause(e, workdir)} {details}", file=sys.stderr)
+    return 1
   if summary.get("preempted"):
-    return PREEMPTED_EXIT
+    return INTERRUPTED_EXIT if summary["preempted"] == "SIGINT" else PREEMPTED_EXIT
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
   _log("done: " + json.dumps(shown))
   return 0

@@ -17,6 +17,7 @@ Lines are batched by length internally. ``--beam`` defaults to
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from mt_flax import cli
@@ -24,6 +25,7 @@ from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained, translate_lines
 
 MAX_ERRORS_SHOWN = 10
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 # ----------------------------------------------------------------------------- text handling
@@ -31,17 +33,17 @@ MAX_ERRORS_SHOWN = 10
 
 def read_lines(raw: bytes, *, replace: bool = False
                ) -> tuple[list[str], list[tuple[int, str]]]:
-  """Splits UTF-8 bytes into lines (``\\n`` or ``\\r\\n``; a final newline ends the last line).
+  """Splits UTF-8 bytes into lines (ended by ``\\n``, ``\\r\\n`` or a lone ``\\r``; a final
+  line end ends the last line).
 
   Returns (lines, problems): problems are (1-based line number, reason) of the
   lines that are not valid UTF-8; with ``replace`` they are decoded with U+FFFD.
   """
-  parts = raw.split(b"\n")
+  parts = _LINE_END.split(raw)
   if parts and parts[-1] == b"":
     parts.pop()
   lines, problems = [], []
   for number, part in enumerate(parts, 1):
-    part = part[:-1] if part.endswith(b"\r") else part
     try:
       lines.append(part.decode("utf-8"))
     except UnicodeDecodeError as e:

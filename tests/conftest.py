@@ -10,6 +10,7 @@ Fixtures (no test module imports another; helpers come from here):
   ``loaded_run``      that run loaded for inference in this process
   ``run_cli``         ``python -m mt_flax ...`` in a subprocess (one CPU device)
   ``call_main``       a command's ``main(argv)`` in this process with a given stdin
+  ``tiny_training``   short real runs of the default experiment with a tiny model
   ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) for gs:// workdirs
 """
 import dataclasses
@@ -194,6 +195,60 @@ def trained_run(trained_config) -> str:
 def loaded_run(trained_run):
   from mt_flax.inference import load_trained
   return load_trained(trained_run)
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+class TinyTraining:
+  """Short real training runs of the default experiment (the Bible) with a tiny model.
+
+  ``overrides(**kw)``: ``--config.KEY=VALUE`` flags of the tiny settings (``a__b`` is
+  ``a.b``); ``new_workdir(folder, name)``: a workdir holding the tokenizer trained once
+  for the session; ``finish(proc)``: ``(exit status, stderr)`` of a started run.
+  """
+  config = str(ROOT / "experiments" / "bible_en_es_tiny.py")
+  vocab = 256
+  settings = {
+      "data.vocab_size": vocab, "data.num_buckets": 1, "data.eval_max_examples": 24,
+      "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
+      "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
+      "model.num_decoder_layers": 1, "model.mlp_dim": 64,
+      "eval_bleu_examples": 0, "best_metric": "eval_loss", "best_mode": "min",
+  }
+
+  def __init__(self, tokenizer_dir: Path):
+    self.tokenizer_dir = tokenizer_dir
+
+  @classmethod
+  def overrides(cls, **kw) -> list[str]:
+    values = {**cls.settings, **{k.replace("__", "."): v for k, v in kw.items()}}
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+  def new_workdir(self, folder, name: str) -> str:
+    import shutil
+    workdir = Path(folder) / name
+    shutil.copytree(self.tokenizer_dir, workdir / "tokenizer")
+    return str(workdir)
+
+  @staticmethod
+  def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+      _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      raise
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="session")
+def tiny_training(tmp_path_factory) -> TinyTraining:
+  """Trains the tiny tokenizer once; workdirs get a copy (then loaded, not retrained)."""
+  from mt_flax import data
+  from mt_flax.config import load_config
+  folder = tmp_path_factory.mktemp("tokenizer_source")
+  data.load_or_train_tokenizer(load_config(TinyTraining.config, TinyTraining.overrides()),
+                               str(folder))
+  return TinyTraining(folder / "tokenizer")
+
 
 # ----------------------------------------------------------------------------- GCS emulator
 

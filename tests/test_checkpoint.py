@@ -140,3 +140,59 @@ def test_missing_workdir_or_checkpoint_is_a_clear_error(tmp_path):
     checkpoint.restore_for_inference(str(tmp_path))
   with pytest.raises(ValueError, match="which="):
     checkpoint.restore_for_inference(str(tmp_path), "first")
+
+
+def rewrite_saved_param(step_dir, name: str, value: float) -> None:
+  """Writes ``value`` into element [0, 0] of the saved param ``name`` (e.g.
+  ``decoder_0.mlp.Dense_0.kernel``) through TensorStore: the files stay readable,
+  only the values differ."""
+  import tensorstore as ts
+  array = ts.open({"driver": "zarr", "kvstore": {
+      "driver": "ocdbt", "base": f"file://{step_dir}/params/", "path": f"{name}/"}}).result()
+  array[0, 0] = value
+
+
+@pytest.mark.parametrize("damage", ["finite", "nan"])
+def test_damaged_params_fail_verification(tmp_path, trained, capfd, damage):
+  """A changed value that Orbax reads without complaint is caught by the saved digests."""
+  part, _, _, state = trained
+  manager = save_steps(str(tmp_path), trained, [(4, None), (8, {"eval_loss": 1.0})])
+  step_dir = tmp_path / "checkpoints" / "8"
+  rewrite_saved_param(step_dir, "decoder_0.mlp.Dense_0.kernel",
+                      0.25 if damage == "finite" else float("nan"))
+  expected = "failed verification"
+
+  # inference (read-only): one line, falls back to step 4
+  _, params, step = checkpoint.restore_for_inference(str(tmp_path), "best")
+  assert step == 4
+  assert_same_tree(params, jax.device_get(state.params))
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "step 8" in err[0] and expected in err[0], err
+  if damage == "finite":
+    assert "params/decoder_0/mlp/Dense_0/kernel differs from the digest" in err[0]
+
+  # training: one line, set aside, previous step restored
+  restored, _, step = checkpoint.restore_latest_good(manager, part.abstract_state())
+  assert step == 4
+  assert_same_tree(restored.params, state.params)
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and expected in err[0] and "moved to" in err[0], err
+  assert manager.all_steps() == [4]
+  assert (tmp_path / "checkpoints_unreadable" / "8").is_dir()
+
+
+def test_non_finite_params_fail_without_digests_and_none_good_is_one_error(tmp_path, trained,
+                                                                          capfd):
+  """A checkpoint saved without digests is still refused when its params hold NaN."""
+  part, _, _, state = trained
+  manager = save_steps(str(tmp_path), trained, [(8, None)])
+  rewrite_saved_param(tmp_path / "checkpoints" / "8", "decoder_0.mlp.Dense_0.kernel", float("inf"))
+  import shutil
+  shutil.rmtree(tmp_path / "checkpoints" / "8" / "digests")
+  with pytest.raises(checkpoint.CheckpointError, match="no good checkpoint"):
+    checkpoint.restore_for_inference(str(tmp_path), "latest")
+  capfd.readouterr()
+  with pytest.raises(checkpoint.CheckpointError, match=r"no good checkpoint .*step\(s\) 8"):
+    checkpoint.restore_latest_good(manager, part.abstract_state())
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "NaN or inf" in err[0], err

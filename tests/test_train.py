@@ -8,7 +8,6 @@ and compares the per-step losses with an uninterrupted run.
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,35 +24,7 @@ from mt_flax.model import Transformer, TransformerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
-VOCAB = 256
-
-TINY = {
-    "data.vocab_size": VOCAB, "data.num_buckets": 1, "data.eval_max_examples": 24,
-    "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
-    "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-    "model.num_decoder_layers": 1, "model.mlp_dim": 64,
-    "eval_bleu_examples": 0, "best_metric": "eval_loss", "best_mode": "min",
-}
-
-
-def overrides(**kw) -> list[str]:
-  values = {**TINY, **{k.replace("__", "."): v for k, v in kw.items()}}
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  """Trains the tiny tokenizer once; workdirs get a copy (it is then loaded, not retrained)."""
-  from mt_flax import data
-  workdir = tmp_path_factory.mktemp("tokenizer_source")
-  data.load_or_train_tokenizer(load_config(CONFIG, overrides()), str(workdir))
-  return workdir / "tokenizer"
-
-
-def new_workdir(tmp_path, tokenizer_dir, name: str) -> str:
-  workdir = tmp_path / name
-  shutil.copytree(tokenizer_dir, workdir / "tokenizer")
-  return str(workdir)
+VOCAB = 256   # the tiny_training fixture's vocabulary
 
 
 def train_losses(workdir: str) -> dict[int, float]:
@@ -61,9 +32,9 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_train_end_to_end(tmp_path, tokenizer_dir):
-  workdir = new_workdir(tmp_path, tokenizer_dir, "run")
-  config = load_config(CONFIG, overrides(num_train_steps=24, eval_every_steps=12,
+def test_train_end_to_end(tmp_path, tiny_training):
+  workdir = tiny_training.new_workdir(tmp_path, "run")
+  config = load_config(CONFIG, tiny_training.overrides(num_train_steps=24, eval_every_steps=12,
                                          checkpoint_every_steps=12, eval_bleu_examples=4))
   summary = train.train_and_evaluate(config, workdir)
   assert summary["step"] == 24 and summary["train_steps_run"] == 24
@@ -110,6 +81,7 @@ def test_train_end_to_end(tmp_path, tokenizer_dir):
 
 
 def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
+  """``python -m mt_flax train`` of the default experiment in a subprocess."""
   return subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--config", CONFIG,
                            "--workdir", workdir, *args], env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -127,45 +99,36 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int, timeout
     time.sleep(0.02)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-  try:
-    _, err = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, err
-
-
 @pytest.mark.slow
-def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
+def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-  args = overrides(num_train_steps=300, checkpoint_every_steps=20, eval_every_steps=1000,
+  args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=20, eval_every_steps=1000,
                    progress_bar=False)
-  reference = new_workdir(tmp_path, tokenizer_dir, "uninterrupted")
-  code, err = finish(run_cli(reference, args, env))
+  reference = tiny_training.new_workdir(tmp_path, "uninterrupted")
+  code, err = tiny_training.finish(run_cli(reference, args, env))
   assert code == 0, err[-2000:]
   want = train_losses(reference)
   assert sorted(want) == list(range(1, 301))
 
-  workdir = new_workdir(tmp_path, tokenizer_dir, "interrupted")
+  workdir = tiny_training.new_workdir(tmp_path, "interrupted")
   proc = run_cli(workdir, args, env)
   wait_for_checkpoint(proc, workdir, 20)
   proc.send_signal(signal.SIGTERM)
-  code, err = finish(proc)
+  code, err = tiny_training.finish(proc)
   assert code == train.PREEMPTED_EXIT, err[-2000:]        # saved and stopped, not finished
   assert "SIGTERM: saved checkpoint step" in err
 
   proc = run_cli(workdir, args, env)
   wait_for_checkpoint(proc, workdir, 140)
   proc.send_signal(signal.SIGKILL)
-  code, err = finish(proc)
+  code, err = tiny_training.finish(proc)
   assert code == -signal.SIGKILL, err[-2000:]
   assert "resumed from checkpoint step" in err
   assert not os.path.exists(os.path.join(workdir, "DONE"))
 
-  code, err = finish(run_cli(workdir, args, env))
+  code, err = tiny_training.finish(run_cli(workdir, args, env))
   assert code == 0, err[-2000:]
   assert "resumed from checkpoint step" in err
   got = train_losses(workdir)
@@ -176,9 +139,9 @@ def test_preempted_runs_resume_exactly(tmp_path, tokenizer_dir):
       r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer_dir, capsys):
-  workdir = new_workdir(tmp_path, tokenizer_dir, "diverges")
-  code = train.main(["--config", CONFIG, "--workdir", workdir, *overrides(
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):
+  workdir = tiny_training.new_workdir(tmp_path, "diverges")
+  code = train.main(["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
       num_train_steps=20, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
       checkpoint_every_steps=1, eval_every_steps=1000)])
   err = capsys.readouterr().err
@@ -189,14 +152,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenize
   assert not os.path.exists(os.path.join(workdir, "DONE"))
 
 
-def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
+def test_command_line_errors_are_one_line(tmp_path, tiny_training, capsys):
   def error(argv):
     code = train.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("mt_flax train: error:"), err
     return err[0]
 
-  workdir = new_workdir(tmp_path, tokenizer_dir, "errors")
+  workdir = tiny_training.new_workdir(tmp_path, "errors")
   assert "did you mean learning_rate" in error(
       ["--config", CONFIG, "--workdir", workdir, "--config.learning_rat=1e-3"])
   assert "arguments are required: --workdir" in error(["--config", CONFIG])
@@ -208,5 +171,5 @@ def test_command_line_errors_are_one_line(tmp_path, tokenizer_dir, capsys):
       ["--config", CONFIG, "--workdir", workdir, "--config.parallelism=pjit"])
   # a workdir made with another model refuses to resume with this one
   (tmp_path / "errors" / "config.json").write_text(json.dumps(
-      {**load_config(CONFIG, overrides()).to_dict(), "model": {"d_model": 64}}))
+      {**load_config(CONFIG, tiny_training.overrides()).to_dict(), "model": {"d_model": 64}}))
   assert "different settings" in error(["--config", CONFIG, "--workdir", workdir])

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from mt_flax import paths
 from mt_flax.data.sources import DataError, load_pairs
 from mt_flax.paths import as_path
 
@@ -123,8 +124,8 @@ def _expected_info(config: ml_collections.ConfigDict) -> dict:
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """Loads `workdir/tokenizer/`, or trains it on the training split if it has no model.
 
-  `tokenizer.json` is written last: a folder without it (an interrupted run) is
-  trained again. `workdir` may be local or gs://.
+  Each file is written atomically and `tokenizer.json` last: a folder without
+  it (an interrupted run) is trained again. `workdir` may be local or gs://.
 
   Raises:
     DataError: the saved tokenizer was trained for another dataset/direction/vocabulary.
@@ -158,6 +159,6 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(os.listdir(scratch)):
       with open(os.path.join(scratch, name), "rb") as f:
-        (directory / name).write_bytes(f.read())
-  info_path.write_text(json.dumps(expected, indent=2))
+        paths.write_bytes(directory / name, f.read())
+  paths.write_text(info_path, json.dumps(expected, indent=2))
   return Tokenizer.load(str(directory))

@@ -1,0 +1,410 @@
+"""Reliability of the command line, with real processes, signals, files and a full disk.
+
+- a damaged checkpoint is caught by ``train``, ``eval`` and ``translate`` (one line each);
+- one run per workdir (a second one stops at once, naming the holder);
+- Ctrl-C saves and exits 130;
+- metrics.jsonl and TensorBoard hold each step once after restarts;
+- a full disk stops training at the failed save with one line, the previous checkpoint intact;
+- the workdir lock objects (OS lock; generation-conditional lock object);
+- small inputs: negative ``--max-examples``, CR-only line ends, atomic writes.
+"""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mt_flax import checkpoint, evaluate, paths, workdir_lock
+from mt_flax.metrics import read_metrics
+from mt_flax.translate import read_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+RUN = dict(num_train_steps=30, checkpoint_every_steps=10, eval_every_steps=10, progress_bar=False)
+SENTENCES = "In the beginning God created the heaven and the earth.\nAnd God said, Let there be light.\n"
+
+
+def env(tmp_path) -> dict:
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+
+
+def cli(command: str, workdir: str, args: list[str], environ: dict,
+        stdin: str | None = None) -> subprocess.Popen:
+  argv = [sys.executable, "-m", "mt_flax", command, "--workdir", workdir, *args]
+  if command == "train":
+    argv[4:4] = ["--config", CONFIG]
+  return subprocess.Popen(argv, env=environ, cwd=ROOT, text=True,
+                          stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run(command: str, workdir: str, args: list[str], environ: dict,
+        stdin: str | None = None) -> tuple[int, str, list[str]]:
+  proc = cli(command, workdir, args, environ, stdin)
+  out, err = proc.communicate(stdin, timeout=600)
+  return proc.returncode, out, err.strip().splitlines()
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before {what}: {proc.stderr.read()[-2000:]}")
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f"no {what} after {timeout}s")
+    time.sleep(0.05)
+
+
+def has_checkpoint(workdir: str, step: int):
+  return lambda: os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def assert_quiet(lines: list[str]) -> None:
+  """Only our own lines reach the terminal (errors, notices, mt_flax warnings): no
+  tracebacks, no third-party logging."""
+  for line in lines:
+    assert line.startswith(("mt_flax", "[train]")), lines
+
+
+@pytest.fixture(scope="module")
+def bible_run(tmp_path_factory, tiny_training):
+  """A 30-step run (checkpoints 20 and 30) made by the command line."""
+  tmp = tmp_path_factory.mktemp("trained")
+  workdir = tiny_training.new_workdir(tmp, "run")
+  code, _, err = run("train", workdir, tiny_training.overrides(**RUN), env(tmp))
+  assert code == 0, err[-20:]
+  assert_quiet(err)
+  return workdir
+
+
+def rewrite_saved_param(step_dir: str, name: str, value: float) -> None:
+  """Writes ``value`` into element [0, 0] of a saved param via TensorStore (files stay readable)."""
+  import tensorstore as ts
+  array = ts.open({"driver": "zarr", "kvstore": {
+      "driver": "ocdbt", "base": f"file://{step_dir}/params/", "path": f"{name}/"}}).result()
+  array[0, 0] = value
+
+
+# ----------------------------------------------------------------------------- damaged checkpoint
+
+
+def test_damaged_checkpoint_is_caught_by_every_command(tmp_path, bible_run, tiny_training):
+  """The newest checkpoint's kernel changed in place (readable, different values):
+  translate and eval use step 20 and say so in one line; train moves step 30 aside and
+  resumes from 20."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(bible_run, workdir)
+  rewrite_saved_param(os.path.join(workdir, "checkpoints", "30"), "decoder_0.mlp.Dense_0.kernel",
+                      1e30)
+  environ = env(tmp_path)
+  notice = ("mt_flax: checkpoint step 30 failed verification: "
+            "params/decoder_0/mlp/Dense_0/kernel differs from the digest saved with it; "
+            "using step 20 instead")
+
+  code, out, err = run("translate", workdir, ["--beam", "1"], environ, stdin=SENTENCES)
+  assert code == 0 and err == [notice], err
+  assert len(out.splitlines()) == 2
+
+  code, out, err = run("eval", workdir, ["--beam", "1", "--max-examples", "8",
+                                         "--long-examples", "0", "--split", "validation"],
+                       environ)
+  assert code == 0 and err == [notice], err
+  report = json.load(open(os.path.join(workdir, "eval", "validation", "report.json")))
+  assert report["step"] == 20
+
+  code, _, err = run("train", workdir, tiny_training.overrides(**RUN), environ)
+  assert code == 0, err
+  assert_quiet(err)
+  assert (f"mt_flax: checkpoint step 30 in {workdir}/checkpoints failed verification: "
+          "params/decoder_0/mlp/Dense_0/kernel differs from the digest saved with it; "
+          "moved to checkpoints_unreadable/ and using the previous one") in err
+  assert any("resumed from checkpoint step 20" in line for line in err)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "30"))
+  assert sorted(r["step"] for r in read_metrics(workdir) if "loss" in r) == list(range(1, 31))
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+
+def test_second_run_stops_at_once_and_ctrl_c_saves(tmp_path, tiny_training):
+  """A second train on a running workdir stops with one line naming the holder; the
+  first, interrupted with SIGINT, saves and exits 130; a resume then finishes."""
+  workdir = tiny_training.new_workdir(tmp_path, "shared")
+  environ = env(tmp_path)
+  args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
+                                 eval_every_steps=1000, progress_bar=False)
+  first = cli("train", workdir, args, environ)
+  wait_for(has_checkpoint(workdir, 10), first, "checkpoint 10")
+
+  code, _, err = run("train", workdir, args, environ)
+  assert code == 2 and len(err) == 1, err
+  assert err[0].startswith(f"mt_flax train: error: workdir {workdir} is in use by another run")
+  assert f"pid {first.pid}" in err[0]
+
+  first.send_signal(signal.SIGINT)
+  code, err = tiny_training.finish(first)
+  lines = err.strip().splitlines()
+  assert code == 130, lines
+  assert_quiet(lines)
+  saved = [line for line in lines if "SIGINT: saved checkpoint step" in line]
+  assert len(saved) == 1
+  step = int(saved[0].split("step ")[1].split(";")[0])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  assert not os.path.exists(os.path.join(workdir, "DONE"))
+
+  code, _, err = run("train", workdir, tiny_training.overrides(
+      num_train_steps=step + 2, checkpoint_every_steps=10, eval_every_steps=1000,
+      progress_bar=False), environ)
+  assert code == 0, err
+  assert any(f"resumed from checkpoint step {step}" in line for line in err)
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, tiny_training):
+  workdir = tiny_training.new_workdir(tmp_path, "twice")
+  proc = cli("train", workdir, tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
+                                         eval_every_steps=1000, progress_bar=False),
+             env(tmp_path))
+  wait_for(has_checkpoint(workdir, 10), proc, "checkpoint 10")
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGINT)
+  code, err = tiny_training.finish(proc)
+  lines = err.strip().splitlines()
+  assert code == 130, lines
+  assert_quiet(lines)
+  assert any("interrupted again" in line or "SIGINT: saved" in line for line in lines)
+
+
+def test_local_lock_is_freed_when_its_process_dies(tmp_path):
+  workdir = str(tmp_path / "w")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from mt_flax import workdir_lock\n"
+       "with workdir_lock.hold(sys.argv[1]):\n  print('held', flush=True); time.sleep(600)",
+       workdir], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid}"):
+    with workdir_lock.hold(workdir):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir_lock.hold(workdir) as lock:      # the kernel freed it
+    info = json.loads(open(lock.path).read())
+    assert info["pid"] == os.getpid()
+
+
+def test_generation_lock_conditional_writes(tmp_path):
+  """The gs:// lock object on TensorStore's file store: exclusive, heartbeat, stale takeover."""
+  spec = {"driver": "file", "path": str(tmp_path / "bucket") + "/"}
+  first = workdir_lock.GenerationLock(spec, heartbeat_s=0.05, stale_s=3600)
+  first.acquire("gs://b/run")
+  second = workdir_lock.GenerationLock(spec, stale_s=3600)
+  with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {os.getpid()}"):
+    second.acquire("gs://b/run")
+  path = tmp_path / "bucket" / workdir_lock.LOCK_FILE
+  beat = json.loads(path.read_text())["heartbeat"]
+  deadline = time.time() + 60
+  while json.loads(path.read_text())["heartbeat"] == beat and time.time() < deadline:
+    time.sleep(0.05)
+  assert json.loads(path.read_text())["heartbeat"] > beat     # the holder refreshes it
+  first.release()
+  assert not path.exists()                                   # released: the object is gone
+  # a holder that died: its heartbeat is older than stale_s, so the next run takes over
+  path.write_text(json.dumps({"host": "gone", "pid": 1, "started": 0, "heartbeat": 0}))
+  third = workdir_lock.GenerationLock(spec, stale_s=60)
+  third.acquire("gs://b/run")
+  assert json.loads(path.read_text())["pid"] == os.getpid()
+  # the dead holder's conditional writes now fail: it cannot take the lock back
+  third.release()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def logged_steps(workdir: str) -> list[int]:
+  return sorted(r["step"] for r in read_metrics(workdir) if "loss" in r)
+
+
+def tensorboard_steps(workdir: str) -> list[int]:
+  """Steps of the ``train/loss`` scalars in all event files (TFRecord: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+  steps = []
+  folder = os.path.join(workdir, "tensorboard")
+  for name in os.listdir(folder):
+    blob, at = open(os.path.join(folder, name), "rb").read(), 0
+    while at + 12 <= len(blob):
+      length = int.from_bytes(blob[at:at + 8], "little")
+      event = event_pb2.Event()
+      event.ParseFromString(blob[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      if any(v.tag == "train/loss" for v in event.summary.value):
+        steps.append(int(event.step))
+  return sorted(steps)
+
+
+def test_restarts_log_each_step_once(tmp_path, tiny_training):
+  """Restart from 0 (checkpoints removed) and SIGKILL + resume: each step once in both logs."""
+  workdir = tiny_training.new_workdir(tmp_path, "logs")
+  environ = env(tmp_path)
+  args = tiny_training.overrides(num_train_steps=20, checkpoint_every_steps=10, eval_every_steps=1000,
+                   progress_bar=False)
+  assert run("train", workdir, args, environ)[0] == 0
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  os.remove(os.path.join(workdir, "DONE"))
+  code, _, err = run("train", workdir, args, environ)
+  assert code == 0, err
+  assert logged_steps(workdir) == list(range(1, 21))
+  assert tensorboard_steps(workdir) == list(range(1, 21))
+
+  args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
+                                 eval_every_steps=1000, progress_bar=False)
+  proc = cli("train", workdir, args, environ)
+  wait_for(lambda: max(logged_steps(workdir), default=0) >= 35, proc, "step 35")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, _, err = run("train", workdir, tiny_training.overrides(
+      num_train_steps=50, checkpoint_every_steps=10, eval_every_steps=1000,
+      progress_bar=False), environ)
+  assert code == 0, err
+  assert logged_steps(workdir) == list(range(1, 51))
+  assert tensorboard_steps(workdir) == list(range(1, 51))
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+@contextlib.contextmanager
+def tmpfs(mount, size: str = "40m"):
+  """A small tmpfs mounted on the folder ``mount`` (root only; skips otherwise); unmounted after."""
+  os.makedirs(mount, exist_ok=True)
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  with tmpfs(tmp_path / "disk") as mount:
+    yield mount
+
+
+def fill(folder) -> None:
+  """Writes zeros to ``folder/filler`` until the file system is full."""
+  fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+  try:
+    for size in (1 << 16, 1 << 10, 1):
+      try:
+        while os.write(fd, b"\0" * size):
+          pass
+      except OSError:
+        continue
+  finally:
+    os.close(fd)
+
+
+def start_then_fill(tiny_training, workdir: str, disk, environ: dict) -> tuple[int, list[str]]:
+  """Trains until checkpoint 10, fills ``disk``, returns (status, stderr lines)."""
+  args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
+                                 eval_every_steps=1000, progress_bar=False)
+  proc = cli("train", workdir, args, environ)
+  wait_for(has_checkpoint(workdir, 10), proc, "checkpoint 10")
+  fill(disk)
+  code, err = tiny_training.finish(proc)
+  lines = err.strip().splitlines()
+  assert_quiet(lines)
+  return code, lines
+
+
+def test_failed_background_save_stops_training_in_one_line(tmp_path, tiny_training):
+  """Only the checkpoints folder is full: the step-20 save fails in the background and
+  training stops before the next save with one line; checkpoint 10 stays usable."""
+  workdir = tiny_training.new_workdir(tmp_path, "run")
+  environ = env(tmp_path)
+  with tmpfs(os.path.join(workdir, "checkpoints")) as disk:
+    code, lines = start_then_fill(tiny_training, workdir, disk, environ)
+    assert code == 1, lines
+    assert lines[-1] == (
+        f"mt_flax train: error: saving checkpoint step 20 failed: no space left on device in "
+        f"{workdir}; stopped, the previous checkpoint (step 10) is intact; fix the cause and "
+        f"re-run the same command to resume (details in {workdir}/train.log)")
+    assert max(logged_steps(workdir)) <= 30          # stopped before the step-30 save
+    assert sorted(os.listdir(disk)) == ["10", "filler"]   # no temporary folder left
+    assert "No space left on device" in open(os.path.join(workdir, "train.log")).read()
+    os.remove(os.path.join(disk, "filler"))
+    code, _, err = run("train", workdir, tiny_training.overrides(
+        num_train_steps=12, checkpoint_every_steps=10, eval_every_steps=1000,
+        progress_bar=False), environ)
+    assert code == 0, err
+    assert any("resumed from checkpoint step 10" in line for line in err)
+
+
+def test_full_disk_stops_training_in_one_line(tmp_path, tiny_training, small_disk):
+  """The whole workdir on a full disk: whichever write fails first, one line, then a resume."""
+  workdir = tiny_training.new_workdir(small_disk, "run")
+  environ = env(tmp_path)
+  code, lines = start_then_fill(tiny_training, workdir, small_disk, environ)
+  assert code == 1, lines
+  assert lines[-1].startswith("mt_flax train: error: ")
+  assert f"no space left on device in {workdir}" in lines[-1]
+  assert lines[-1].endswith(f"(details in {workdir}/train.log)")
+  assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
+  os.remove(small_disk / "filler")
+  last = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")))
+  code, _, err = run("train", workdir, tiny_training.overrides(
+      num_train_steps=last + 2, checkpoint_every_steps=10, eval_every_steps=1000,
+      progress_bar=False), environ)
+  assert code == 0, err
+  assert any(f"resumed from checkpoint step {last}" in line for line in err)
+
+
+def test_atomic_write_leaves_nothing_on_a_full_disk(small_disk):
+  fill(small_disk)
+  target = small_disk / "tokenizer.json"
+  with pytest.raises(OSError):
+    paths.write_bytes(target, b"x" * (1 << 20))
+  assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+  target = tmp_path / "report.json"
+  target.write_text("old")
+  paths.write_text(target, "new")
+  assert target.read_text() == "new" and os.listdir(tmp_path) == ["report.json"]
+
+
+# ----------------------------------------------------------------------------- small inputs
+
+
+def test_negative_max_examples_is_one_line(tmp_path, capsys):
+  code = evaluate.main(["--workdir", str(tmp_path), "--max-examples", "-3"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and err == ["mt_flax eval: error: --max-examples -3: expected an integer >= 0"]
+
+
+def test_cr_only_line_ends_are_separate_lines():
+  assert read_lines(b"one\rtwo\r\nthree\n\rfive\r")[0] == ["one", "two", "three", "", "five"]
+
+
+def test_checkpoint_errors_keep_one_line_when_nothing_is_good(tmp_path, bible_run):
+  """Every checkpoint damaged: translate stops with one line saying none is good."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(bible_run, workdir)
+  for step in ("20", "30"):
+    rewrite_saved_param(os.path.join(workdir, "checkpoints", step),
+                        "decoder_0.mlp.Dense_0.kernel", float("nan"))
+  code, out, err = run("translate", workdir, ["--beam", "1"], env(tmp_path), stdin=SENTENCES)
+  assert code == 2 and out == "" and len(err) == 1, err
+  assert err[0].startswith("mt_flax translate: error: no good checkpoint in ")
+  assert checkpoint.UNREADABLE_DIR not in os.listdir(workdir)     # inference moves nothing
