@@ -203,7 +203,8 @@ class TinyTraining:
 
   ``overrides(**kw)``: ``--config.KEY=VALUE`` flags of the tiny settings (``a__b`` is
   ``a.b``); ``new_workdir(folder, name)``: a workdir holding the tokenizer trained once
-  for the session; ``finish(proc)``: ``(exit status, stderr)`` of a started run.
+  for the session; ``finish(proc)``: ``(exit status, stderr)`` of a started run;
+  ``losses(workdir)``: the logged training loss per step.
   """
   config = str(ROOT / "experiments" / "bible_en_es_tiny.py")
   vocab = 256
@@ -228,6 +229,12 @@ class TinyTraining:
     workdir = Path(folder) / name
     shutil.copytree(self.tokenizer_dir, workdir / "tokenizer")
     return str(workdir)
+
+  @staticmethod
+  def losses(workdir: str) -> dict[int, float]:
+    """Training loss per step, from ``workdir/metrics.jsonl`` (local or gs://)."""
+    from mt_flax.metrics import read_metrics
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
   @staticmethod
   def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -261,6 +268,21 @@ class GcsEmulator:
   def path(self, name: str) -> str:
     """``gs://BUCKET/name``."""
     return f"gs://{self.bucket}/{name}"
+
+  @staticmethod
+  def env(devices: int = 1) -> dict:
+    """Environment of ``mt_flax`` subprocesses: they see ``STORAGE_EMULATOR_HOST`` only
+    (mt_flax derives ``TENSORSTORE_GCS_HTTP_URL`` itself) and ``devices`` CPU devices."""
+    from mt_flax import paths
+    env = {k: v for k, v in os.environ.items() if k != paths.TENSORSTORE_GCS_ENV}
+    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return env
+
+  def run(self, *args: str, stdin: str = "", devices: int = 1,
+          timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m mt_flax ARGS`` against the emulator."""
+    return subprocess.run([sys.executable, "-m", "mt_flax", *args], input=stdin, text=True,
+                          capture_output=True, env=self.env(devices), cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -15,39 +15,20 @@ import numpy as np
 import pytest
 from etils import epath
 
-from mt_flax import paths
 from mt_flax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 STEPS = 30
-TINY = {
-    "data.vocab_size": 256, "data.num_buckets": 1, "data.eval_max_examples": 24,
-    "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 4, "log_every_steps": 1,
-    "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-    "model.num_decoder_layers": 1, "model.mlp_dim": 64, "eval_bleu_examples": 0,
-    "num_train_steps": STEPS, "eval_every_steps": 15, "checkpoint_every_steps": 2,
-    "progress_bar": False,
-}
-ARGS = ["--config", CONFIG] + [f"--config.{k}={v}" for k, v in TINY.items()]
+RUN = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=15, checkpoint_every_steps=2,
+           progress_bar=False)
 
 
-def command_env() -> dict:
-  env = {k: v for k, v in os.environ.items() if k != paths.TENSORSTORE_GCS_ENV}
-  env.update(PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return env
-
-
-def mt_flax(*args: str, stdin: str = "", timeout: int = 900) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "mt_flax", *args], input=stdin, text=True,
-                        capture_output=True, env=command_env(), cwd=ROOT, timeout=timeout)
-
-
-def train_until_sigterm(workdir: str, after_step: int) -> int:
+def train_until_sigterm(gcs, args: list[str], workdir: str, after_step: int) -> int:
   """Starts training, sends SIGTERM once ``after_step`` is logged; returns the exit status."""
   log = open(os.devnull, "w")
-  proc = subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir, *ARGS],
-                          env=command_env(), cwd=ROOT, stdout=log, stderr=log)
+  proc = subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir, *args],
+                          env=gcs.env(), cwd=ROOT, stdout=log, stderr=log)
   try:
     deadline = time.time() + 900
     while proc.poll() is None and time.time() < deadline:
@@ -63,25 +44,23 @@ def train_until_sigterm(workdir: str, after_step: int) -> int:
     log.close()
 
 
-def losses(workdir: str) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
-
-
 @pytest.mark.slow
-def test_train_resume_eval_translate_audit_on_gcs(gcs_emulator, tmp_path):
+def test_train_resume_eval_translate_audit_on_gcs(gcs_emulator, tiny_training, tmp_path):
+  args = ["--config", CONFIG, *tiny_training.overrides(**RUN)]
+  losses, mt_flax = tiny_training.losses, gcs_emulator.run
   workdir = gcs_emulator.path("run")
   local = str(tmp_path / "local")
-  done = mt_flax("train", "--workdir", local, *ARGS)
+  done = mt_flax("train", "--workdir", local, *args)
   assert done.returncode == 0, done.stderr[-3000:]
 
   # metrics.jsonl is rewritten every 30 s on GCS, so SIGTERM lands after a few steps
-  status = train_until_sigterm(workdir, after_step=1)
+  status = train_until_sigterm(gcs_emulator, args, workdir, after_step=1)
   assert status == 143
   root = epath.Path(workdir)
   assert not (root / "DONE").exists()
   stopped = max(losses(workdir))
   assert stopped < STEPS
-  resumed = mt_flax("train", "--workdir", workdir, *ARGS)
+  resumed = mt_flax("train", "--workdir", workdir, *args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from checkpoint" in resumed.stderr
   got, want = losses(workdir), losses(local)

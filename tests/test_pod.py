@@ -16,33 +16,34 @@ import numpy as np
 import pytest
 
 from mt_flax.metrics import read_metrics
-from test_gcs import ROOT, TINY, command_env, losses, mt_flax
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 STEPS = 20
-SETTINGS = {**TINY, "num_train_steps": STEPS, "eval_every_steps": 10}
+SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=10,
+                checkpoint_every_steps=2, progress_bar=False)
 MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
                                   "mesh.tensor": 2},
          "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}
 
 
-def args(mode: str) -> list[str]:
-  values = {**SETTINGS, **MODES[mode]}
-  return ["--config", CONFIG] + [f"--config.{k}={v}" for k, v in values.items()]
+def args(tiny_training, mode: str) -> list[str]:
+  return ["--config", CONFIG, *tiny_training.overrides(**SETTINGS, **MODES[mode])]
 
 
-def pod_train(workdir: str, mode: str, log_dir, sigterm_after: int | None) -> list[int]:
+def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
+              sigterm_after: int | None) -> list[int]:
   """Runs ``train`` as 2 processes x 4 devices; SIGTERMs both once ``sigterm_after`` is logged.
 
   Returns both exit statuses.
   """
   import portpicker
-  env = dict(command_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(gcs.env(devices=4),
              MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
              MT_FLAX_NUM_PROCESSES="2")
-  logs = [open(log_dir / f"{mode}_{sigterm_after}_{i}.log", "w") for i in range(2)]
+  logs = [open(log_dir / f"{name}_{sigterm_after}_{i}.log", "w") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir,
-                             *args(mode)], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
+                             *argv], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
   try:
@@ -64,20 +65,20 @@ def pod_train(workdir: str, mode: str, log_dir, sigterm_after: int | None) -> li
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
-def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tmp_path, mode):
+def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_training, tmp_path,
+                                                       mode):
+  argv, losses, mt_flax = args(tiny_training, mode), tiny_training.losses, gcs_emulator.run
   single = str(tmp_path / "single")
-  one = subprocess.run([sys.executable, "-m", "mt_flax", "train", "--workdir", single, *args(mode)],
-                       env=dict(command_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  one = mt_flax("train", "--workdir", single, *argv, devices=8)
   assert one.returncode == 0, one.stderr[-3000:]
 
   workdir = gcs_emulator.path(f"pod_{mode}")
-  status = pod_train(workdir, mode, tmp_path, sigterm_after=2)
+  status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=2)
   log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
   assert status == [143, 143], log()
   stopped = max(losses(workdir))
   assert stopped < STEPS
-  assert pod_train(workdir, mode, tmp_path, sigterm_after=None) == [0, 0], log()
+  assert pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=None) == [0, 0], log()
   got, want = losses(workdir), losses(single)
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],

@@ -27,10 +27,6 @@ CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 VOCAB = 256   # the tiny_training fixture's vocabulary
 
 
-def train_losses(workdir: str) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
-
-
 @pytest.mark.slow
 def test_train_end_to_end(tmp_path, tiny_training):
   workdir = tiny_training.new_workdir(tmp_path, "run")
@@ -109,7 +105,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   reference = tiny_training.new_workdir(tmp_path, "uninterrupted")
   code, err = tiny_training.finish(run_cli(reference, args, env))
   assert code == 0, err[-2000:]
-  want = train_losses(reference)
+  want = tiny_training.losses(reference)
   assert sorted(want) == list(range(1, 301))
 
   workdir = tiny_training.new_workdir(tmp_path, "interrupted")
@@ -131,7 +127,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   code, err = tiny_training.finish(run_cli(workdir, args, env))
   assert code == 0, err[-2000:]
   assert "resumed from checkpoint step" in err
-  got = train_losses(workdir)
+  got = tiny_training.losses(workdir)
   assert got == want                                      # every step, bit for bit
   rows = read_metrics(workdir)
   assert len([r for r in rows if "loss" in r]) == 300     # each step logged once
