@@ -95,6 +95,7 @@ def rewrite_saved_param(step_dir: str, name: str, value: float) -> None:
 # ----------------------------------------------------------------------------- damaged checkpoint
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_caught_by_every_command(tmp_path, bible_run, tiny_training):
   """The newest checkpoint's kernel changed in place (readable, different values):
   translate and eval use step 20 and say so in one line; train moves step 30 aside and
@@ -133,6 +134,7 @@ def test_damaged_checkpoint_is_caught_by_every_command(tmp_path, bible_run, tiny
 # ----------------------------------------------------------------------------- one run per workdir
 
 
+@pytest.mark.slow
 def test_second_run_stops_at_once_and_ctrl_c_saves(tmp_path, tiny_training):
   """A second train on a running workdir stops with one line naming the holder; the
   first, interrupted with SIGINT, saves and exits 130; a resume then finishes."""
@@ -166,6 +168,7 @@ def test_second_run_stops_at_once_and_ctrl_c_saves(tmp_path, tiny_training):
   assert any(f"resumed from checkpoint step {step}" in line for line in err)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tmp_path, tiny_training):
   workdir = tiny_training.new_workdir(tmp_path, "twice")
   proc = cli("train", workdir, tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
@@ -247,6 +250,7 @@ def tensorboard_steps(workdir: str) -> list[int]:
   return sorted(steps)
 
 
+@pytest.mark.slow
 def test_restarts_log_each_step_once(tmp_path, tiny_training):
   """Restart from 0 (checkpoints removed) and SIGKILL + resume: each step once in both logs."""
   workdir = tiny_training.new_workdir(tmp_path, "logs")
@@ -327,6 +331,7 @@ def start_then_fill(tiny_training, workdir: str, disk, environ: dict) -> tuple[i
   return code, lines
 
 
+@pytest.mark.slow
 def test_failed_background_save_stops_training_in_one_line(tmp_path, tiny_training):
   """Only the checkpoints folder is full: the step-20 save fails in the background and
   training stops before the next save with one line; checkpoint 10 stays usable."""
@@ -350,6 +355,7 @@ def test_failed_background_save_stops_training_in_one_line(tmp_path, tiny_traini
     assert any("resumed from checkpoint step 10" in line for line in err)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_training_in_one_line(tmp_path, tiny_training, small_disk):
   """The whole workdir on a full disk: whichever write fails first, one line, then a resume."""
   workdir = tiny_training.new_workdir(small_disk, "run")
@@ -397,6 +403,7 @@ def test_cr_only_line_ends_are_separate_lines():
   assert read_lines(b"one\rtwo\r\nthree\n\rfive\r")[0] == ["one", "two", "three", "", "five"]
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_keep_one_line_when_nothing_is_good(tmp_path, bible_run):
   """Every checkpoint damaged: translate stops with one line saying none is good."""
   workdir = str(tmp_path / "run")
