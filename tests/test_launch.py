@@ -71,5 +71,5 @@ def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
   again = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "nothing to do" in again.stderr and "not evaluating again" in again.stderr
-  assert "| slice | examples | BLEU | chrF |" in again.stdout
+  assert "| slice | pairs | BLEU | chrF | sources | multi-ref BLEU |" in again.stdout
   assert again.stdout.count("  translation:") == 5
