@@ -142,6 +142,7 @@ def test_two_processes_match_one(tmp_path):
   check_results(results, losses, metrics)
 
 
+@pytest.mark.slow
 def test_pmap_two_processes_reduce_over_all_devices(tmp_path):
   """pmap on 2 processes x 2 devices equals pmap on 4 devices of one process.
 
