@@ -11,7 +11,7 @@ Fixtures (no test module imports another; helpers come from here):
   ``run_cli``         ``python -m mt_flax ...`` in a subprocess (one CPU device)
   ``call_main``       a command's ``main(argv)`` in this process with a given stdin
   ``tiny_training``   short real runs of the default experiment with a tiny model
-  ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) for gs:// workdirs
+  ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py) for gs:// workdirs
 """
 import dataclasses
 import io
@@ -287,7 +287,7 @@ class GcsEmulator:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-  """gcp-storage-emulator (tests/gcs_emulator.py, in memory) on 127.0.0.1 for the session.
+  """gcp-storage-emulator (tools/gcs_emulator.py, in memory) on 127.0.0.1 for the session.
 
   Sets ``STORAGE_EMULATOR_HOST`` (gcsfs, and through mt_flax.paths tensorstore)
   for this process and its subprocesses; restores the environment afterwards.
@@ -296,7 +296,7 @@ def gcs_emulator():
   import portpicker
   port = portpicker.pick_unused_port()
   url, bucket = f"http://127.0.0.1:{port}", "mt-flax-test"
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
+  script = str(ROOT / "tools" / "gcs_emulator.py")
   proc = subprocess.Popen([sys.executable, script, str(port), bucket],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}

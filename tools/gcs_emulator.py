@@ -1,6 +1,6 @@
 """A local GCS emulator for the tests: gcp-storage-emulator, in memory, on 127.0.0.1.
 
-``python tests/gcs_emulator.py PORT BUCKET`` serves until killed. Two faults of
+``python tools/gcs_emulator.py PORT BUCKET`` serves until killed. Two faults of
 the emulator are worked around here (and only here):
 
 1. Media downloads carry no ``x-goog-generation`` header (real GCS always sends
