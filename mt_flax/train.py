@@ -485,6 +485,9 @@ class _Loop:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except
       logging.getLogger(__name__).exception("closing the checkpoint manager")
+    if sharding.is_primary():   # a failed save's writer threads may outlive its first cleanup
+      for tmp in paths.as_path(self.manager.directory).glob("*.orbax-checkpoint-tmp*"):
+        tmp.rmtree(missing_ok=True)
     self.writer.close()
 
   def run(self, state, preemption: _Preemption) -> dict:

@@ -204,7 +204,8 @@ class TinyTraining:
   ``overrides(**kw)``: ``--config.KEY=VALUE`` flags of the tiny settings (``a__b`` is
   ``a.b``); ``new_workdir(folder, name)``: a workdir holding the tokenizer trained once
   for the session; ``finish(proc)``: ``(exit status, stderr)`` of a started run;
-  ``losses(workdir)``: the logged training loss per step.
+  ``wait(predicate, proc, what)`` and ``has_checkpoint(workdir, step)``: waiting on a
+  started run; ``losses(workdir)``: the logged training loss per step.
   """
   config = str(ROOT / "experiments" / "bible_en_es_tiny.py")
   vocab = 256
@@ -229,6 +230,23 @@ class TinyTraining:
     workdir = Path(folder) / name
     shutil.copytree(self.tokenizer_dir, workdir / "tokenizer")
     return str(workdir)
+
+  @staticmethod
+  def wait(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Polls ``predicate()`` until true; fails if ``proc`` ends first or after ``timeout``."""
+    deadline = time.time() + timeout
+    while not predicate():
+      if proc.poll() is not None:
+        raise AssertionError(f"run ended before {what}: {proc.stderr.read()[-2000:]}")
+      if time.time() > deadline:
+        proc.kill()
+        raise AssertionError(f"no {what} after {timeout}s")
+      time.sleep(0.02)
+
+  @staticmethod
+  def has_checkpoint(workdir: str, step: int):
+    """A predicate for :meth:`wait`: checkpoint ``step`` of ``workdir`` exists."""
+    return lambda: os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
 
   @staticmethod
   def losses(workdir: str) -> dict[int, float]:

@@ -51,21 +51,6 @@ def run(command: str, workdir: str, args: list[str], environ: dict,
   return proc.returncode, out, err.strip().splitlines()
 
 
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-  deadline = time.time() + timeout
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended before {what}: {proc.stderr.read()[-2000:]}")
-    if time.time() > deadline:
-      proc.kill()
-      raise AssertionError(f"no {what} after {timeout}s")
-    time.sleep(0.05)
-
-
-def has_checkpoint(workdir: str, step: int):
-  return lambda: os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
-
-
 def assert_quiet(lines: list[str]) -> None:
   """Only our own lines reach the terminal (errors, notices, mt_flax warnings): no
   tracebacks, no third-party logging."""
@@ -143,7 +128,7 @@ def test_second_run_stops_at_once_and_ctrl_c_saves(tmp_path, tiny_training):
   args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
                                  eval_every_steps=1000, progress_bar=False)
   first = cli("train", workdir, args, environ)
-  wait_for(has_checkpoint(workdir, 10), first, "checkpoint 10")
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 10), first, "checkpoint 10")
 
   code, _, err = run("train", workdir, args, environ)
   assert code == 2 and len(err) == 1, err
@@ -174,7 +159,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path, tiny_training):
   proc = cli("train", workdir, tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
                                          eval_every_steps=1000, progress_bar=False),
              env(tmp_path))
-  wait_for(has_checkpoint(workdir, 10), proc, "checkpoint 10")
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 10), proc, "checkpoint 10")
   proc.send_signal(signal.SIGINT)
   proc.send_signal(signal.SIGINT)
   code, err = tiny_training.finish(proc)
@@ -268,7 +253,7 @@ def test_restarts_log_each_step_once(tmp_path, tiny_training):
   args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
                                  eval_every_steps=1000, progress_bar=False)
   proc = cli("train", workdir, args, environ)
-  wait_for(lambda: max(logged_steps(workdir), default=0) >= 35, proc, "step 35")
+  tiny_training.wait(lambda: max(logged_steps(workdir), default=0) >= 35, proc, "step 35")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   code, _, err = run("train", workdir, tiny_training.overrides(
@@ -323,7 +308,7 @@ def start_then_fill(tiny_training, workdir: str, disk, environ: dict) -> tuple[i
   args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
                                  eval_every_steps=1000, progress_bar=False)
   proc = cli("train", workdir, args, environ)
-  wait_for(has_checkpoint(workdir, 10), proc, "checkpoint 10")
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 10), proc, "checkpoint 10")
   fill(disk)
   code, err = tiny_training.finish(proc)
   lines = err.strip().splitlines()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -83,18 +82,6 @@ def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int, timeout: float = 240):
-  path = os.path.join(workdir, "checkpoints", str(step))
-  deadline = time.time() + timeout
-  while not os.path.isdir(path):
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended before checkpoint {step}: {proc.stderr.read()[-2000:]}")
-    if time.time() > deadline:
-      proc.kill()
-      raise AssertionError(f"no checkpoint {step} after {timeout}s")
-    time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
@@ -110,14 +97,14 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
 
   workdir = tiny_training.new_workdir(tmp_path, "interrupted")
   proc = run_cli(workdir, args, env)
-  wait_for_checkpoint(proc, workdir, 20)
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 20), proc, "checkpoint 20", 240)
   proc.send_signal(signal.SIGTERM)
   code, err = tiny_training.finish(proc)
   assert code == train.PREEMPTED_EXIT, err[-2000:]        # saved and stopped, not finished
   assert "SIGTERM: saved checkpoint step" in err
 
   proc = run_cli(workdir, args, env)
-  wait_for_checkpoint(proc, workdir, 140)
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 140), proc, "checkpoint 140", 240)
   proc.send_signal(signal.SIGKILL)
   code, err = tiny_training.finish(proc)
   assert code == -signal.SIGKILL, err[-2000:]
