@@ -207,6 +207,17 @@ def _metric_fn(best_metric: str, best_mode: str):
   return fn
 
 
+def remove_temporary(directory, step: Optional[int] = None) -> list[str]:
+  """Removes the temporary folders of unfinished saves (of ``step``, or all) in the manager
+  ``directory``; returns their names. Only the one process writing checkpoints may call it."""
+  pattern = f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"
+  removed = []
+  for tmp in _path(directory).glob(pattern):
+    tmp.rmtree(missing_ok=True)
+    removed.append(tmp.name)
+  return removed
+
+
 def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
                  best_mode: str = "min", async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:

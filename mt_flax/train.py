@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -272,6 +273,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
   accum = int(config.grad_accum_steps)
   partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
                     jax.random.key(int(config.seed)))
+  if sharding.is_primary():   # what a failed or killed save left (the workdir is locked)
+    stale = checkpoint.remove_temporary(paths.as_path(workdir) / checkpoint.CHECKPOINT_DIR)
+    if stale:
+      _log(f"removed the temporary folders of unfinished saves: {', '.join(sorted(stale))}")
   manager = checkpoint.make_manager(
       workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
       best_mode=config.best_mode, async_save=config.async_checkpointing)
@@ -379,8 +384,7 @@ def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFa
   """The one-line error of a failed save; its temporary directory is removed."""
   directory = paths.as_path(manager.directory)
   if sharding.is_primary():
-    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-      tmp.rmtree(missing_ok=True)
+    checkpoint.remove_temporary(directory, step)
   previous = [s for s in manager.all_steps() if s < step and (directory / str(s)).exists()]
   kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
           else "no earlier checkpoint exists")
@@ -480,14 +484,19 @@ class _Loop:
   def close(self) -> None:
     """Waits for the save in flight and closes the manager and the writer, raising nothing
     (called on the way out of an error; a save failure is then in ``train.log``)."""
-    try:
-      self.poll_save(wait=True)
-      self.manager.close()
-    except Exception:  # pylint: disable=broad-except
-      logging.getLogger(__name__).exception("closing the checkpoint manager")
-    if sharding.is_primary():   # a failed save's writer threads may outlive its first cleanup
-      for tmp in paths.as_path(self.manager.directory).glob("*.orbax-checkpoint-tmp*"):
-        tmp.rmtree(missing_ok=True)
+    for part in (lambda: self.poll_save(wait=True), self.manager.close):
+      try:
+        part()
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger(__name__).exception("closing the checkpoint manager")
+    # After a failed save Orbax raises on its first failed thread while others may still
+    # write; wait for them before removing what they wrote. (Writes orphaned inside
+    # tensorstore cannot be waited for: the next run removes what they leave.)
+    for thread in threading.enumerate():
+      if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+        thread.join(timeout=60)
+    if sharding.is_primary():
+      checkpoint.remove_temporary(self.manager.directory)
     self.writer.close()
 
   def run(self, state, preemption: _Preemption) -> dict:
