@@ -4,8 +4,12 @@ This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a p
 (every host runs the same command, JAX connects them, all write one gs://
 checkpoint): both processes get SIGTERM mid-run, save and exit 143; the same
 command resumes; the per-step losses equal one uninterrupted process with 8
-devices. Then ``eval``, ``translate`` and ``audit`` read the gs:// workdir.
+devices (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
+``translate`` and ``audit`` read the gs:// workdir. The subprocesses only see
+``STORAGE_EMULATOR_HOST``: ``TENSORSTORE_GCS_HTTP_URL`` (for Orbax) is derived by
+mt_flax, and every other file goes through mt_flax.paths.
 """
+import json
 import os
 import signal
 import subprocess
@@ -14,14 +18,15 @@ import time
 
 import numpy as np
 import pytest
+from etils import epath
 
 from mt_flax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
-STEPS = 20
-SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=10,
-                checkpoint_every_steps=2, progress_bar=False)
+STEPS = 12
+SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=6,
+                checkpoint_every_steps=4, progress_bar=False)
 MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
                                   "mesh.tensor": 2},
          "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}
@@ -68,7 +73,8 @@ def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
 def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_training, tmp_path,
                                                        mode):
   argv, losses, mt_flax = args(tiny_training, mode), tiny_training.losses, gcs_emulator.run
-  single = str(tmp_path / "single")
+  on_gcs = mode == "jit_data_fsdp_tensor"     # the other reads the gs:// workdir after training
+  single = gcs_emulator.path(f"single_{mode}") if on_gcs else str(tmp_path / "single")
   one = mt_flax("train", "--workdir", single, *argv, devices=8)
   assert one.returncode == 0, one.stderr[-3000:]
 
@@ -76,19 +82,33 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=2)
   log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
   assert status == [143, 143], log()
+  root = epath.Path(workdir)
+  assert not (root / "DONE").exists()
   stopped = max(losses(workdir))
   assert stopped < STEPS
   assert pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=None) == [0, 0], log()
+  assert "resumed from checkpoint" in (tmp_path / f"{mode}_None_0.log").read_text()
   got, want = losses(workdir), losses(single)
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-4)
-  if mode != "jit_data_fsdp_tensor":
+  for name in ("config.json", "run.json", "DONE", "tokenizer/tokenizer.json"):
+    assert (root / name).exists(), name
+  assert any(p.name.startswith("events.out.tfevents") for p in (root / "tensorboard").iterdir())
+  if not on_gcs:
     return
+
   ev = mt_flax("eval", "--workdir", workdir, "--split", "validation", "--beam", "1",
                "--max-examples", "8", "--long-examples", "0")
   assert ev.returncode == 0, ev.stderr[-3000:]
-  tr = mt_flax("translate", "--workdir", workdir, "--beam", "1", stdin="And God said.\n")
-  assert tr.returncode == 0 and len(tr.stdout.splitlines()) == 1, tr.stderr[-3000:]
+  out = root / "eval" / "validation"
+  report = json.loads((out / "report.json").read_text())
+  assert report["table"][0]["examples"] == 8
+  assert len((out / "validation.hyp.txt").read_text().splitlines()) == 8
+  assert (out / "report.md").exists()
+  assert (out / "bleu_by_slice.png").read_bytes()[:4] == b"\x89PNG"
+  tr = mt_flax("translate", "--workdir", workdir, "--beam", "1",
+               stdin="In the beginning God created the heavens and the earth.\nAnd God said.\n")
+  assert tr.returncode == 0 and len(tr.stdout.splitlines()) == 2, tr.stderr[-3000:]
   au = mt_flax("audit", "--workdir", workdir)
   assert au.returncode == 0, au.stderr[-3000:] + au.stdout[-3000:]

@@ -32,7 +32,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from mt_flax import paths
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -163,9 +163,7 @@ def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     buffer = io.BytesIO()
     np.savez(buffer, **dataclasses.asdict(store))
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f"{path.name}.{os.getpid()}.tmp"
-    staging.write_bytes(buffer.getvalue())
-    staging.rename(path)
+    paths.write_bytes(path, buffer.getvalue())   # atomic; no rename (a copy on gs://)
   return store
 
 
