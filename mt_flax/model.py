@@ -396,12 +396,14 @@ class Transformer(nn.Module):
 
   def decode(self, encoded: Optional[Array], src: Array, tgt_in: Array, *, train: bool = False,
              src_segments: Optional[Array] = None, tgt_segments: Optional[Array] = None,
-             tgt_positions: Optional[Array] = None, decode: bool = False) -> Array:
+             tgt_positions: Optional[Array] = None, decode: bool = False,
+             project: bool = True) -> Array:
     """Decoder. encoded ``[B, S, D]``, src ``[B, S]`` (gives the cross mask), tgt_in ``[B, T]``.
 
-    Returns float32 logits ``[B, T, V_tgt]``. With ``decode=True`` see the
-    module docstring: the first call allocates the cache, later calls take
-    one token ``[B, 1]`` each (``encoded`` may then be None).
+    Returns float32 logits ``[B, T, V_tgt]``, or with ``project=False`` the
+    states the output layer reads ``[B, T, D]`` (compute dtype). With
+    ``decode=True`` see the module docstring: the first call allocates the
+    cache, later calls take one token ``[B, 1]`` each (``encoded`` may then be None).
     """
     index = None
     if decode:
@@ -423,8 +425,32 @@ class Transformer(nn.Module):
       x = layer(x, encoded, self_mask, cross, train=train, decode=decode, index=index)
     if self.config.pre_ln:
       x = self.decoder_norm(x)
+    if not project:
+      return x
     logits = self.tgt_embed.attend(x) if self.config.tie_output else self.logits_dense(x)
     return logits.astype(jnp.float32)
+
+  def output_layer(self) -> tuple[Array, Optional[Array]]:
+    """The output layer as (kernel ``[D, V_tgt]``, bias ``[V_tgt]`` or None), compute dtype:
+    logits = states @ kernel (+ bias), as :meth:`decode` computes them."""
+    dtype = self.config.compute_dtype
+    if self.config.tie_output:
+      return jnp.asarray(self.tgt_embed.embedding.embedding, dtype).T, None
+    dense = self.logits_dense.variables["params"]
+    return jnp.asarray(dense["kernel"], dtype), jnp.asarray(dense["bias"], dtype)
+
+  def states_and_output_layer(self, src: Array, tgt_in: Array, *, train: bool = False,
+                              src_segments: Optional[Array] = None,
+                              tgt_segments: Optional[Array] = None,
+                              src_positions: Optional[Array] = None,
+                              tgt_positions: Optional[Array] = None):
+    """Like ``__call__`` but stops before the logits: (states ``[B, T, D]``, (kernel, bias)),
+    so a loss can apply the output layer a few positions at a time."""
+    encoded = self.encode(src, train=train, src_segments=src_segments,
+                          src_positions=src_positions)
+    states = self.decode(encoded, src, tgt_in, train=train, src_segments=src_segments,
+                         tgt_segments=tgt_segments, tgt_positions=tgt_positions, project=False)
+    return states, self.output_layer()
 
   def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
                src_segments: Optional[Array] = None, tgt_segments: Optional[Array] = None,

@@ -127,43 +127,18 @@ def smoothing_constant(label_smoothing: float, vocab_size: int) -> float:
   return -(on * math.log(on) + (v - 1) * off * math.log(off))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _token_losses(logits: Array, labels: Array, label_smoothing: float):
-  """(smoothed loss, nll, correct) per token, each float32 ``[B, T]``; see :func:`token_losses`."""
-  return _token_losses_fwd(logits, labels, label_smoothing)[0]
-
-
-def _token_losses_fwd(logits, labels, label_smoothing):
+def _per_token(logits: Array, labels: Array, eps: float):
+  """(smoothed loss, nll, correct, exp(z - max z), its sum) per token of float32 logits."""
   top = jnp.max(logits, axis=-1)
-  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  shifted = jnp.exp(logits - top[..., None])
+  total = jnp.sum(shifted, axis=-1)
+  lse = top + jnp.log(total)
   picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   nll = lse - picked
-  loss = nll
-  if label_smoothing:
-    uniform = lse - jnp.mean(logits, axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+  loss = (1.0 - eps) * nll + eps * (lse - jnp.mean(logits, axis=-1)) if eps else nll
   ties = jnp.sum((logits == top[..., None]).astype(jnp.float32), axis=-1)
   correct = jnp.where(picked >= top, 1.0 / ties, 0.0)
-  return (loss, nll, correct), (logits, labels, lse)
-
-
-def _token_losses_bwd(label_smoothing, residuals, cotangents):
-  """d/dz of ``g_loss * loss + g_nll * nll``: one fused pass over ``[B, T, V]``."""
-  logits, labels, lse = residuals
-  g_loss, g_nll, _ = cotangents
-  eps = label_smoothing
-  vocab = logits.shape[-1]
-  vocab_ids = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-  on_label = vocab_ids == labels[..., None]
-  total = (g_loss + g_nll)[..., None]
-  label_weight = (g_loss * (1.0 - eps) + g_nll)[..., None]
-  probs = jnp.exp(logits - lse[..., None])
-  grad = (total * probs - jnp.where(on_label, label_weight, 0.0)
-          - (g_loss * (eps / vocab))[..., None])
-  return grad.astype(logits.dtype), None
-
-
-_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+  return loss, nll, correct, shifted, total
 
 
 def token_losses(logits: Array, labels: Array,
@@ -174,42 +149,124 @@ def token_losses(logits: Array, labels: Array,
   ``1 - eps`` on the label and ``eps / V`` on every token, so
   ``loss = (1 - eps) * nll + eps * mean_v(-log p_v)`` where
   ``mean_v(-log p_v) = logsumexp(z) - mean(z)``. ``correct`` is 1.0 where the
-  label's logit is the largest (no argmax), shared equally among tied maxima. The gradient is written out,
-  ``softmax(z) * (g_loss + g_nll) - target weights``, so the backward pass is
-  one elementwise sweep over the logits.
+  label's logit is the largest (no argmax), shared equally among tied maxima.
+  Training and evaluation use the same definitions through
+  :func:`output_loss_sums`, which never holds all the logits at once.
 
   Args:
     logits: float ``[B, T, V]``.
     labels: int ``[B, T]``.
   """
-  return _token_losses(logits.astype(jnp.float32), labels.astype(jnp.int32),
-                       float(label_smoothing))
+  loss, nll, correct, _, _ = _per_token(logits.astype(jnp.float32), labels.astype(jnp.int32),
+                                        float(label_smoothing))
+  return loss, nll, correct
 
 
-def cross_entropy(logits: Array, labels: Array,
-                  label_smoothing: float = 0.0) -> tuple[Array, Array]:
-  """Per-token label-smoothed loss and plain negative log-likelihood, both ``[B, T]``."""
-  loss, nll, _ = token_losses(logits, labels, label_smoothing)
-  return loss, nll
+LOSS_CHUNK_BYTES = 8 << 20   # float32 logits of one chunk of :func:`output_loss_sums`
+MAX_LOSS_CHUNKS = 8          # chunks per call at most (each is its own code in the program)
+
+
+def _time_chunk(batch: int, length: int, vocab: int) -> int:
+  """Positions per chunk: as many as fit :data:`LOSS_CHUNK_BYTES`, in at most
+  :data:`MAX_LOSS_CHUNKS` chunks of about equal size."""
+  fit = max(1, LOSS_CHUNK_BYTES // (batch * vocab * 4))
+  chunks = min(MAX_LOSS_CHUNKS, -(-length // fit))
+  return -(-length // chunks)
+
+
+def _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing: float,
+                        with_grads: bool):
+  """:func:`output_loss_sums` a few positions at a time (the batch axis whole, so its
+  sharding stays); with ``with_grads`` also the gradients of the loss sum with respect
+  to (states, kernel, bias), computed in the same pass."""
+  eps = float(label_smoothing)
+  vocab = kernel.shape[-1]
+  chunk = _time_chunk(states.shape[0], states.shape[1], vocab)
+  sums = jnp.zeros((3,), jnp.float32)
+  d_kernel = jnp.zeros(kernel.shape, jnp.float32)
+  d_bias = jnp.zeros((vocab,), jnp.float32)
+  d_states = []
+  for start in range(0, states.shape[1], chunk):
+    h, y, wt = (x[:, start:start + chunk] for x in (states, labels, weights))
+    z = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+    if bias is not None:
+      z = z + bias.astype(jnp.float32)
+    loss, nll, correct, shifted, total = _per_token(z, y, eps)
+    sums = sums + jnp.stack([jnp.sum(loss * wt), jnp.sum(nll * wt), jnp.sum(correct * wt)])
+    if not with_grads:
+      continue
+    # d(loss)/dz = softmax(z) - (1 - eps) * onehot(y) - eps / V, per token times its weight
+    on_label = jax.lax.broadcasted_iota(y.dtype, z.shape, 2) == y[..., None]
+    g = wt[..., None] * (shifted / total[..., None] - jnp.where(on_label, 1.0 - eps, 0.0)
+                         - eps / vocab)
+    g_low = g.astype(kernel.dtype)
+    d_states.append(jnp.einsum("btv,dv->btd", g_low, kernel,
+                               preferred_element_type=jnp.float32).astype(states.dtype))
+    d_kernel = d_kernel + jnp.einsum("btd,btv->dv", h, g_low, preferred_element_type=jnp.float32)
+    d_bias = d_bias + jnp.sum(g, axis=(0, 1))
+  if not with_grads:
+    return sums
+  return sums, (jnp.concatenate(d_states, axis=1), d_kernel.astype(kernel.dtype),
+                None if bias is None else d_bias.astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _output_loss_sums(states, kernel, bias, labels, weights, label_smoothing):
+  return _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing, False)
+
+
+def _output_loss_sums_fwd(states, kernel, bias, labels, weights, label_smoothing):
+  return _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing, True)
+
+
+def _output_loss_sums_bwd(label_smoothing, grads, cotangent):
+  g = cotangent[0]   # only the loss sum is differentiable; the metric sums stop gradients
+  d_states, d_kernel, d_bias = grads
+  scale = lambda x: None if x is None else (g * x).astype(x.dtype)
+  return scale(d_states), scale(d_kernel), scale(d_bias), None, None
+
+
+_output_loss_sums.defvjp(_output_loss_sums_fwd, _output_loss_sums_bwd)
+
+
+def output_loss_sums(states: Array, kernel: Array, bias: Optional[Array], labels: Array,
+                     weights: Array, label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+  """Weighted sums of the output layer's per-token (smoothed loss, nll, correct), as
+  :func:`token_losses` defines them for ``logits = states @ kernel + bias``.
+
+  The logits are never whole: they are made a few positions at a time (about
+  :data:`LOSS_CHUNK_BYTES` of float32 logits per chunk, which stays below
+  glibc's mmap threshold and so is not page-faulted in on every step), and
+  when differentiated the same pass computes the gradients of the loss sum, so
+  the vocabulary-sized work happens once and in small pieces. Only the loss
+  sum carries gradients.
+
+  Args:
+    states: ``[B, T, D]``; kernel ``[D, V]``; bias ``[V]`` or None.
+    labels: int ``[B, T]``; weights: float ``[B, T]`` (0 for padding).
+  """
+  sums = _output_loss_sums(states, kernel, bias, labels.astype(jnp.int32),
+                           weights.astype(jnp.float32), float(label_smoothing))
+  return sums[0], jax.lax.stop_gradient(sums[1]), jax.lax.stop_gradient(sums[2])
 
 
 def _apply(model: Transformer, params, batch: Batch, *, train: bool,
-           rng: Optional[Array] = None) -> Array:
+           rng: Optional[Array] = None, method: Optional[Callable] = None):
   kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
   rngs = {"dropout": rng} if train else None
   return model.apply({"params": params}, batch["src"], batch["tgt_in"], train=train,
-                     rngs=rngs, **kwargs)
+                     rngs=rngs, method=method, **kwargs)
 
 
 def loss_sums(params, batch: Batch, rng: Array, *, model: Transformer,
               label_smoothing: float) -> tuple[Array, dict[str, Array]]:
   """Summed smoothed loss over non-pad targets (to differentiate) and metric sums."""
-  logits = _apply(model, params, batch, train=True, rng=rng)
+  states, (kernel, bias) = _apply(model, params, batch, train=True, rng=rng,
+                                  method=Transformer.states_and_output_layer)
   labels = batch["tgt_out"]
   weights = (labels != PAD_ID).astype(jnp.float32)
-  loss, nll, correct = token_losses(logits, labels, label_smoothing)
-  sums = {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights),
-          "correct": jnp.sum(correct * weights), "tokens": jnp.sum(weights)}
+  loss, nll, correct = output_loss_sums(states, kernel, bias, labels, weights, label_smoothing)
+  sums = {"loss": loss, "nll": nll, "correct": correct, "tokens": jnp.sum(weights)}
   return sums["loss"], sums
 
 
@@ -296,12 +353,12 @@ def eval_step(params, batch: Batch, *, model: Transformer,
 
   :func:`eval_metrics` turns accumulated sums into loss, accuracy, perplexity.
   """
-  logits = _apply(model, params, batch, train=False)
+  states, (kernel, bias) = _apply(model, params, batch, train=False,
+                                  method=Transformer.states_and_output_layer)
   labels = batch["tgt_out"]
   weights = (labels != PAD_ID).astype(jnp.float32)
-  _, nll, correct = token_losses(logits, labels)
-  sums = {"nll": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
-          "tokens": jnp.sum(weights)}
+  _, nll, correct = output_loss_sums(states, kernel, bias, labels, weights)
+  sums = {"nll": nll, "correct": correct, "tokens": jnp.sum(weights)}
   return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
 

@@ -59,19 +59,19 @@ def make_batch(seed: int, rows: int = 8, s_len: int = 9, t_len: int = 7) -> dict
   return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
 
-def test_cross_entropy_matches_explicit_smoothed_target():
+def test_token_losses_match_explicit_smoothed_target():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 5, V)).astype(np.float32) * 3
   labels = rng.integers(0, V, (3, 5))
   eps = 0.1
-  loss, nll = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps)
+  loss, nll, _ = steps.token_losses(jnp.asarray(logits), jnp.asarray(labels), eps)
   logp = jax.nn.log_softmax(logits, -1)
   target = np.full((3, 5, V), eps / V)
   np.put_along_axis(target, labels[..., None], 1 - eps + eps / V, axis=-1)
   np.testing.assert_allclose(loss, -(target * logp).sum(-1), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(nll, -np.take_along_axis(logp, labels[..., None], -1)[..., 0],
                              rtol=1e-5, atol=1e-5)
-  plain, same = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.0)
+  plain, same, _ = steps.token_losses(jnp.asarray(logits), jnp.asarray(labels), 0.0)
   np.testing.assert_array_equal(plain, same)
 
 
@@ -82,24 +82,54 @@ def explicit_smoothed_loss(logits, labels, eps):
   return -(target * logp).sum(-1), -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
 
 
-def test_token_losses_gradient_and_accuracy_match_autodiff_and_argmax():
+@pytest.mark.parametrize("with_bias, length", [(False, 6), (True, 7)])
+def test_output_loss_sums_match_autodiff_in_any_chunking(monkeypatch, with_bias, length):
+  """Chunked sums and their written gradients equal plain autodiff through whole logits,
+  whether the positions split evenly, unevenly or not at all."""
+  rng = np.random.default_rng(1)
+  b, d = 4, 8
+  states = jnp.asarray(rng.normal(size=(b, length, d)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(d, V)).astype(np.float32))
+  bias = jnp.asarray(rng.normal(size=(V,)).astype(np.float32)) if with_bias else None
+  labels = jnp.asarray(rng.integers(0, V, (b, length)))
+  logits = states @ kernel + (0 if bias is None else bias)
+  labels = labels.at[0].set(jnp.argmax(logits[0], -1))     # some correct predictions
+  weights = jnp.asarray(rng.uniform(size=(b, length)).astype(np.float32)).at[1, -2:].set(0.0)
+  args = (0, 1, 2) if with_bias else (0, 1)
+
+  def reference(h, w, c, eps):
+    loss, nll = explicit_smoothed_loss(h @ w + (0 if c is None else c), labels, eps)
+    return jnp.sum(weights * loss), jnp.sum(weights * nll)
+
+  for chunk_positions in (1, 3, length):
+    monkeypatch.setattr(steps, "LOSS_CHUNK_BYTES", chunk_positions * b * V * 4)
+    assert steps._time_chunk(b, length, V) == -(-length // -(-length // chunk_positions))
+    for eps in (0.0, 0.1):
+      ours = lambda h, w, c: steps.output_loss_sums(h, w, c, labels, weights, eps)[0]
+      want = jax.grad(lambda h, w, c: reference(h, w, c, eps)[0], argnums=args)(
+          states, kernel, bias)
+      got = jax.grad(ours, argnums=args)(states, kernel, bias)
+      for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+      loss, nll, correct = steps.output_loss_sums(states, kernel, bias, labels, weights, eps)
+      np.testing.assert_allclose([loss, nll], reference(states, kernel, bias, eps), rtol=1e-5)
+      top1 = (jnp.argmax(logits, -1) == labels).astype(np.float32)
+      np.testing.assert_allclose(correct, jnp.sum(weights * top1), rtol=1e-6)
+  # The metric sums carry no gradient (only the loss sum is differentiable).
+  nll_grad = jax.grad(lambda h: steps.output_loss_sums(h, kernel, bias, labels, weights)[1])
+  assert not np.any(nll_grad(states))
+
+
+def test_loss_chunks_stay_few_for_long_rows_and_large_batches():
+  assert steps._time_chunk(4096, 256, 32000) == 32        # 8 chunks, not 256
+  assert steps._time_chunk(8, 32, 8000) == 32              # small logits: one chunk
+
+
+def test_token_accuracy_has_no_argmax_and_shares_ties():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(4, 6, V)).astype(np.float32) * 3)
   labels = jnp.asarray(rng.integers(0, V, (4, 6)))
-  labels = labels.at[0].set(jnp.argmax(logits[0], -1))     # some correct predictions
-  w = jnp.asarray(rng.uniform(size=(4, 6)).astype(np.float32))
-  for eps in (0.0, 0.1):
-    def ours(z):
-      loss, nll, _ = steps.token_losses(z, labels, eps)
-      return jnp.sum(w * loss) + 0.3 * jnp.sum(w * nll)
-
-    def reference(z):
-      loss, nll = explicit_smoothed_loss(z, labels, eps)
-      return jnp.sum(w * loss) + 0.3 * jnp.sum(w * nll)
-
-    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-5)
+  labels = labels.at[0].set(jnp.argmax(logits[0], -1))
   _, _, correct = steps.token_losses(logits, labels, 0.1)
   np.testing.assert_array_equal(correct, (jnp.argmax(logits, -1) == labels).astype(np.float32))
   assert float(correct[0].sum()) == 6.0
@@ -113,7 +143,7 @@ def test_a_perfect_smoothed_prediction_scores_loss_zero(setup):
   target = np.full((2, 3, V), eps / V)
   labels = np.array([[5, 6, 7], [8, 9, 10]])
   np.put_along_axis(target, labels[..., None], 1 - eps + eps / V, axis=-1)
-  loss, nll = steps.cross_entropy(jnp.log(jnp.asarray(target, jnp.float32)), labels, eps)
+  loss, nll, _ = steps.token_losses(jnp.log(jnp.asarray(target, jnp.float32)), labels, eps)
   np.testing.assert_allclose(loss, steps.smoothing_constant(eps, V), rtol=1e-5)
   np.testing.assert_allclose(nll, -np.log(1 - eps + eps / V), rtol=1e-5)
   assert steps.smoothing_constant(0.0, V) == 0.0
