@@ -42,14 +42,18 @@ def test_matmul_peak_reports_rates_per_size():
 
 
 def test_train_step_figures_are_consistent():
+  # A peak floor of 1 TFLOP/s, far above what a 64 x 64 matmul reaches, keeps the MFU in
+  # [0, 1] whatever the timings (the step can outrun the small matmul): the test checks the
+  # arithmetic only.
   out = train_step.bench_size("tiny", batch=4, length=8, vocab=64, repeats=2,
-                              peak=matmul_peak.Matmul(64), peak_calls=1, **TINY)
+                              peak=matmul_peak.Matmul(64), peak_calls=1,
+                              peak_floor_gflops=1e3, **TINY)
   json.dumps(out)
   assert out["d_model"] == 32 and out["params"] > 0
   assert positive(out["flops_per_step"]) and len(out["step_s"]) == 2
   assert positive(out["target_tokens_per_s"])   # a timing: only its sign is checked
-  assert 0 < out["mfu"] <= 1                    # over the best matmul rate seen in the run
-  assert out["peak_gflops_used"] >= max(out["peak_gflops_interleaved"])
+  assert out["peak_gflops_used"] == 1e3 >= max(out["peak_gflops_interleaved"])
+  assert 0 <= out["mfu"] <= 1                   # rounded to 3 decimals
   assert out["mfu"] == pytest.approx(out["gflops"] / out["peak_gflops_used"], abs=2e-3)
   assert out["step_compilations"] == 1          # fixed shapes: compiled once
   assert out["loss_finite"]
