@@ -209,11 +209,18 @@ def _metric_fn(best_metric: str, best_mode: str):
 
 def remove_temporary(directory, step: Optional[int] = None) -> list[str]:
   """Removes the temporary folders of unfinished saves (of ``step``, or all) in the manager
-  ``directory``; returns their names. Only the one process writing checkpoints may call it."""
+  ``directory``; returns their names. Only the one process writing checkpoints may call it.
+
+  Best effort: a folder that a writer still fills ("Directory not empty") is logged and
+  left, and the next training run removes it before it starts."""
   pattern = f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"
   removed = []
   for tmp in _path(directory).glob(pattern):
-    tmp.rmtree(missing_ok=True)
+    try:
+      tmp.rmtree(missing_ok=True)
+    except OSError:
+      logging.getLogger(__name__).exception("removing %s", tmp)
+      continue
     removed.append(tmp.name)
   return removed
 

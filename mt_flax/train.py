@@ -380,9 +380,19 @@ def _all_processes(flags: Sequence[bool]) -> list[bool]:
   return [bool(f) for f in np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)]
 
 
+def _join_orbax_threads(timeout: float = 60) -> None:
+  """Waits for Orbax's writer threads. After a failed save Orbax raises on its first failed
+  thread while others may still write; what they wrote can only be removed after them.
+  (Writes orphaned inside tensorstore cannot be waited for: the next run removes those.)"""
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+      thread.join(timeout=timeout)
+
+
 def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":
   """The one-line error of a failed save; its temporary directory is removed."""
   directory = paths.as_path(manager.directory)
+  _join_orbax_threads()
   if sharding.is_primary():
     checkpoint.remove_temporary(directory, step)
   previous = [s for s in manager.all_steps() if s < step and (directory / str(s)).exists()]
@@ -489,12 +499,7 @@ class _Loop:
         part()
       except Exception:  # pylint: disable=broad-except
         logging.getLogger(__name__).exception("closing the checkpoint manager")
-    # After a failed save Orbax raises on its first failed thread while others may still
-    # write; wait for them before removing what they wrote. (Writes orphaned inside
-    # tensorstore cannot be waited for: the next run removes what they leave.)
-    for thread in threading.enumerate():
-      if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
-        thread.join(timeout=60)
+    _join_orbax_threads()
     if sharding.is_primary():
       checkpoint.remove_temporary(self.manager.directory)
     self.writer.close()
