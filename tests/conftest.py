@@ -213,7 +213,7 @@ class TinyTraining:
       "data.vocab_size": vocab, "data.num_buckets": 1, "data.eval_max_examples": 24,
       "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
       "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-      "model.num_decoder_layers": 1, "model.mlp_dim": 64,
+      "model.num_decoder_layers": 1, "model.mlp_dim": 64, "model.dropout_rate": 0.1,
       "eval_bleu_examples": 0, "best_metric": "eval_loss", "best_mode": "min",
   }
 

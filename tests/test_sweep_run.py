@@ -22,7 +22,8 @@ TINY = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
         "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
         "--config.data.batching=pack", "--config.data.eval_max_examples=16",
         "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"]
+        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+        "--config.model.dropout_rate=0.1"]
 # Same programs in both trials (compiled once); the second runs longer, to be killed midway.
 SWEEP = "def get_sweep():\n  return [{'seed': 1}, {'seed': 2, 'num_train_steps': 48}]\n"
 
