@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import pytest
 from etils import epath
@@ -218,7 +219,8 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
   (workdir / sweep.DONE_FILE).write_text("")
   argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
   assert sweep.main(argv) == 0
-  changed = config.read_text().replace("warmup_steps=150", "warmup_steps=151")
+  changed = re.sub(r"warmup_steps=(\d+)", lambda m: f"warmup_steps={int(m.group(1)) + 1}",
+                   config.read_text(), count=1)
   assert changed != config.read_text()
   config.write_text(changed)
   capsys.readouterr()
