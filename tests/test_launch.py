@@ -73,3 +73,40 @@ def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
   assert "nothing to do" in again.stderr and "not evaluating again" in again.stderr
   assert "| slice | pairs | BLEU | chrF | sources | multi-ref BLEU |" in again.stdout
   assert again.stdout.count("  translation:") == 5
+
+
+def _tcmalloc_installed() -> bool:
+  listing = subprocess.run(["bash", "-c", "ldconfig -p 2>/dev/null || /sbin/ldconfig -p"],
+                           capture_output=True, text=True).stdout
+  return "libtcmalloc_minimal.so.4" in listing or any(
+      os.path.isfile(f"/usr/lib/{arch}-linux-gnu/libtcmalloc_minimal.so.4")
+      for arch in ("x86_64", "aarch64"))
+
+
+def test_compute_commands_preload_tcmalloc_and_others_do_not(tmp_path):
+  # A venv whose python reports the LD_PRELOAD it was started with: what launch.sh hands over.
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  probe = venv / "bin" / "python"
+  probe.write_text('#!/bin/sh\necho "LD_PRELOAD=${LD_PRELOAD:-}"\n')
+  probe.chmod(0o755)
+  base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MT_FLAX_TCMALLOC")}
+  base.update(MT_FLAX_NO_SETUP="1", MT_FLAX_VENV=str(venv))
+
+  def preload(*args, **env) -> tuple[str, str]:
+    r = subprocess.run([LAUNCH, *args], capture_output=True, text=True, env={**base, **env},
+                       cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().removeprefix("LD_PRELOAD="), r.stderr
+
+  for command in ("train", "eval", "translate", "sweep"):
+    value, err = preload(command, "--x")
+    if _tcmalloc_installed():
+      assert "libtcmalloc_minimal.so.4" in value and not err, (command, value, err)
+    else:
+      assert value == "" and "no tcmalloc" in err and len(err.splitlines()) == 1, (command, err)
+  assert preload("train", "--x", MT_FLAX_TCMALLOC="0") == ("", "")
+  assert preload("data-stats", "--x") == ("", "")
+  if _tcmalloc_installed():   # an LD_PRELOAD that is already set is kept, tcmalloc goes first
+    value, _ = preload("eval", "--x", LD_PRELOAD="libfoo.so")
+    assert value.endswith(":libfoo.so") and "libtcmalloc_minimal.so.4" in value
