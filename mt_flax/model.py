@@ -120,6 +120,31 @@ class _LogicalKernel(nn.LogicallyPartitioned):
     return super().unbox(apply_constraint)
 
 
+def _matrix_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> Array:
+  """``lax.dot_general`` for the dense layers, as one 2-D matrix product.
+
+  The attention and MLP projections contract the trailing axes of ``lhs`` with
+  the leading axes of ``rhs`` (``[B, T, D] x [D, N, H]``, ``[B, T, N, H] x [N, H, D]``,
+  ``[B, T, D] x [D, F]``). Written over 3-D activations or several contracting
+  axes, the backward products contract two axes at once and XLA's CPU backend
+  copies a transposed kernel or gradient for them on every step; reshaped to
+  ``[rows, K] x [K, cols]`` (free for row-major arrays) it does not (measured
+  with ``python -m bench.train_step --compare``). Same values, same parameters;
+  any other contraction goes to ``lax.dot_general`` unchanged.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  k = len(lhs_contract)
+  if (lhs_batch or rhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - k, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(k))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  inner = int(np.prod(rhs.shape[:k]))
+  out = jnp.matmul(lhs.reshape(-1, inner), rhs.reshape(inner, -1), precision=precision,
+                   preferred_element_type=preferred_element_type)
+  return out.reshape(lhs.shape[:lhs.ndim - k] + rhs.shape[k:])
+
+
 def _dense_init(axes):
   init = nn.initializers.xavier_uniform()
   return lambda key, shape, dtype=jnp.float32: _LogicalKernel(init(key, shape, dtype), axes)
@@ -142,7 +167,8 @@ class Attention(nn.Module):
     n, h = cfg.num_heads, cfg.d_model // cfg.num_heads
     proj = lambda name: nn.DenseGeneral(
         (n, h), dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, use_bias=False,
-        kernel_init=_dense_init(("embed", "heads", "kv")), name=name)
+        kernel_init=_dense_init(("embed", "heads", "kv")), dot_general=_matrix_dot_general,
+        name=name)
     q = proj("query")(x)
     source = x if not self.cross else kv
 
@@ -177,7 +203,8 @@ class Attention(nn.Module):
       out = _attention_with_dropout(q, k, v, mask, dropout, self.make_rng("dropout"))
     return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
                            param_dtype=cfg.params_dtype, use_bias=False,
-                           kernel_init=_dense_init(("heads", "kv", "embed")), name="out")(out)
+                           kernel_init=_dense_init(("heads", "kv", "embed")),
+                           dot_general=_matrix_dot_general, name="out")(out)
 
 
 def _attention_with_dropout(q, k, v, mask, rate, rng):
@@ -247,11 +274,11 @@ class MLP(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     cfg = self.config
     y = nn.Dense(cfg.mlp_dim, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                 kernel_init=_dense_init(("embed", "mlp")),
+                 kernel_init=_dense_init(("embed", "mlp")), dot_general=_matrix_dot_general,
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
     y = Dropout(cfg.dropout_rate)(nn.relu(y), deterministic=not train)
     return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                    kernel_init=_dense_init(("mlp", "embed")),
+                    kernel_init=_dense_init(("mlp", "embed")), dot_general=_matrix_dot_general,
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
 
 
