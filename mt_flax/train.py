@@ -383,10 +383,16 @@ def _all_processes(flags: Sequence[bool]) -> list[bool]:
 def _join_orbax_threads(timeout: float = 60) -> None:
   """Waits for Orbax's writer threads. After a failed save Orbax raises on its first failed
   thread while others may still write; what they wrote can only be removed after them.
-  (Writes orphaned inside tensorstore cannot be waited for: the next run removes those.)"""
+  (Writes orphaned inside tensorstore cannot be waited for: the next run removes those.)
+  Raises nothing: Orbax's threads re-raise their own failure from ``join``, and that failure
+  is the save's, already reported by whoever waited for the save."""
   for thread in threading.enumerate():
     if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
-      thread.join(timeout=timeout)
+      try:
+        thread.join(timeout=timeout)
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger(__name__).debug("orbax thread %s ended with an error", thread.name,
+                                          exc_info=True)
 
 
 def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":

@@ -9,6 +9,7 @@
 - small inputs: negative ``--max-examples``, CR-only line ends, atomic writes.
 """
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -378,6 +379,32 @@ def test_atomic_write_leaves_nothing_on_a_full_disk(small_disk):
   with pytest.raises(OSError):
     paths.write_bytes(target, b"x" * (1 << 20))
   assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+def test_waiting_for_a_failed_orbax_writer_raises_nothing(small_disk):
+  """Orbax's writer threads re-raise their own error from ``join``; training waits for them
+  on its way out of a failed save, which must keep the save's one-line error (it did not
+  when a writer was still running at that moment: the error became the writer's OSError)."""
+  import threading
+  from orbax.checkpoint._src.futures import future
+  from mt_flax import train
+  fill(small_disk)
+  release = threading.Event()
+
+  def write():
+    release.wait(timeout=30)
+    with open(small_disk / "late_write", "wb") as f:
+      f.write(b"x" * (1 << 20))
+
+  writer = future._SignalingThread(target=write, send_signals=[], receive_signals=[])
+  writer.start()
+  threading.Timer(0.5, release.set).start()
+  assert writer.is_alive()                     # still writing when training waits for it
+  train._join_orbax_threads(timeout=30)         # raised the OSError before
+  assert not writer.is_alive()
+  with pytest.raises(OSError) as raised:       # the writer did fail, on the full disk
+    writer.join(timeout=1)
+  assert raised.value.errno == errno.ENOSPC
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
