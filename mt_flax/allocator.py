@@ -9,8 +9,10 @@ Two settings, together, keep that memory in the process:
 
 - :func:`compiler_options` asks XLA (on the CPU backend only) to split the
   temporaries into heaps of at most :data:`TEMP_HEAP_BYTES`, small enough for
-  malloc's arenas (``jax.pmap`` takes no compiler options, so the steps of the
-  pmap partitioner keep the one block);
+  malloc's arenas; :func:`jit`, which jits mt_flax's train and eval steps,
+  applies them to every argument signature whose tensors all fit that limit
+  (``jax.pmap`` takes no compiler options, so the steps of the pmap
+  partitioner keep the one block);
 - :func:`tune_malloc` (run when :mod:`mt_flax` is imported) fixes glibc's
   ``mmap`` threshold at its largest allowed value, 32 MiB, so those heaps come
   from the arenas; gives every arena a 64 MiB top pad, so a worker thread's
@@ -27,11 +29,14 @@ process keeps after a step: up to 64 MiB per arena and 1 GiB in the main one.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import re
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
 TEMP_HEAP_BYTES = 30 << 20   # below the mmap threshold, two fit one 64 MiB arena heap
 M_TRIM_THRESHOLD = -1
@@ -64,7 +69,77 @@ def tune_malloc() -> bool:
 
 
 def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
-  """XLA options for a jitted step: the temporaries' heap limit on CPU, else None."""
+  """XLA options that split the temporaries into heaps: on CPU only, else None."""
   if (backend or jax.default_backend()) != "cpu":
     return None
   return {"xla_multiheap_size_constraint_per_heap": TEMP_HEAP_BYTES}
+
+
+_TENSOR = re.compile(r"tensor<((?:\d+x)+)(\w+)>")
+_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2,
+          "i16": 2, "ui16": 2, "i8": 1, "ui8": 1, "i1": 1}
+
+
+def largest_tensor_bytes(module_text: str) -> int:
+  """Bytes of the largest ranked tensor type in a StableHLO module's text."""
+  largest = 0
+  for dims, dtype in _TENSOR.findall(module_text):
+    largest = max(largest, math.prod(int(d) for d in dims[:-1].split("x")) * _BYTES.get(dtype, 8))
+  return largest
+
+
+def jit(fn: Callable, **jit_kwargs) -> Callable:
+  """``jax.jit(fn, **jit_kwargs)``; on CPU, compiled per argument signature with the heap split.
+
+  XLA logs a warning for every temporary above the heap limit on every heap it
+  fills (thousands of lines for one step with 64 MiB activations), and such a
+  temporary is mapped per step anyway. So each signature is lowered first and
+  gets :func:`compiler_options` only when no tensor of the lowered computation
+  is above :data:`TEMP_HEAP_BYTES`; otherwise it compiles as plain ``jax.jit``
+  would. Off CPU this is ``jax.jit``.
+  """
+  jitted = jax.jit(fn, **jit_kwargs)
+  options = compiler_options()
+  return jitted if options is None else _HeapSplitJit(jitted, options)
+
+
+def _signature(args: tuple) -> tuple:
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple(
+      (np.shape(x), getattr(x, "dtype", None) or np.result_type(x), getattr(x, "weak_type", False),
+       x.sharding if isinstance(x, jax.Array) else None) for x in leaves)
+
+
+class _HeapSplitJit:
+  """Calls the executable compiled for the arguments' signature (see :func:`jit`)."""
+
+  def __init__(self, jitted, options: dict):
+    self._jitted = jitted
+    self._options = options
+    self._executables: dict[tuple, Any] = {}
+
+  def compiled(self, *args):
+    """The executable for these arguments (lowered and compiled on first use)."""
+    key = _signature(args)
+    executable = self._executables.get(key)
+    if executable is None:
+      lowered = self._jitted.lower(*args)
+      fits = largest_tensor_bytes(lowered.as_text()) <= TEMP_HEAP_BYTES
+      executable = lowered.compile(compiler_options=self._options if fits else None)
+      self._executables[key] = executable
+    return executable
+
+  def __call__(self, *args):
+    return self.compiled(*args)(*args)
+
+  def lower(self, *args):
+    """Lowered like ``jax.jit``; its ``compile()`` is the executable the calls use."""
+    return _Lowered(self, args)
+
+
+class _Lowered:
+  def __init__(self, owner: _HeapSplitJit, args: tuple):
+    self._owner, self._args = owner, args
+
+  def compile(self):
+    return self._owner.compiled(*self._args)

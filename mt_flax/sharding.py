@@ -264,16 +264,15 @@ class JitPartitioner:
 
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
-    return jax.jit(self.in_context(step_fn),
-                   in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0,
-                   compiler_options=allocator.compiler_options())
+    return allocator.jit(self.in_context(step_fn),
+                         in_shardings=(self.state_shardings, self.batch_sharding),
+                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
-    return jax.jit(self.in_context(eval_fn),
-                   in_shardings=(self.state_shardings.params, self.batch_sharding),
-                   out_shardings=self.replicated, compiler_options=allocator.compiler_options())
+    return allocator.jit(self.in_context(eval_fn),
+                         in_shardings=(self.state_shardings.params, self.batch_sharding),
+                         out_shardings=self.replicated)
 
   def params_of(self, state: Any) -> Any:
     return state.params

@@ -383,11 +383,10 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
   fn = functools.partial(train_step, model=model, optimizer=optimizer,
                          label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
                          learning_rate_fn=learning_rate_fn)
-  return (jax.jit(fn, donate_argnums=0, compiler_options=allocator.compiler_options())
-          if jit else fn)
+  return allocator.jit(fn, donate_argnums=0) if jit else fn
 
 
 def make_eval_step(model: Transformer, *, jit: bool = True) -> Callable[[Any, Batch], dict]:
   """``(params, batch) -> sums`` (see :func:`eval_step`); jitted unless ``jit=False``."""
   fn = functools.partial(eval_step, model=model)
-  return jax.jit(fn, compiler_options=allocator.compiler_options()) if jit else fn
+  return allocator.jit(fn) if jit else fn

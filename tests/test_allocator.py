@@ -31,7 +31,8 @@ def loss(ws, x):
 ws = [jnp.full((1024, 1024), 1e-3, jnp.float32) + i * 1e-4 for i in range(6)]
 x = jnp.ones((4096, 1024), jnp.float32)
 options = allocator.compiler_options() if sys.argv[1] == "tuned" else None
-grad = jax.jit(jax.grad(loss), compiler_options=options).lower(ws, x).compile()
+jit = allocator.jit if sys.argv[1] == "tuned" else jax.jit   # the way mt_flax's steps are jitted
+grad = jit(jax.grad(loss)).lower(ws, x).compile()
 temp = grad.memory_analysis().temp_size_in_bytes
 for _ in range(6):
   jax.block_until_ready(grad(ws, x))
@@ -67,6 +68,50 @@ def test_step_temporaries_stay_in_the_process_and_the_switch_turns_it_off():
   # glibc's defaults: at least half of them faulted in on every call, even counted in 2 MiB
   # pages (transparent huge pages), so the check above is not one that always passes.
   assert min(default["faults"]) * (2 << 20) >= 0.5 * default["temp"], default
+
+
+WARNING = "larger than the per-heap size limit"
+# A step with 64 MiB tensors: XLA would warn about each on every heap it fills.
+BIG = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from mt_flax import allocator
+def f(a):
+  return jax.grad(lambda a: jnp.sum(jnp.tanh(a @ a) * a))(a)
+a = jnp.asarray(np.random.default_rng(0).standard_normal((4096, 4096), np.float32)) * 0.01
+if sys.argv[1] == "mt_flax":
+  step = allocator.jit(f)
+else:
+  step = jax.jit(f, compiler_options=allocator.compiler_options())
+first, again = step(a), step(a)
+np.testing.assert_allclose(np.asarray(first), np.asarray(jax.jit(f)(a)), rtol=1e-5, atol=1e-6)
+np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+print("ok")
+"""
+
+
+def _stderr_of(mode):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  out = subprocess.run([sys.executable, "-c", BIG, mode], capture_output=True, text=True, env=env,
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+  return out.stderr
+
+
+def test_a_step_with_tensors_above_the_heap_limit_compiles_plainly_and_quietly():
+  assert WARNING not in _stderr_of("mt_flax")
+  # The same options forced on it: XLA's warning, so the check above can fail.
+  assert WARNING in _stderr_of("forced")
+
+
+def test_largest_tensor_of_a_lowered_module():
+  import jax
+  import jax.numpy as jnp
+  from mt_flax import allocator
+  lowered = jax.jit(lambda a, b: (a @ b).astype(jnp.bfloat16)).lower(
+      jnp.ones((3, 5), jnp.float32), jnp.ones((5, 700), jnp.float32))
+  assert allocator.largest_tensor_bytes(lowered.as_text()) == 5 * 700 * 4
+  assert allocator.largest_tensor_bytes("tensor<i32> tensor<2x3xbf16>") == 12
 
 
 def test_compiler_options_only_on_cpu():
