@@ -89,57 +89,43 @@ def largest_tensor_bytes(module_text: str) -> int:
 
 
 def jit(fn: Callable, **jit_kwargs) -> Callable:
-  """``jax.jit(fn, **jit_kwargs)``; on CPU, compiled per argument signature with the heap split.
+  """``jax.jit(fn, **jit_kwargs)``; on CPU, with the heap split where it fits.
 
   XLA logs a warning for every temporary above the heap limit on every heap it
   fills (thousands of lines for one step with 64 MiB activations), and such a
-  temporary is mapped per step anyway. So each signature is lowered first and
-  gets :func:`compiler_options` only when no tensor of the lowered computation
-  is above :data:`TEMP_HEAP_BYTES`; otherwise it compiles as plain ``jax.jit``
-  would. Off CPU this is ``jax.jit``.
+  temporary is mapped per step anyway. So for each shape of the last argument
+  (the batch; the state or parameters keep one shape per step function) the
+  step is lowered once, and calls go to ``jax.jit`` with
+  :func:`compiler_options` only when no tensor of the lowered computation is
+  above :data:`TEMP_HEAP_BYTES`, else to plain ``jax.jit``. Off CPU this is
+  ``jax.jit``.
   """
-  jitted = jax.jit(fn, **jit_kwargs)
   options = compiler_options()
-  return jitted if options is None else _HeapSplitJit(jitted, options)
-
-
-def _signature(args: tuple) -> tuple:
-  leaves, treedef = jax.tree.flatten(args)
-  return treedef, tuple(
-      (np.shape(x), getattr(x, "dtype", None) or np.result_type(x), getattr(x, "weak_type", False),
-       x.sharding if isinstance(x, jax.Array) else None) for x in leaves)
+  if options is None:
+    return jax.jit(fn, **jit_kwargs)
+  return _HeapSplitJit(jax.jit(fn, **jit_kwargs),
+                       jax.jit(fn, compiler_options=options, **jit_kwargs))
 
 
 class _HeapSplitJit:
-  """Calls the executable compiled for the arguments' signature (see :func:`jit`)."""
+  """Sends each call to the plain or the heap-split ``jax.jit`` (see :func:`jit`)."""
 
-  def __init__(self, jitted, options: dict):
-    self._jitted = jitted
-    self._options = options
-    self._executables: dict[tuple, Any] = {}
+  def __init__(self, plain, split):
+    self._plain, self._split = plain, split
+    self._choice: dict[tuple, Any] = {}
 
-  def compiled(self, *args):
-    """The executable for these arguments (lowered and compiled on first use)."""
-    key = _signature(args)
-    executable = self._executables.get(key)
-    if executable is None:
-      lowered = self._jitted.lower(*args)
-      fits = largest_tensor_bytes(lowered.as_text()) <= TEMP_HEAP_BYTES
-      executable = lowered.compile(compiler_options=self._options if fits else None)
-      self._executables[key] = executable
-    return executable
+  def _jitted(self, args: tuple):
+    key = tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                for x in jax.tree.leaves(args[-1]))
+    jitted = self._choice.get(key)
+    if jitted is None:
+      fits = largest_tensor_bytes(self._plain.lower(*args).as_text()) <= TEMP_HEAP_BYTES
+      jitted = self._choice[key] = self._split if fits else self._plain
+    return jitted
 
   def __call__(self, *args):
-    return self.compiled(*args)(*args)
+    return self._jitted(args)(*args)
 
   def lower(self, *args):
-    """Lowered like ``jax.jit``; its ``compile()`` is the executable the calls use."""
-    return _Lowered(self, args)
-
-
-class _Lowered:
-  def __init__(self, owner: _HeapSplitJit, args: tuple):
-    self._owner, self._args = owner, args
-
-  def compile(self):
-    return self._owner.compiled(*self._args)
+    """The chosen ``jax.jit``'s lowering (its ``compile()`` is the executable calls use)."""
+    return self._jitted(args).lower(*args)

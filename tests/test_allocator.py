@@ -120,3 +120,4 @@ def test_compiler_options_only_on_cpu():
       "xla_multiheap_size_constraint_per_heap": allocator.TEMP_HEAP_BYTES}
   assert allocator.compiler_options("tpu") is None
   assert allocator.compiler_options("gpu") is None
+
