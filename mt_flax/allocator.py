@@ -10,7 +10,7 @@ Two settings, together, keep that memory in the process:
 - :func:`compiler_options` asks XLA (on the CPU backend only) to split the
   temporaries into heaps of at most :data:`TEMP_HEAP_BYTES`, small enough for
   malloc's arenas; :func:`jit`, which jits mt_flax's train and eval steps,
-  applies them to every argument signature whose tensors all fit that limit
+  applies them to every batch shape whose lowered step has no larger tensor
   (``jax.pmap`` takes no compiler options, so the steps of the pmap
   partitioner keep the one block);
 - :func:`tune_malloc` (run when :mod:`mt_flax` is imported) fixes glibc's
