@@ -18,7 +18,7 @@ CALLS = 9
 # keeps every 16 MiB activation, so the step needs ~150-200 MiB of temporaries, far above
 # glibc's largest mmap threshold (32 MiB) when they come as one block.
 PROBE = f"""
-import json, os, resource, statistics, sys
+import json, resource, statistics, sys
 import jax, jax.numpy as jnp
 import mt_flax
 from mt_flax import allocator
@@ -46,12 +46,18 @@ print(json.dumps({{"applied": allocator.tune_malloc(), "options": options, "temp
 """
 
 
-def _probe(mode, malloc):
-  env = {**os.environ, "MT_FLAX_MALLOC": malloc, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+def _python(script, mode, **env):
+  """``script`` in a fresh one-device CPU process (malloc settings apply at its import)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **env}
+  out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                        env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
+  return out
+
+
+def _probe(mode, malloc):
+  out = _python(PROBE, mode, MT_FLAX_MALLOC=malloc)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,10 +97,8 @@ print("ok")
 
 
 def _stderr_of(mode):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  out = subprocess.run([sys.executable, "-c", BIG, mode], capture_output=True, text=True, env=env,
-                       timeout=300)
-  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+  out = _python(BIG, mode)
+  assert out.stdout.strip() == "ok", out.stderr[-2000:]
   return out.stderr
 
 
