@@ -4,7 +4,7 @@
 #                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
 #                                          eval report on test, sample translations
 #   ./launch.sh test [--all] [pytest args] run the fast tests (--all: the slow end-to-end ones too)
-#   ./launch.sh train|eval|translate|data-stats|audit ...   python -m mt_flax ...
+#   ./launch.sh train|eval|translate|data-stats|audit|average ...   python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
 #   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
@@ -12,9 +12,9 @@
 # Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3) to create it with,
 # MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
 # "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
-# check (the venv must exist). train, eval, translate, sweep, bench and the default run preload
-# tcmalloc (Debian libtcmalloc-minimal4, installed with the SWORD packages) when it is found;
-# MT_FLAX_TCMALLOC=0 runs them with the system malloc instead.
+# check (the venv must exist). Every command but tpu preloads tcmalloc (Debian
+# libtcmalloc-minimal4, installed with the SWORD packages) when it is found; MT_FLAX_TCMALLOC=0
+# runs them with the system malloc instead.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -144,6 +144,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    preload_tcmalloc
     # The fast tier by default; --all adds the slow end-to-end tests (what CI runs).
     tier=(-m "not slow")
     if [ "${1:-}" = --all ]; then tier=(); shift; fi
@@ -154,9 +155,9 @@ case "$cmd" in
     if [ $rc = 5 ]; then log "pytest collected no tests: that is an error"; exit 1; fi
     exit $rc
     ;;
-  train|eval|translate|data-stats|audit|sweep)
+  train|eval|translate|data-stats|audit|average|sweep)
     setup
-    case "$cmd" in train|eval|translate|sweep) preload_tcmalloc ;; esac
+    preload_tcmalloc
     exec "$VENV/bin/python" -m mt_flax "$cmd" "$@"
     ;;
   bench)
@@ -180,7 +181,7 @@ case "$cmd" in
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \
-      "eval, translate, data-stats, audit, sweep, bench or tpu (./launch.sh help)" >&2
+      "eval, translate, data-stats, audit, average, sweep, bench or tpu (./launch.sh help)" >&2
     exit 2
     ;;
 esac

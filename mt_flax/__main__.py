@@ -7,6 +7,8 @@ commands that read an experiment ``--config FILE[:VARIANT]`` plus
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
 
 # command -> (module whose ``main(argv) -> int`` implements it, what it does)
@@ -28,6 +30,50 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+# tcmalloc keeps the large buffers XLA's CPU backend frees after every step; glibc malloc
+# returns them to the kernel and page-faults them in again on the next step.
+TCMALLOC = "libtcmalloc_minimal.so.4"
+TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
+ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
+
+
+def _runs_on_cpu() -> bool:
+  """Whether JAX will pick the CPU backend (no accelerator plugin, or JAX_PLATFORMS=cpu)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+def tcmalloc_path() -> str | None:
+  """The path of tcmalloc (Debian's libtcmalloc-minimal4), or None."""
+  for folder in TCMALLOC_DIRS:
+    if os.path.isfile(os.path.join(folder, TCMALLOC)):
+      return os.path.join(folder, TCMALLOC)
+  return None
+
+
+def preload_tcmalloc(argv: list[str]) -> None:
+  """Starts this command again with tcmalloc preloaded, once, when it runs on CPU.
+
+  ``MT_FLAX_TCMALLOC=0`` turns it off; without tcmalloc one line says so.
+  """
+  if (os.environ.get("MT_FLAX_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+      or not argv or argv[0] not in COMMANDS or argv[0] == "tpu" or not _runs_on_cpu()):
+    return
+  lib = tcmalloc_path()
+  if lib is None:
+    print("mt_flax: no tcmalloc (apt-get install libtcmalloc-minimal4): the system malloc makes "
+          "CPU steps slower; MT_FLAX_TCMALLOC=0 hides this line", file=sys.stderr)
+    os.environ["MT_FLAX_TCMALLOC"] = "0"   # said once, also for the commands this one starts
+    return
+  preload = os.environ.get("LD_PRELOAD")
+  env = dict(os.environ, LD_PRELOAD=lib + (":" + preload if preload else ""))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)   # as it was started
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
@@ -42,4 +88,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  preload_tcmalloc(sys.argv[1:])
   sys.exit(main())

@@ -40,7 +40,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from mt_flax import paths, sharding
-from mt_flax.cli import UserError
+from mt_flax.errors import CheckpointError, VerificationError
 from mt_flax.config import with_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,14 +59,6 @@ class _QuietOrbax(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
-
-
-class CheckpointError(UserError, RuntimeError):
-  """A checkpoint is missing or unusable; the message is one line for the user."""
-
-
-class VerificationError(CheckpointError):
-  """A checkpoint read back differs from what was saved, or holds non-finite parameters."""
 
 
 # ----------------------------------------------------------------------------- digests

@@ -14,10 +14,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-
-class UserError(Exception):
-  """Something the user can fix; the message is one line naming what and what was expected."""
-  exit_code = 2
+from mt_flax.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,11 +10,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from mt_flax import default_config
-from mt_flax.cli import UserError
-
-
-class ConfigError(UserError, ValueError):
-  """A config file or override is wrong; the message is one line for the user."""
+from mt_flax.errors import ConfigError
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

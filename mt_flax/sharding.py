@@ -32,7 +32,6 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mt_flax import allocator
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -264,15 +263,15 @@ class JitPartitioner:
 
   def compile_train_step(self, step_fn: Callable) -> Callable:
     """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
-    return allocator.jit(self.in_context(step_fn),
-                         in_shardings=(self.state_shardings, self.batch_sharding),
-                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    return jax.jit(self.in_context(step_fn),
+                   in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
-    return allocator.jit(self.in_context(eval_fn),
-                         in_shardings=(self.state_shardings.params, self.batch_sharding),
-                         out_shardings=self.replicated)
+    return jax.jit(self.in_context(eval_fn),
+                   in_shardings=(self.state_shardings.params, self.batch_sharding),
+                   out_shardings=self.replicated)
 
   def params_of(self, state: Any) -> Any:
     return state.params

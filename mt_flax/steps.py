@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from mt_flax import allocator
 from mt_flax.config import with_defaults
 from mt_flax.model import Transformer, init_params
 from mt_flax.special_ids import PAD_ID
@@ -383,10 +382,10 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
   fn = functools.partial(train_step, model=model, optimizer=optimizer,
                          label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
                          learning_rate_fn=learning_rate_fn)
-  return allocator.jit(fn, donate_argnums=0) if jit else fn
+  return jax.jit(fn, donate_argnums=0) if jit else fn
 
 
 def make_eval_step(model: Transformer, *, jit: bool = True) -> Callable[[Any, Batch], dict]:
   """``(params, batch) -> sums`` (see :func:`eval_step`); jitted unless ``jit=False``."""
   fn = functools.partial(eval_step, model=model)
-  return allocator.jit(fn) if jit else fn
+  return jax.jit(fn) if jit else fn

@@ -41,13 +41,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from etils import epath
 
 from mt_flax import cli, paths
+from mt_flax.errors import UserError
 from mt_flax.config import ConfigError, load_config
 
 TRIAL_FILE = "sweep_trial.json"   # per trial workdir: overrides and attempt times
 DONE_FILE = "DONE"                # written by mt_flax.train when a run completes
 
 
-class SweepError(cli.UserError, ValueError):
+class SweepError(UserError, ValueError):
   """A sweep file or sweep directory is wrong; the message is one line for the user."""
 
 

@@ -29,7 +29,7 @@ import tempfile
 from typing import Sequence
 
 from mt_flax import cli, sweep
-from mt_flax.cli import UserError
+from mt_flax.errors import UserError
 
 REMOTE_DIR = "~/mt_flax"
 LOG_FILE = "~/mt_flax.log"

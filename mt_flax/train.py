@@ -42,7 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 from mt_flax import checkpoint, cli, data, inference, paths, sharding, steps, workdir_lock
-from mt_flax.config import ConfigError, load_config, with_defaults
+from mt_flax.config import load_config, with_defaults
+from mt_flax.errors import ConfigError, SaveFailed, TrainingDiverged, UserError
 from mt_flax.runlog import LogRouting, failure_cause, log_path
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
@@ -62,15 +63,6 @@ FIXED_ON_RESUME = ("model", "data", "seed", "batch_tokens", "grad_accum_steps", 
 MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
 # The devices the run was made on: how each batch is split over processes (run.json).
 RUN_FILE = "run.json"
-
-
-class TrainingDiverged(cli.UserError, RuntimeError):
-  """The loss or gradients became NaN/inf."""
-  exit_code = 1
-
-
-class SaveFailed(RuntimeError):
-  """A checkpoint save failed (in the background or at the end); one line for the user."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -612,7 +604,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, routing: LogRouting) -
   except KeyboardInterrupt:
     print("mt_flax train: interrupted before training started; nothing saved", file=sys.stderr)
     return INTERRUPTED_EXIT
-  except cli.UserError:
+  except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (one line here, traceback in the log)
     routing.write_exception("unexpected error", e)

@@ -24,15 +24,11 @@ from typing import Any, Iterator, Optional
 
 from etils import epath
 
-from mt_flax.cli import UserError
+from mt_flax.errors import WorkdirBusy
 
 LOCK_FILE = "train.lock"
 HEARTBEAT_S = 60.0
 STALE_S = 600.0
-
-
-class WorkdirBusy(UserError, RuntimeError):
-  """Another run holds the workdir; the message is one line for the user."""
 
 
 def _holder_info() -> dict[str, Any]:

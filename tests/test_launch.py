@@ -99,14 +99,14 @@ def test_compute_commands_preload_tcmalloc_and_others_do_not(tmp_path):
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().removeprefix("LD_PRELOAD="), r.stderr
 
-  for command in ("train", "eval", "translate", "sweep"):
+  for command in ("train", "eval", "translate", "sweep", "data-stats", "audit", "average"):
     value, err = preload(command, "--x")
     if _tcmalloc_installed():
       assert "libtcmalloc_minimal.so.4" in value and not err, (command, value, err)
     else:
       assert value == "" and "no tcmalloc" in err and len(err.splitlines()) == 1, (command, err)
   assert preload("train", "--x", MT_FLAX_TCMALLOC="0") == ("", "")
-  assert preload("data-stats", "--x") == ("", "")
+  assert preload("tpu", "--x") == ("", "")
   if _tcmalloc_installed():   # an LD_PRELOAD that is already set is kept, tcmalloc goes first
     value, _ = preload("eval", "--x", LD_PRELOAD="libfoo.so")
     assert value.endswith(":libfoo.so") and "libtcmalloc_minimal.so.4" in value

@@ -23,15 +23,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mt_flax import paths
-from mt_flax.cli import UserError
+from mt_flax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 MANUAL_DIR_ENV = "MT_FLAX_MANUAL_DIR"
 OUR_BUILDERS = ("spa_eng", "bible_en_es")
-
-
-class DataError(UserError, ValueError):
-  """Data that cannot be used as asked; the message is one line for the user."""
 
 
 def _absolute(folder: str) -> str:

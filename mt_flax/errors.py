@@ -1,0 +1,37 @@
+"""The errors every layer raises. Each message is one line naming what was wrong and what was
+expected; the command layer prints it and exits with the class's ``exit_code``."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """Something the user can fix (a command line, config, data file or checkpoint)."""
+  exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+  """A config file, variant or override is wrong."""
+
+
+class DataError(UserError, ValueError):
+  """A dataset, data file or data path is missing or malformed."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint or workdir is missing or unusable."""
+
+
+class VerificationError(CheckpointError):
+  """A checkpoint read back differs from what was saved, or holds non-finite parameters."""
+
+
+class WorkdirBusy(UserError, RuntimeError):
+  """Another run holds the workdir's lock."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+  """The loss or gradients became NaN/inf."""
+  exit_code = 1
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint save failed (in the background or at the end)."""
