@@ -13,7 +13,7 @@ import sys
 
 # command -> (module whose ``main(argv) -> int`` implements it, what it does)
 COMMANDS = {
-    "train": ("mt_flax.train", "train a model; re-running on a workdir resumes it"),
+    "train": ("mt_flax.commands.train", "train a model; re-running on a workdir resumes it"),
     "eval": ("mt_flax.evaluate", "BLEU/chrF report of a trained run, whole split and slices"),
     "translate": ("mt_flax.translate", "translate stdin to stdout, one line per line"),
     "audit": ("mt_flax.audit", "mask invariance checks on a trained model"),

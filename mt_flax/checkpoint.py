@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from typing import Any, Optional, Sequence
 
 import grain
@@ -40,7 +41,8 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from mt_flax import paths, sharding
-from mt_flax.errors import CheckpointError, VerificationError
+from mt_flax.errors import CheckpointError, SaveFailed, VerificationError
+from mt_flax.runlog import failure_cause
 from mt_flax.config import with_defaults
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,7 +65,9 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 
 # ----------------------------------------------------------------------------- digests
 
-DIGEST_ALGORITHM = "sha256"
+DIGEST_ALGORITHM = "fmix32x2"   # what :func:`_leaf_check` computes; other digests are not read
+_MIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
+_SEEDS = (np.uint32(0x9E3779B9), np.uint32(0x7F4A7C15))
 
 
 def _key_name(entry: Any) -> str:
@@ -78,31 +82,65 @@ def leaf_path(path: Sequence[Any]) -> str:
   return "/".join(_key_name(e) for e in path)
 
 
-def _host_array(leaf: Any) -> Optional[np.ndarray]:
-  """The whole array on the host, or None when this process does not hold all of it."""
-  if isinstance(leaf, jax.Array):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    if not leaf.is_fully_addressable:
-      return None
-  return np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+def _fmix(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with odds ~1/2."""
+  x = x ^ (x >> 16)
+  x = x * _MIX[0]
+  x = x ^ (x >> 13)
+  x = x * _MIX[1]
+  return x ^ (x >> 16)
 
 
-def array_digest(array: np.ndarray) -> str:
-  """SHA-256 of dtype, shape and bytes."""
-  h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-  h.update(array.tobytes())
-  return h.hexdigest()
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of every element as uint32 (8-byte elements: two words on a last axis)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(
+        jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)   # 8 bytes -> [..., 2]
 
 
-def tree_digests(tree: Any, prefix: str) -> dict[str, str]:
-  """``{prefix/leaf path: digest}`` of every leaf this process holds whole."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = _host_array(leaf)
-    if array is not None:
-      out[f"{prefix}/{leaf_path(path)}"] = array_digest(array)
-  return out
+def _leaf_check(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(64-bit fingerprint as two uint32, all finite) of one array, computed where it lives.
+
+  The fingerprint is a position-keyed sum of mixed words over the global array,
+  so it does not depend on how the array is sharded or on how many processes
+  hold it, and a reduction over a sharded array never leaves the devices.
+  """
+  words = _words(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for axis in range(words.ndim):      # the flat position of each element, without a reshape
+    stride = np.uint32(math.prod(words.shape[axis + 1:]) % (1 << 32))
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * stride
+  sums = jnp.stack([jnp.sum(_fmix(words ^ _fmix(index ^ seed)), dtype=jnp.uint32)
+                    for seed in _SEEDS])
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+  return sums, finite
+
+
+_tree_check = jax.jit(lambda tree: jax.tree.map(_leaf_check, tree))  # one compile per structure
+
+
+def check_tree(tree: Any, prefix: str) -> tuple[dict[str, str], list[str]]:
+  """(``{prefix/leaf path: fingerprint hex}``, paths holding NaN or inf) of a tree of arrays.
+
+  Runs as one compiled program on the arrays' own devices; every process gets
+  the same answer, sharded or not.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  checks = jax.tree.leaves(_tree_check([leaf for _, leaf in leaves]))
+  host = [np.asarray(c.addressable_data(0)) for c in checks]
+  digests, non_finite = {}, []
+  for (path, _), sums, finite in zip(leaves, host[0::2], host[1::2]):
+    name = f"{prefix}/{leaf_path(path)}"
+    digests[name] = "".join(f"{int(v):08x}" for v in sums)
+    if not finite:
+      non_finite.append(name)
+  return digests, non_finite
 
 
 def data_digest(data_state: Optional[dict]) -> str:
@@ -110,59 +148,41 @@ def data_digest(data_state: Optional[dict]) -> str:
 
 
 def _state_digests(state: Any, data_state: Optional[dict]) -> dict:
-  arrays = {**tree_digests(state.params, "params"), **tree_digests(state.opt_state, "opt_state")}
+  arrays = {**check_tree(state.params, "params")[0], **check_tree(state.opt_state, "opt_state")[0]}
   return {"algorithm": DIGEST_ALGORITHM, "arrays": arrays, "data": data_digest(data_state)}
 
 
-def _first_mismatch(tree: Any, prefix: str, saved: dict[str, str]) -> Optional[str]:
-  """The first leaf of ``tree`` whose digest differs from ``saved`` (leaves not saved: skipped)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = f"{prefix}/{leaf_path(path)}"
-    if name in saved:
-      array = _host_array(leaf)
-      if array is not None and array_digest(array) != saved[name]:
-        return name
-  return None
-
-
-def _first_non_finite(params: Any) -> Optional[str]:
-  """The first floating-point parameter holding NaN or inf."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      ok = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))(leaf)
-      if not bool(np.asarray(ok.addressable_data(0))):
-        return f"params/{leaf_path(path)}"
-  return None
-
-
 def _read_digests(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
-  """The ``digests`` item of ``step``, or None for a checkpoint saved without one."""
-  if not (epath.Path(manager.directory) / str(step) / "digests").exists():
+  """The ``digests`` item of ``step``; None for a checkpoint saved without one (or with another
+  algorithm)."""
+  if not has_digests(manager, step):
     return None
-  return manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore())).digests
+  saved = manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore())).digests
+  return saved if saved.get("algorithm") == DIGEST_ALGORITHM else None
 
 
 def verify(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None,
            data_state: Any = None, check_data: bool = False) -> bool:
   """Checks restored arrays against the digests saved with ``step`` and that params are finite.
 
-  Returns whether digests were found (False: an old checkpoint, only finiteness checked).
+  Returns whether digests were found (False: only finiteness was checked).
 
   Raises:
     VerificationError: a digest differs or a parameter is NaN/inf (one-line reason).
   """
   saved = _read_digests(manager, step)
+  digests, non_finite = check_tree(params, "params")
   if saved is not None:
-    bad = _first_mismatch(params, "params", saved["arrays"])
-    if bad is None and opt_state is not None:
-      bad = _first_mismatch(opt_state, "opt_state", saved["arrays"])
-    if bad is not None:
-      raise VerificationError(f"{bad} differs from the digest saved with it")
+    if opt_state is not None:
+      digests.update(check_tree(opt_state, "opt_state")[0])
+    bad = [name for name, value in digests.items()
+           if name in saved["arrays"] and saved["arrays"][name] != value]
+    if bad:
+      raise VerificationError(f"{bad[0]} differs from the digest saved with it")
     if check_data and jax.process_index() == 0 and data_digest(data_state) != saved["data"]:
       raise VerificationError("the data-iterator state differs from the digest saved with it")
-  bad = _first_non_finite(params)
-  if bad is not None:
-    raise VerificationError(f"{bad} holds NaN or inf values")
+  if non_finite:
+    raise VerificationError(f"{non_finite[0]} holds NaN or inf values")
   return saved is not None
 
 
@@ -332,6 +352,123 @@ def restore_latest_good(manager: ocp.CheckpointManager,
   return None
 
 
+class Checkpointer:
+  """The checkpoints of one training run: restore, save in the background, poll, close.
+
+  Every process makes one and calls the same methods in the same order (Orbax
+  writes from all of them). A save that fails, in its synchronous part or in the
+  background, is raised as one :class:`SaveFailed` line by the next
+  :meth:`save`, :meth:`poll` or :meth:`close`, after its temporary folder is
+  removed; the previous checkpoint stays intact. Used as a context manager, it
+  waits for the save in flight and closes on the way out.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.config = config
+    self.directory = _path(workdir) / CHECKPOINT_DIR
+    # What a failed or killed save left; safe to remove: the caller holds the workdir lock.
+    self.removed = remove_temporary(self.directory) if sharding.is_primary() else []
+    self.manager = make_manager(workdir, keep=config.keep_checkpoints,
+                                best_metric=config.best_metric, best_mode=config.best_mode,
+                                async_save=config.async_checkpointing)
+    self.saving: Optional[int] = None    # step of the save in flight
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def restore(self, abstract_state: Any) -> Optional[tuple[Any, Optional[dict], int]]:
+    """``(state, data_state, step)`` of the newest good checkpoint (see
+    :func:`restore_latest_good`), or None."""
+    return restore_latest_good(self.manager, abstract_state)
+
+  def verified(self, step: int) -> bool:
+    return has_digests(self.manager, step)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Optional[dict],
+           metrics: Optional[dict] = None) -> None:
+    """Starts saving ``state`` at ``step`` once the previous save has finished."""
+    self.poll(wait=True)
+    try:
+      save(self.manager, step, state, data_state, self.config, metrics)
+    except Exception as e:  # pylint: disable=broad-except  (its synchronous part failed)
+      raise self._failure(step, e) from e
+    self.saving = step
+
+  def poll(self, wait: bool = False) -> None:
+    """Checks the save in flight (waits for it with ``wait``); raises SaveFailed if it failed.
+
+    Every process stops together: each reports whether its part finished and failed.
+    """
+    if self.saving is None:
+      return
+    done = wait or not self.manager.is_saving_in_progress()
+    error = None
+    if done:
+      try:
+        self.manager.wait_until_finished()
+        if sharding.is_primary() and not (self.directory / str(self.saving)).exists():
+          raise RuntimeError("the save did not complete")
+      except Exception as e:  # pylint: disable=broad-except  (reported in one line)
+        error = e
+    done, failed = sharding.any_of_processes([done, error is not None])
+    if failed:
+      step, self.saving = self.saving, None
+      raise self._failure(step, error)
+    if done:
+      self.saving = None
+
+  def close(self) -> None:
+    """Waits for the save in flight, closes the manager and removes what a failed save left.
+
+    Raises nothing (it runs on the way out of errors too); a failure that no
+    earlier call reported is logged to ``train.log``.
+    """
+    for part in (lambda: self.poll(wait=True), self.manager.close):
+      try:
+        part()
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger(__name__).exception("closing the checkpoints")
+    join_orbax_threads()
+    if sharding.is_primary():
+      remove_temporary(self.directory)
+
+  def _failure(self, step: int, error: Optional[BaseException]) -> SaveFailed:
+    """The one-line error of a failed save; its temporary folder is removed."""
+    join_orbax_threads()
+    if sharding.is_primary():
+      remove_temporary(self.directory, step)
+    previous = [s for s in self.manager.all_steps() if s < step and (self.directory / str(s)).exists()]
+    kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
+            else "no earlier checkpoint exists")
+    return SaveFailed(f"saving checkpoint step {step} failed: "
+                      f"{failure_cause(error, str(self.directory.parent))}; stopped, {kept}; "
+                      "fix the cause and re-run the same command to resume")
+
+
+def join_orbax_threads(timeout: float = 60) -> None:
+  """Waits for Orbax's writer threads, raising nothing.
+
+  After a failed save Orbax raises on its first failed thread while others may
+  still write; what they wrote can only be removed after them. Their ``join``
+  re-raises the thread's own failure, which is the save's, already reported by
+  whoever waited for the save. (Writes orphaned inside tensorstore cannot be
+  waited for: the next run removes those.)
+  """
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+      try:
+        thread.join(timeout=timeout)
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger(__name__).debug("orbax thread %s ended with an error", thread.name,
+                                          exc_info=True)
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config saved in ``workdir/config.json``."""
   path = _path(workdir) / CONFIG_FILE
@@ -346,7 +483,8 @@ def restore_for_inference(workdir: str, which: str = "best"
   """Loads ``(config, params, step)`` from a training workdir for decoding on one device.
 
   ``which``: "best" (best validation metric; the latest if none was validated)
-  or "latest". Params are a plain tree of arrays on the default device.
+  or "latest". A step that does not read or verify is named on stderr and the
+  next newest is used.
   """
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
@@ -354,27 +492,15 @@ def restore_for_inference(workdir: str, which: str = "best"
     raise CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir of a "
                           "`python -m mt_flax train` run")
   config = read_config(workdir)
-  if not (_path(workdir) / CHECKPOINT_DIR).is_dir():
-    raise CheckpointError(f"no checkpoints in workdir {workdir!r}; train first "
-                          "(`python -m mt_flax train --workdir ...`)")
-  manager = make_manager(workdir, best_metric=config.best_metric,
-                         best_mode=config.best_mode, async_save=False,
-                         read_only=True)
+  manager = read_only_manager(workdir)
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f"no checkpoints in {manager.directory}; train first")
   first = manager.best_step() if which == "best" else steps[0]
-  candidates = [first] + [s for s in steps if s != first]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   errors = []
-  for step in candidates:
+  for step in [first] + [s for s in steps if s != first]:
     try:
-      meta = manager.item_metadata(step)["params"].tree
-      target = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-      params = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(target))).params
-      verify(manager, step, params)
+      params = restore_params(manager, step)
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"step {step} {_reason(e)}")
       continue
@@ -401,12 +527,16 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
                       async_save=False, read_only=True)
 
 
+def _on_one_device(metadata: Any) -> Any:
+  """Restore targets on the default device for a tree of array metadata."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 def restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
   """The params of checkpoint ``step``, a plain tree of arrays on the default device, verified
   against the digests saved with them (:func:`verify`)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  meta = manager.item_metadata(step)["params"].tree
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  target = _on_one_device(manager.item_metadata(step)["params"].tree)
   params = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target))).params
   verify(manager, step, params)
@@ -440,9 +570,7 @@ def restore_averaged(workdir: str) -> tuple[Any, dict]:
                           f"`python -m mt_flax average --workdir {workdir} --last N`")
   info = json.loads((folder / AVERAGED_INFO).read_text())
   checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   meta = checkpointer.metadata(folder / "params")
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(folder / "params", target), info
+  return checkpointer.restore(folder / "params", _on_one_device(tree)), info

@@ -189,6 +189,12 @@ class MetricWriter:
         self._tb.flush()
         self._copy_tensorboard()
 
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()

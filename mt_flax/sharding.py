@@ -176,11 +176,17 @@ def common_batch_shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def any_of_processes(flags: Sequence[bool]) -> list[bool]:
+  """Each of ``flags`` OR-ed over all processes (one gather, a barrier, on several hosts)."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  gathered = multihost_utils.process_allgather(np.array(flags, bool))
+  return [bool(f) for f in np.any(gathered.reshape(-1, len(flags)), axis=0)]
+
+
 def any_process(flag: bool) -> bool:
   """True on every process if ``flag`` is True on any of them (a barrier on several hosts)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+  return any_of_processes([flag])[0]
 
 
 def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

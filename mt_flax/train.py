@@ -1,38 +1,29 @@
-r"""Training: ``python -m mt_flax train --config FILE --workdir DIR [--config.key=value ...]``.
+"""Training: the loop over small helpers, and what a run writes into its workdir.
 
-Re-running the same command on an existing workdir resumes from its latest good
-checkpoint (params, optimizer state, step, RNG and data-iterator state), so
-the per-step losses continue exactly as if uninterrupted; on a finished run
-it returns at once. SIGTERM (e.g. TPU preemption) saves a checkpoint and exits
-with status 143; Ctrl-C (SIGINT) does the same and exits with 130, and a second
-Ctrl-C stops at once without saving. A non-finite loss stops the run (status 1)
-and keeps the last good checkpoint. A checkpoint save that fails in the
-background (e.g. disk full) stops the run at the next step (status 1) with the
-previous checkpoint intact.
-
-One run at a time: the run holds ``train.lock`` in the workdir (see
-:mod:`mt_flax.workdir_lock`); a second run on the same workdir stops at once.
-Errors reach the terminal as one line; tracebacks and third-party log output
-(absl, Orbax, XLA, asyncio) go to ``train.log`` in the workdir.
+:func:`train_and_evaluate` trains (or resumes) the run in a workdir. Resuming
+restores the latest good checkpoint (params, optimizer state, step, RNG and
+data-iterator state), so per-step losses continue exactly as if uninterrupted;
+on a finished run it returns at once. SIGTERM or a first Ctrl-C saves a
+checkpoint and stops between steps; a second Ctrl-C ends the process without
+saving. A non-finite loss stops the run (:class:`TrainingDiverged`) and keeps
+the last good checkpoint; a failed save stops it (:class:`SaveFailed`) with
+the previous checkpoint intact. One run per workdir (``train.lock``).
 
 The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
-device counts), ``git_commit.txt``, ``train.log``,
-``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
-``DONE`` once ``num_train_steps`` are reached. The command line keeps compiled
-programs in ``~/.cache/mt_flax/jax_compilation_cache`` (or
-``$JAX_COMPILATION_CACHE_DIR``) so resumed and repeated runs skip compiling.
+device counts), ``git_commit.txt``, ``train.log``, ``tokenizer/``,
+``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``DONE`` once
+``num_train_steps`` are reached.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,10 +32,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from mt_flax import checkpoint, cli, data, inference, paths, sharding, steps, workdir_lock
-from mt_flax.config import load_config, with_defaults
-from mt_flax.errors import ConfigError, SaveFailed, TrainingDiverged, UserError
-from mt_flax.runlog import LogRouting, failure_cause, log_path
+from mt_flax import checkpoint, data, inference, paths, sharding, steps, workdir_lock
+from mt_flax.config import with_defaults
+from mt_flax.errors import ConfigError, TrainingDiverged
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 
@@ -52,7 +42,6 @@ DONE_FILE = "DONE"
 GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
-COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
 # Config keys and sections the resumed run must share with the run that made the workdir
@@ -212,7 +201,7 @@ def evaluate_validation(eval_fn: Callable, params: Any, batches: Sequence[dict],
   return steps.eval_metrics(totals)
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
   if sharding.is_primary():
     tqdm.write(f"[train] {message}", file=sys.stderr)
 
@@ -225,13 +214,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Summary keys: ``step``, ``wall_s``, ``train_steps_run``, ``tokens_per_s``
   (mean over this invocation's logged intervals, compile excluded),
-  ``preempted``, and the last validation metrics (``eval_loss``, ...).
+  ``preempted`` (False or the signal's name), and the last validation metrics.
   """
   t_start = time.time()
   config = resolve_config(config)
   sharding.maybe_initialize_distributed()
   with _locked(workdir), _Preemption() as preemption:
-    return _train_locked(config, workdir, preemption, t_start)
+    summary = _train_locked(config, workdir, preemption)
+  summary["wall_s"] = time.time() - t_start
+  return summary
 
 
 def _locked(workdir: str):
@@ -249,9 +240,24 @@ def _locked(workdir: str):
   return stack
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "_Preemption",
-                  t_start: float) -> dict:
-  """:func:`train_and_evaluate` once the workdir is locked."""
+@dataclasses.dataclass
+class _Run:
+  """What the loop works with, made by :func:`_train_locked`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  partitioner: Any
+  checkpoints: checkpoint.Checkpointer
+  writer: MetricWriter
+  train_iter: Any
+  train_fn: Callable
+  validate: Callable[[Any], dict]   # params -> validation metrics
+  start: int
+  verified: bool                    # the state trained from was initialized or verified
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str,
+                  preemption: "_Preemption") -> dict:
+  """:func:`train_and_evaluate` once the workdir is locked: set up, restore, loop."""
   write_run_info(workdir, config)
   tokenizer = _tokenizer(config, workdir)
   try:
@@ -260,91 +266,188 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     partitioner = sharding.make_partitioner(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  model = Transformer(model_cfg)
-  optimizer = steps.make_optimizer(config)
-  accum = int(config.grad_accum_steps)
+  model, optimizer = Transformer(model_cfg), steps.make_optimizer(config)
+  accum, seed = int(config.grad_accum_steps), int(config.seed)
   partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
-                    jax.random.key(int(config.seed)))
-  if sharding.is_primary():   # what a failed or killed save left (the workdir is locked)
-    stale = checkpoint.remove_temporary(paths.as_path(workdir) / checkpoint.CHECKPOINT_DIR)
-    if stale:
-      _log(f"removed the temporary folders of unfinished saves: {', '.join(sorted(stale))}")
-  manager = checkpoint.make_manager(
-      workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
-      best_mode=config.best_mode, async_save=config.async_checkpointing)
-
-  train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                   process_count=jax.process_count(),
-                                   batch_multiple=partitioner.local_batch_multiple * accum)
-  restored = checkpoint.restore_latest_good(manager, partitioner.abstract_state())
-  if restored is None:
-    state, start = partitioner.init_state(jax.random.key(int(config.seed))), 0
-  else:
-    host_state, data_state, start = restored
-    state = partitioner.from_checkpoint(host_state)
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    _log(f"resumed from checkpoint step {start} in {manager.directory}")
-
-  num_steps = int(config.num_train_steps)
-  if start >= num_steps:
-    manager.close()
-    _mark_done(workdir)
-    last = [{k: v for k, v in r.items() if k not in ("step", "split")}
-            for r in read_metrics(workdir) if r.get("split") == "validation"]
-    _log(f"{workdir} already trained to step {start} (num_train_steps={num_steps}); nothing to do")
-    return {"step": start, "wall_s": time.time() - t_start, "train_steps_run": 0,
-            "preempted": False, **(last[-1] if last else {})}
-
-  if sharding.is_primary():
-    (paths.as_path(workdir) / DONE_FILE).unlink(missing_ok=True)   # trains again (more steps)
-  _log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
-       f"{partitioner.mode} over {jax.device_count()} device(s), "
-       f"{jax.process_count()} process(es); steps {start} -> {num_steps}")
-  eval_examples = data.eval_examples(config, tokenizer, "validation")
-  eval_batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
-      eval_examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple)]
-  schedule = steps.make_schedule(config)
-  train_fn = partitioner.compile_train_step(steps.make_train_step(
-      model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
-      learning_rate_fn=schedule, jit=False))
-  eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
-
-  writer = MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start)
-  loop = _Loop(config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
-               eval_batches, start,
-               bleu_fn=_make_bleu_fn(config, model, tokenizer, eval_examples, partitioner))
-  loop.verified = restored is None or checkpoint.has_digests(manager, start)
-  try:
-    summary = loop.run(state, preemption)
-    loop.poll_save(wait=True)
-  finally:
-    loop.close()
+                    jax.random.key(seed))
+  with checkpoint.Checkpointer(workdir, config) as checkpoints:
+    if checkpoints.removed:
+      log(f"removed the temporary folders of unfinished saves: {', '.join(checkpoints.removed)}")
+    train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     batch_multiple=partitioner.local_batch_multiple * accum)
+    restored = checkpoints.restore(partitioner.abstract_state())
+    if restored is None:
+      state, start = partitioner.init_state(jax.random.key(seed)), 0
+    else:
+      host_state, data_state, start = restored
+      state = partitioner.from_checkpoint(host_state)
+      if data_state is not None:
+        train_iter.set_state(data_state)
+      log(f"resumed from checkpoint step {start} in {checkpoints.directory}")
+    if start >= int(config.num_train_steps):
+      _mark_done(workdir)
+      log(f"{workdir} already trained to step {start} (num_train_steps="
+           f"{config.num_train_steps}); nothing to do")
+      last = [r for r in read_metrics(workdir) if r.get("split") == "validation"][-1:]
+      return {"step": start, "train_steps_run": 0, "preempted": False,
+              **{k: v for r in last for k, v in r.items() if k not in ("step", "split")}}
+    if sharding.is_primary():
+      (paths.as_path(workdir) / DONE_FILE).unlink(missing_ok=True)   # trains again (more steps)
+    log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
+         f"{partitioner.mode} over {jax.device_count()} device(s), "
+         f"{jax.process_count()} process(es); steps {start} -> {config.num_train_steps}")
+    train_fn = partitioner.compile_train_step(steps.make_train_step(
+        model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
+        learning_rate_fn=steps.make_schedule(config), jit=False))
+    with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
+      run = _Run(config, workdir, partitioner, checkpoints, writer, train_iter, train_fn,
+                 _make_validate(config, model, tokenizer, partitioner), start,
+                 verified=restored is None or checkpoints.verified(start))
+      summary = train_loop(run, state, preemption)
   if not summary["preempted"]:
     _mark_done(workdir)
-  summary["wall_s"] = time.time() - t_start
   return summary
 
 
-def _make_bleu_fn(config, model, tokenizer, examples, partitioner) -> Optional[Callable]:
-  """``params -> {"bleu", "chrf"}`` on the first ``eval_bleu_examples`` validation pairs, or None.
+def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
+  """Steps from ``run.start`` to ``num_train_steps``: train, log, validate, checkpoint.
+
+  Stops early, after saving, when a signal was received on any process.
+  """
+  c = run.config
+  num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
+  pending, shapes, timer = [], set(), Throughput()
+  bar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+             disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0)
+  preempted = sharding.any_process(bool(preemption.requested))   # signalled while setting up
+  if preempted:
+    log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
+  while step < num_steps and not preempted:
+    step += 1
+    batch = _host_batch(next(run.train_iter))
+    stats = _token_stats(batch)
+    batch = sharding.common_batch_shape(batch)
+    shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
+    compiles = shape not in shapes            # a step that compiles is timed on its own
+    if compiles and pending:
+      _write_train_metrics(run, pending, timer)
+    state, metrics = run.train_fn(state, run.partitioner.shard_batch(batch))
+    pending.append((step, metrics, stats))
+    bar.update(1)
+    if compiles:
+      shapes.add(shape)
+      _write_train_metrics(run, pending, timer, compiled=True)
+    preempted = sharding.any_process(bool(preemption.requested))
+    run.checkpoints.poll()
+    do_eval = _due(step, c.eval_every_steps) or step == num_steps
+    do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
+    if pending and (_due(step, c.log_every_steps) or do_save):
+      bar.set_postfix(loss=f"{_write_train_metrics(run, pending, timer)['loss']:.3f}",
+                      refresh=False)
+    if do_eval:
+      last_eval = run.validate(run.partitioner.params_of(state))
+      run.writer.write(step, last_eval, split="validation")
+      log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+    if do_save:
+      run.writer.flush()
+      run.checkpoints.save(step, run.partitioner.to_checkpoint(state),
+                           run.train_iter.get_state(), dict(last_eval) if do_eval else None)
+    if do_eval or do_save:
+      timer.restart()                          # validation and saving are not training time
+  run.checkpoints.poll(wait=True)
+  bar.close()
+  signal_name = (preemption.requested or "SIGTERM") if preempted else False
+  if signal_name and step > run.start:
+    log(f"{signal_name}: saved checkpoint step {step}; re-run the same command to resume")
+  return {"step": step, "train_steps_run": step - run.start, "preempted": signal_name,
+          "tokens_per_s": timer.mean(), **last_eval}
+
+
+def _due(step: int, every: int) -> bool:
+  return step % int(every) == 0
+
+
+class Throughput:
+  """Wall time between restarts, turned into rates; intervals that compiled are left out of
+  the run's mean tokens/s."""
+
+  def __init__(self):
+    self.t0, self.tokens, self.seconds = time.time(), 0.0, 0.0
+
+  def restart(self) -> None:
+    self.t0 = time.time()
+
+  def lap(self, real: int, slots: int, steps_done: int, compiled: bool) -> dict:
+    """Rates of the ``steps_done`` steps since the last restart (which this one is)."""
+    now = time.time()
+    elapsed, self.t0 = max(now - self.t0, 1e-9), now
+    if not compiled:
+      self.tokens, self.seconds = self.tokens + real, self.seconds + elapsed
+    rates = {"tokens_per_s": real / elapsed, "steps_per_s": steps_done / elapsed,
+             "padding_efficiency": real / max(slots, 1)}
+    return {**rates, "includes_compile": True} if compiled else rates
+
+  def mean(self) -> Optional[float]:
+    return self.tokens / self.seconds if self.seconds else None
+
+
+def _write_train_metrics(run: _Run, pending: list, timer: Throughput,
+                         compiled: bool = False) -> dict:
+  """Waits for the ``pending`` steps, writes their train lines and empties ``pending``;
+  returns the last step's metrics. Raises TrainingDiverged on a non-finite loss."""
+  fetched = [(s, run.partitioner.metrics_to_host(m)) for s, m, _ in pending]
+  rates = timer.lap(sum(st[0] for *_, st in pending), sum(st[1] for *_, st in pending),
+                    len(pending), compiled)
+  pending.clear()
+  for step, m in fetched:
+    run.writer.write(step, {**{k: float(v) for k, v in m.items() if k != "finite"}, **rates})
+    if not m["finite"]:
+      run.writer.flush()
+      raise TrainingDiverged(_divergence_message(run, step, m))
+  return {k: float(v) for k, v in fetched[-1][1].items()}
+
+
+def _divergence_message(run: _Run, step: int, metrics: dict) -> str:
+  stopped = (f"loss or gradients are not finite at step {step} (loss={float(metrics['loss'])}, "
+             f"grad_norm={float(metrics['grad_norm'])}); stopped. ")
+  directory, latest = run.checkpoints.directory, run.checkpoints.latest_step()
+  if not run.verified:
+    return stopped + (f"This run resumed from checkpoint step {run.start} of {directory}, saved "
+                      "without digests, so it could not be verified and may be damaged; move it "
+                      "aside and re-run to resume from an older one")
+  if latest is None:
+    return stopped + (f"No checkpoint was saved: the run diverged at step {step}; lower "
+                      "learning_rate, raise warmup_steps or set grad_clip_norm and start again")
+  return stopped + (f"The last good checkpoint (step {latest}) is kept in {directory}; lower "
+                    "learning_rate, raise warmup_steps or set grad_clip_norm, then re-run to "
+                    "resume from it")
+
+
+def _make_validate(config, model, tokenizer, partitioner) -> Callable[[Any], dict]:
+  """``params -> metrics``: loss, accuracy and perplexity on the validation split, plus BLEU
+  and chrF on its first ``eval_bleu_examples`` pairs when that is positive.
 
   Every process decodes the same examples with one full copy of the params, so
   all of them agree on the best checkpoint.
   """
-  count = int(config.eval_bleu_examples)
-  if count <= 0:
-    return None
-  subset = examples[:count]
+  examples = data.eval_examples(config, tokenizer, "validation")
+  batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
+      examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple)]
+  eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
+  subset = examples[:max(int(config.eval_bleu_examples), 0)]
 
-  def bleu_fn(params):
-    if partitioner.mode == "pmap":
-      params = partitioner.first_copy(params)
-    elif jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      params = multihost_utils.process_allgather(params, tiled=True)
-    return inference.validation_bleu(config, model, params, tokenizer, subset)
-  return bleu_fn
+  def validate(params) -> dict:
+    metrics = evaluate_validation(eval_fn, params, batches, partitioner)
+    if subset:
+      if partitioner.mode == "pmap":
+        params = partitioner.first_copy(params)
+      elif jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+      metrics.update(inference.validation_bleu(config, model, params, tokenizer, subset))
+    return metrics
+  return validate
 
 
 def _tokenizer(config, workdir):
@@ -362,259 +465,3 @@ def _tokenizer(config, workdir):
 def _mark_done(workdir: str) -> None:
   if sharding.is_primary():
     (paths.as_path(workdir) / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-
-
-def _all_processes(flags: Sequence[bool]) -> list[bool]:
-  """``flags`` OR-ed over all processes (one gather on several hosts)."""
-  if jax.process_count() == 1:
-    return [bool(f) for f in flags]
-  from jax.experimental import multihost_utils
-  return [bool(f) for f in np.any(multihost_utils.process_allgather(np.array(flags)), axis=0)]
-
-
-def _join_orbax_threads(timeout: float = 60) -> None:
-  """Waits for Orbax's writer threads. After a failed save Orbax raises on its first failed
-  thread while others may still write; what they wrote can only be removed after them.
-  (Writes orphaned inside tensorstore cannot be waited for: the next run removes those.)
-  Raises nothing: Orbax's threads re-raise their own failure from ``join``, and that failure
-  is the save's, already reported by whoever waited for the save."""
-  for thread in threading.enumerate():
-    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
-      try:
-        thread.join(timeout=timeout)
-      except Exception:  # pylint: disable=broad-except
-        logging.getLogger(__name__).debug("orbax thread %s ended with an error", thread.name,
-                                          exc_info=True)
-
-
-def _save_failure(manager, step: int, error: Optional[BaseException]) -> "SaveFailed":
-  """The one-line error of a failed save; its temporary directory is removed."""
-  directory = paths.as_path(manager.directory)
-  _join_orbax_threads()
-  if sharding.is_primary():
-    checkpoint.remove_temporary(directory, step)
-  previous = [s for s in manager.all_steps() if s < step and (directory / str(s)).exists()]
-  kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
-          else "no earlier checkpoint exists")
-  return SaveFailed(f"saving checkpoint step {step} failed: "
-                    f"{failure_cause(error, str(directory.parent))}; stopped, {kept}; fix the "
-                    "cause and re-run the same command to resume")
-
-
-class _Loop:
-  """The step loop: train, log, validate, checkpoint, stop on preemption or divergence."""
-
-  def __init__(self, config, partitioner, manager, writer, train_iter, train_fn, eval_fn,
-               eval_batches, start, bleu_fn: Optional[Callable] = None):
-    self.config, self.partitioner = config, partitioner
-    self.manager, self.writer, self.train_iter = manager, writer, train_iter
-    self.train_fn, self.eval_fn, self.eval_batches = train_fn, eval_fn, eval_batches
-    self.bleu_fn = bleu_fn
-    self.start = start
-    self.pending: list[tuple[int, Any, tuple[int, int]]] = []
-    self.throughput: list[tuple[float, float]] = []   # (tokens, seconds) per logged interval
-    self.last_eval: dict = {}
-    self.saving: Optional[int] = None    # step of the save in flight
-    self.verified = True                 # the state trained from was initialized or verified
-
-  def _flush(self, t0: float, compiled: bool = False) -> dict:
-    """Waits for the pending steps, writes their train lines, raises on a non-finite loss.
-
-    Rates cover the wall time since ``t0``; an interval that ``compiled`` a new
-    batch shape is marked ``includes_compile`` and left out of the run's mean.
-    """
-    fetched = [(s, self.partitioner.metrics_to_host(m), st) for s, m, st in self.pending]
-    elapsed = max(time.time() - t0, 1e-9)
-    real = sum(st[0] for _, _, st in fetched)
-    slots = sum(st[1] for _, _, st in fetched)
-    rates = {"tokens_per_s": real / elapsed, "steps_per_s": len(fetched) / elapsed,
-             "padding_efficiency": real / max(slots, 1)}
-    if compiled:
-      rates["includes_compile"] = True
-    for step, m, _ in fetched:
-      row = {k: float(v) for k, v in m.items() if k != "finite"}
-      row.update(rates)
-      self.writer.write(step, row)
-      if not m["finite"]:
-        self.writer.flush()
-        latest = self.manager.latest_step()
-        stopped = (f"loss or gradients are not finite at step {step} (loss={float(m['loss'])}, "
-                   f"grad_norm={float(m['grad_norm'])}); stopped. ")
-        if not self.verified:
-          raise TrainingDiverged(
-              stopped + f"This run resumed from checkpoint step {self.start} of "
-              f"{self.manager.directory}, saved without digests, so it could not be verified "
-              "and may be damaged; move it aside and re-run to resume from an older one")
-        raise TrainingDiverged(
-            stopped + f"The last good checkpoint (step {latest}) is kept in "
-            f"{self.manager.directory}; lower learning_rate, raise warmup_steps or set "
-            "grad_clip_norm, then re-run to resume from it")
-    if not compiled:
-      self.throughput.append((real, elapsed))
-    self.pending = []
-    return {k: float(v) for k, v in fetched[-1][1].items()}
-
-  def _save(self, step: int, state, metrics: Optional[dict] = None) -> None:
-    self.poll_save(wait=True)
-    data_state = self.train_iter.get_state()
-    self.writer.flush()
-    try:
-      checkpoint.save(self.manager, step, self.partitioner.to_checkpoint(state), data_state,
-                      self.config, metrics)
-    except Exception as e:  # pylint: disable=broad-except  (its synchronous part failed)
-      raise _save_failure(self.manager, step, e) from e
-    self.saving = step
-
-  def poll_save(self, wait: bool = False) -> None:
-    """Checks the save in flight (waits for it with ``wait``); raises SaveFailed if it failed.
-
-    Every process stops together: each reports whether its part finished and failed.
-    """
-    if self.saving is None:
-      return
-    done = wait or not self.manager.is_saving_in_progress()
-    error = None
-    if done:
-      try:
-        self.manager.wait_until_finished()
-        if sharding.is_primary() and not (
-            paths.as_path(self.manager.directory) / str(self.saving)).exists():
-          raise RuntimeError("the save did not complete")
-      except Exception as e:  # pylint: disable=broad-except  (reported in one line)
-        error = e
-    flags = _all_processes([done, error is not None])
-    if flags[1]:
-      step, self.saving = self.saving, None
-      raise _save_failure(self.manager, step, error)
-    if flags[0]:
-      self.saving = None
-
-  def close(self) -> None:
-    """Waits for the save in flight and closes the manager and the writer, raising nothing
-    (called on the way out of an error; a save failure is then in ``train.log``)."""
-    for part in (lambda: self.poll_save(wait=True), self.manager.close):
-      try:
-        part()
-      except Exception:  # pylint: disable=broad-except
-        logging.getLogger(__name__).exception("closing the checkpoint manager")
-    _join_orbax_threads()
-    if sharding.is_primary():
-      checkpoint.remove_temporary(self.manager.directory)
-    self.writer.close()
-
-  def run(self, state, preemption: _Preemption) -> dict:
-    c = self.config
-    num_steps = int(c.num_train_steps)
-    every = lambda n, s: s % int(n) == 0
-    bar = tqdm(total=num_steps, initial=self.start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0)
-    step, preempted = self.start, False
-    seen_shapes: set = set()
-    t0 = time.time()
-    if sharding.any_process(bool(preemption.requested)):   # signalled while setting up
-      _log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
-      bar.close()
-      return {"step": step, "train_steps_run": 0, "tokens_per_s": None,
-              "preempted": preemption.requested or "SIGTERM"}
-    try:
-      while step < num_steps and not preempted:
-        step += 1
-        batch = _host_batch(next(self.train_iter))
-        stats = _token_stats(batch)
-        batch = sharding.common_batch_shape(batch)
-        shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
-        compiles = shape not in seen_shapes   # a new shape compiles: time it on its own
-        if compiles:
-          seen_shapes.add(shape)
-          if self.pending:
-            self._flush(t0)
-          t0 = time.time()
-        state, metrics = self.train_fn(state, self.partitioner.shard_batch(batch))
-        self.pending.append((step, metrics, stats))
-        bar.update(1)
-        if compiles:
-          self._flush(t0, compiled=True)
-          t0 = time.time()
-        preempted = sharding.any_process(bool(preemption.requested))
-        self.poll_save()
-        do_eval = every(c.eval_every_steps, step) or step == num_steps
-        do_save = every(c.checkpoint_every_steps, step) or do_eval or preempted
-        if self.pending and (every(c.log_every_steps, step) or do_save):
-          last = self._flush(t0)
-          bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
-          t0 = time.time()
-        if do_eval:
-          self.last_eval = evaluate_validation(self.eval_fn, self.partitioner.params_of(state),
-                                               self.eval_batches, self.partitioner)
-          if self.bleu_fn is not None:
-            self.last_eval.update(self.bleu_fn(self.partitioner.params_of(state)))
-          self.writer.write(step, self.last_eval, split="validation")
-          _log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
-        if do_save:
-          self._save(step, state, dict(self.last_eval) if do_eval else None)
-        if do_eval or do_save:
-          t0 = time.time()
-      if preempted:
-        self.poll_save(wait=True)
-        _log(f"{preemption.requested or 'SIGTERM'}: saved checkpoint step {step}; re-run the "
-             "same command to resume")
-    finally:
-      bar.close()
-    tokens = sum(t for t, _ in self.throughput)
-    seconds = sum(s for _, s in self.throughput)
-    preempted = (preemption.requested or "SIGTERM") if preempted else False
-    return {"step": step, "train_steps_run": step - self.start, "preempted": preempted,
-            "tokens_per_s": tokens / seconds if seconds else None, **self.last_eval}
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def build_parser():
-  parser = cli.new_parser("train", __doc__, config="required")
-  parser.add_argument("--workdir", required=True,
-                      help="where checkpoints, metrics and logs go (local or gs://); "
-                           "re-running on it resumes")
-  return parser
-
-
-def run(args) -> int:
-  config = load_config(args.config, args.overrides)
-  try:
-    routing = LogRouting(log_path(args.workdir))
-  except OSError as e:
-    raise ConfigError(f"cannot write the log file in {args.workdir}: "
-                      f"{failure_cause(e, args.workdir)}") from None
-  with routing:
-    return _run(config, args.workdir, routing)
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str, routing: LogRouting) -> int:
-  """Trains with output routed; every error is one line on the terminal (user errors through
-  :func:`cli.entry`, the others here with a pointer to the log file)."""
-  details = f"(details in {routing.path})"
-  try:
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # resumes and repeats skip compiling
-      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-    summary = train_and_evaluate(config, workdir)
-  except (TrainingDiverged, SaveFailed) as e:
-    routing.write_exception(type(e).__name__, e)
-    print(f"mt_flax train: error: {e} {details}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("mt_flax train: interrupted before training started; nothing saved", file=sys.stderr)
-    return INTERRUPTED_EXIT
-  except UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (one line here, traceback in the log)
-    routing.write_exception("unexpected error", e)
-    print(f"mt_flax train: error: {failure_cause(e, workdir)} {details}", file=sys.stderr)
-    return 1
-  if summary.get("preempted"):
-    return INTERRUPTED_EXIT if summary["preempted"] == "SIGINT" else PREEMPTED_EXIT
-  shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
-  _log("done: " + json.dumps(shown))
-  return 0
-
-
-main = cli.entry("train", build_parser, run)

@@ -387,7 +387,6 @@ def test_waiting_for_a_failed_orbax_writer_raises_nothing(small_disk):
   when a writer was still running at that moment: the error became the writer's OSError)."""
   import threading
   from orbax.checkpoint._src.futures import future
-  from mt_flax import train
   fill(small_disk)
   release = threading.Event()
 
@@ -400,7 +399,7 @@ def test_waiting_for_a_failed_orbax_writer_raises_nothing(small_disk):
   writer.start()
   threading.Timer(0.5, release.set).start()
   assert writer.is_alive()                     # still writing when training waits for it
-  train._join_orbax_threads(timeout=30)         # raised the OSError before
+  checkpoint.join_orbax_threads(timeout=30)         # raised the OSError before
   assert not writer.is_alive()
   with pytest.raises(OSError) as raised:       # the writer did fail, on the full disk
     writer.join(timeout=1)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mt_flax import checkpoint, train
+from mt_flax.commands import train as train_command
 from mt_flax.config import load_config
 from mt_flax.metrics import read_metrics
 from mt_flax.model import Transformer, TransformerConfig
@@ -124,7 +125,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):
   workdir = tiny_training.new_workdir(tmp_path, "diverges")
-  code = train.main(["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
+  code = train_command.main(["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
       num_train_steps=20, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
       checkpoint_every_steps=1, eval_every_steps=1000)])
   err = capsys.readouterr().err
@@ -137,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_tra
 
 def test_command_line_errors_are_one_line(tmp_path, tiny_training, capsys):
   def error(argv):
-    code = train.main(argv)
+    code = train_command.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("mt_flax train: error:"), err
     return err[0]
