@@ -3,7 +3,9 @@
 Every benchmark module has ``run(quick: bool) -> dict``; ``python -m bench.all
 --quick`` runs each in its own process and writes ``bench/results.json``. The
 helpers here are shared: repeated timing, machine description, and a counter
-of XLA compilations.
+of XLA compilations. Run them as ``./launch.sh bench NAME``, which preloads
+tcmalloc on CPU as every mt_flax command does; the measured figures and how to
+read them are in ``docs/performance.md``.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ source at a time, beam 4 and alpha 0.6 unless the run's config says otherwise,
 on the first ``--sentences`` test sources. mt_flax decodes each source with
 ``decode.decode_ids`` under its two rules, ``t5x`` and ``fairseq``; the
 figures are the numbers (and fractions) of sources whose outputs, up to EOS,
-are the same token lists as the example's.
+are the same token lists as the example's. Under the ``t5x`` rule every output should
+equal the example's; under ``fairseq`` some differ, and in a difference the
+example's output should score higher.
 
 Conventions bridged (the example's left as they are, mt_flax's imposed on the
 model side through the ``tokens_to_logits`` function handed to it):

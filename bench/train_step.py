@@ -13,7 +13,8 @@ MFU = (FLOPs of the compiled step from XLA's cost analysis / median step time)
 before the steps, a burst of peak-sized matmuls before every timed step, and
 a few after): the peak is the highest of all those measurements, so load from
 other processes can only lower the MFU. A value outside (0, 1] means the peak
-measurement failed and is an error, never a result.
+measurement failed and is an error, never a result. The base model should reach
+an MFU of at least 0.6 (the target ``bench.all`` checks).
 
 ``--compare REV`` checks ``REV`` out into a temporary git worktree and times
 its train step and the working tree's in two worker processes

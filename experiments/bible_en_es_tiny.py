@@ -13,29 +13,15 @@ steps, no dropout.
 Why small batches and no dropout: on 2 cores the step costs the same per token at
 1k or 4k tokens per batch, so 4000 updates of 1k tokens take the time of 1000 of
 4k and learn more from the same tokens; in 3.4 epochs this model underfits, and
-dropout only slows it down. Same tokens, seed 0, test split, beam 4 (t5x rule),
-measured before the dense layers were written as 2-D products (which moved this
-config to 2.45 / 24.64 / 45.01, below):
-
-| batch_tokens x steps | dropout | validation loss | test BLEU | chrF |
-|---|---|---:|---:|---:|
-| 4096 x 1000 (the previous default) | 0.1 | 3.02 | 16.98 | 35.72 |
-| 2048 x 2000 | 0.1 | 2.78 | 19.73 | 39.69 |
-| 1024 x 4000 | 0.1 | 2.65 | 21.28 | 41.88 |
-| 2048 x 2000 | 0 | 2.58 | 23.23 | 43.55 |
-| 1024 x 4000 (this config) | 0 | 2.47 | 24.51 | 44.93 |
-| 512 x 8000 | 0 | 2.45 | 25.10 | 45.29 |
-
-(512-token batches train about 10% slower in wall time, so they are not the default.)
+dropout only slows it down (docs/performance.md has the batch-size and dropout runs).
 
 Reaches (seed 0; deterministic): validation loss 2.91 / 2.45 nats/token on the first
 500 validation pairs at steps 2000 / 4000 (a unigram model of the targets scores 6.01
 there, a uniform one ln(4000) = 8.29); greedy BLEU / chrF on the first 100
 validation pairs 13.7 / 37.0 and 22.5 / 44.6; test split, beam 4: BLEU 24.64 / chrF
-45.01 (multi-reference 24.58 / 44.98). Cost on 2 cores (load average about 1-2, empty
-compilation cache): about 6 minutes for tokenizer training, compiling 8 bucket
-shapes, 4000 steps and 2 validations (about 22k tokens/s, source + target, padding
-included), then about 1 minute for the beam-4 test evaluation.
+45.01 (multi-reference 24.58 / 44.98). Cost on 2 CPU cores with an empty compilation
+cache: about 6 minutes for tokenizer training, compiling 8 bucket shapes, 4000 steps
+and 2 validations, then about 1 minute for the beam-4 test evaluation.
 """
 from mt_flax.default_config import get_config as default_config
 
