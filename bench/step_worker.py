@@ -8,13 +8,15 @@ uses only the stable public names (``TransformerConfig``, ``Transformer``,
 ``make_optimizer``, ``create_train_state``, ``make_train_step``), so it builds
 the step of any revision that has them. It compiles and runs one step, prints
 one JSON line ``{"ready": ...}``, then for each line ``step`` on stdin runs one
-step and prints ``{"seconds": wall, "cpu_seconds": cpu}`` (CPU time of
-all the process's threads); an empty line or end of input ends it.
+step and prints ``{"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": ...}``
+(CPU time of all the process's threads, the process's peak resident memory so
+far); an empty line or end of input ends it.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -70,7 +72,9 @@ def main() -> int:
     t0, c0 = time.perf_counter(), time.process_time()
     run()
     print(json.dumps({"seconds": time.perf_counter() - t0,
-                      "cpu_seconds": time.process_time() - c0}), flush=True)
+                      "cpu_seconds": time.process_time() - c0,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+          flush=True)
   return 0
 
 

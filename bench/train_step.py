@@ -183,6 +183,7 @@ class Worker:
     self.proc = subprocess.Popen([sys.executable, WORKER, json.dumps(shape)], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.ready = self._read()
+    self.peak_rss_mib = 0
 
   def _read(self) -> dict[str, Any]:
     line = self.proc.stdout.readline()
@@ -196,6 +197,7 @@ class Worker:
     self.proc.stdin.write("step\n")
     self.proc.stdin.flush()
     reply = self._read()
+    self.peak_rss_mib = round(float(reply.get("peak_rss_mib", 0.0)))
     return float(reply["seconds"]), float(reply["cpu_seconds"])
 
   def close(self) -> None:
@@ -234,7 +236,8 @@ def compare_shape(rev_root: str, shape: dict[str, Any], repeats: int,
                  "cpu_s_median": round(median(cpu[name]), 4),
                  "target_tokens_per_s": round(tokens / median(ts), 1),
                  "compile_and_first_step_s": sides[name].ready["compile_and_first_step_s"],
-                 "first_nll": round(sides[name].ready["nll"], 4)}
+                 "first_nll": round(sides[name].ready["nll"], 4),
+                 "peak_rss_mib": sides[name].peak_rss_mib}
   out["work_over_rev"] = round(median(wall["rev"]) / median(wall["work"]), 3)
   out["work_over_rev_paired"] = round(statistics.median(
       a / b for a, b in zip(wall["rev"], wall["work"])), 3)

@@ -1,6 +1,7 @@
 """launch.sh: dispatch, errors, and 'no tests collected' is a failure."""
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +111,32 @@ def test_compute_commands_preload_tcmalloc_and_others_do_not(tmp_path):
   if _tcmalloc_installed():   # an LD_PRELOAD that is already set is kept, tcmalloc goes first
     value, _ = preload("eval", "--x", LD_PRELOAD="libfoo.so")
     assert value.endswith(":libfoo.so") and "libtcmalloc_minimal.so.4" in value
+
+
+def test_python_m_mt_flax_starts_again_with_tcmalloc_on_cpu():
+  """``python -m mt_flax COMMAND`` re-executes itself once with tcmalloc preloaded (the same
+  command line, so a ``-c`` script stands in for it here)."""
+  script = ("import os, sys\n"
+            "from mt_flax.__main__ import preload_tcmalloc\n"
+            "preload_tcmalloc(sys.argv[1:])\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(os.environ.get('LD_PRELOAD', ''), 'libtcmalloc_minimal' in maps)\n")
+  base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MT_FLAX_TCMALLOC")}
+  base["JAX_PLATFORMS"] = "cpu"
+
+  def started(*argv, **env) -> tuple[list[str], str]:
+    r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                       env={**base, **env}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split(), r.stderr
+
+  (preload, loaded), err = started("eval")
+  if _tcmalloc_installed():
+    assert preload.endswith("libtcmalloc_minimal.so.4") and loaded == "True" and not err
+    (preload, loaded), _ = started("train", LD_PRELOAD="libm.so.6")   # kept, after tcmalloc
+    assert preload.endswith(":libm.so.6") and loaded == "True"
+  else:
+    assert loaded == "False" and "no tcmalloc" in err and len(err.splitlines()) == 1
+  for argv, env in ((("eval",), {"MT_FLAX_TCMALLOC": "0"}), (("tpu",), {}),
+                    (("eval",), {"JAX_PLATFORMS": "tpu"}), (("--help",), {})):
+    assert started(*argv, **env)[0] == ["False"], (argv, env)
