@@ -318,45 +318,44 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
   pending, shapes, timer = [], set(), Throughput()
-  bar = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-             disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0)
   preempted = sharding.any_process(bool(preemption.requested))   # signalled while setting up
   if preempted:
     log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
-  while step < num_steps and not preempted:
-    step += 1
-    batch = _host_batch(next(run.train_iter))
-    stats = _token_stats(batch)
-    batch = sharding.common_batch_shape(batch)
-    shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
-    compiles = shape not in shapes            # a step that compiles is timed on its own
-    if compiles and pending:
-      _write_train_metrics(run, pending, timer)
-    state, metrics = run.train_fn(state, run.partitioner.shard_batch(batch))
-    pending.append((step, metrics, stats))
-    bar.update(1)
-    if compiles:
-      shapes.add(shape)
-      _write_train_metrics(run, pending, timer, compiled=True)
-    preempted = sharding.any_process(bool(preemption.requested))
-    run.checkpoints.poll()
-    do_eval = _due(step, c.eval_every_steps) or step == num_steps
-    do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
-    if pending and (_due(step, c.log_every_steps) or do_save):
-      bar.set_postfix(loss=f"{_write_train_metrics(run, pending, timer)['loss']:.3f}",
-                      refresh=False)
-    if do_eval:
-      last_eval = run.validate(run.partitioner.params_of(state))
-      run.writer.write(step, last_eval, split="validation")
-      log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
-    if do_save:
-      run.writer.flush()
-      run.checkpoints.save(step, run.partitioner.to_checkpoint(state),
-                           run.train_iter.get_state(), dict(last_eval) if do_eval else None)
-    if do_eval or do_save:
-      timer.restart()                          # validation and saving are not training time
+  with tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+            disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0) as bar:
+    while step < num_steps and not preempted:
+      step += 1
+      batch = _host_batch(next(run.train_iter))
+      stats = _token_stats(batch)
+      batch = sharding.common_batch_shape(batch)
+      shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
+      compiles = shape not in shapes            # a step that compiles is timed on its own
+      if compiles and pending:
+        _write_train_metrics(run, pending, timer)
+      state, metrics = run.train_fn(state, run.partitioner.shard_batch(batch))
+      pending.append((step, metrics, stats))
+      bar.update(1)
+      if compiles:
+        shapes.add(shape)
+        _write_train_metrics(run, pending, timer, compiled=True)
+      preempted = sharding.any_process(bool(preemption.requested))
+      run.checkpoints.poll()
+      do_eval = _due(step, c.eval_every_steps) or step == num_steps
+      do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
+      if pending and (_due(step, c.log_every_steps) or do_save):
+        bar.set_postfix(loss=f"{_write_train_metrics(run, pending, timer)['loss']:.3f}",
+                        refresh=False)
+      if do_eval:
+        last_eval = run.validate(run.partitioner.params_of(state))
+        run.writer.write(step, last_eval, split="validation")
+        log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+      if do_save:
+        run.writer.flush()
+        run.checkpoints.save(step, run.partitioner.to_checkpoint(state),
+                             run.train_iter.get_state(), dict(last_eval) if do_eval else None)
+      if do_eval or do_save:
+        timer.restart()                          # validation and saving are not training time
   run.checkpoints.poll(wait=True)
-  bar.close()
   signal_name = (preemption.requested or "SIGTERM") if preempted else False
   if signal_name and step > run.start:
     log(f"{signal_name}: saved checkpoint step {step}; re-run the same command to resume")
