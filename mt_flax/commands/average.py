@@ -14,7 +14,7 @@ from mt_flax import averaging, cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = cli.new_parser("average", f"{averaging.__doc__}\n{__doc__}")
+  parser = cli.new_parser("average", averaging.__doc__, __doc__)
   parser.add_argument("--workdir", required=True, help="workdir of a training run (local or gs://)")
   parser.add_argument("--last", type=int, default=5,
                       help="average the last N checkpoints (default 5)")

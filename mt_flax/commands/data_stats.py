@@ -16,7 +16,7 @@ from mt_flax.data import stats
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = cli.new_parser("data-stats", f"{stats.__doc__}\n{__doc__}", config="required")
+  parser = cli.new_parser("data-stats", stats.__doc__, __doc__, config="required")
   parser.add_argument("--workdir", default=None,
                       help="use (or train) the tokenizer of this workdir; default: a temporary one")
   parser.add_argument("--json", action="store_true", help="also print one JSON line at the end")

@@ -15,7 +15,7 @@ from mt_flax.inference import load_trained
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = cli.new_parser("eval", f"{evaluate.__doc__}\n{__doc__}", config="optional")
+  parser = cli.new_parser("eval", evaluate.__doc__, __doc__, config="optional")
   cli.add_workdir_args(parser)
   parser.add_argument("--split", default="test", help="validation or test (default test)")
   parser.add_argument("--beam", type=int, default=None,

@@ -17,7 +17,7 @@ from mt_flax import cli, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = cli.new_parser("sweep", f"{sweep.__doc__}\n{__doc__}", config="optional")
+  parser = cli.new_parser("sweep", sweep.__doc__, __doc__, config="optional")
   parser.add_argument("positional", nargs="+", metavar="FILE",
                       help="experiment config file (or --config FILE) and the sweep file "
                            "defining get_sweep(), e.g. experiments/sweeps/bible_tiny_lr.py")

@@ -15,7 +15,7 @@ from mt_flax.commands import sweep as sweep_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = cli.new_parser("tpu", f"{tpu.__doc__}\n{__doc__}")
+  p = cli.new_parser("tpu", tpu.__doc__, __doc__)
   p.add_argument("action", choices=tpu.ACTIONS)
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   p.add_argument("--name", required=True, help="TPU VM name; several, comma-separated, for sweep")
