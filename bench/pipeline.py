@@ -33,7 +33,7 @@ from bench import CompileCounter, environment
 from bench.memory import snapshot
 from mt_flax import data, steps
 from mt_flax.config import load_config
-from mt_flax.data.sources import MANUAL_DIR_ENV
+from mt_flax.data.downloads import MANUAL_DIR_ENV
 from mt_flax.model import Transformer, TransformerConfig
 
 MODES = ("bucket", "pack", "pad")

@@ -14,13 +14,14 @@ import sys
 # command -> (module whose ``main(argv) -> int`` implements it, what it does)
 COMMANDS = {
     "train": ("mt_flax.commands.train", "train a model; re-running on a workdir resumes it"),
-    "eval": ("mt_flax.evaluate", "BLEU/chrF report of a trained run, whole split and slices"),
-    "translate": ("mt_flax.translate", "translate stdin to stdout, one line per line"),
-    "audit": ("mt_flax.audit", "mask invariance checks on a trained model"),
-    "average": ("mt_flax.average", "average the parameters of the last N checkpoints"),
-    "data-stats": ("mt_flax.data.stats", "lengths, ratios and padding of the batches"),
-    "sweep": ("mt_flax.sweep", "hyperparameter sweep with a ranked results table"),
-    "tpu": ("mt_flax.tpu", "create, set up, run on and delete Cloud TPU VMs"),
+    "eval": ("mt_flax.commands.evaluate", "BLEU/chrF report of a trained run, whole split and "
+             "slices"),
+    "translate": ("mt_flax.commands.translate", "translate stdin to stdout, one line per line"),
+    "audit": ("mt_flax.commands.audit", "mask invariance checks on a trained model"),
+    "average": ("mt_flax.commands.average", "average the parameters of the last N checkpoints"),
+    "data-stats": ("mt_flax.commands.data_stats", "lengths, ratios and padding of the batches"),
+    "sweep": ("mt_flax.commands.sweep", "hyperparameter sweep with a ranked results table"),
+    "tpu": ("mt_flax.commands.tpu", "create, set up, run on and delete Cloud TPU VMs"),
 }
 
 

@@ -41,13 +41,12 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from mt_flax import paths, sharding
+from mt_flax.paths import (AVERAGED_DIR, AVERAGED_INFO, CHECKPOINT_DIR, CONFIG_FILE,
+                           UNREADABLE_DIR)
 from mt_flax.errors import CheckpointError, SaveFailed, VerificationError
 from mt_flax.runlog import failure_cause
 from mt_flax.config import with_defaults
 
-CHECKPOINT_DIR = "checkpoints"
-UNREADABLE_DIR = "checkpoints_unreadable"
-CONFIG_FILE = "config.json"
 
 
 class _QuietOrbax(logging.Filter):
@@ -65,7 +64,7 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 
 # ----------------------------------------------------------------------------- digests
 
-DIGEST_ALGORITHM = "fmix32x2"   # what :func:`_leaf_check` computes; other digests are not read
+DIGEST_ALGORITHM = "fmix32x2"   # what _leaf_check computes; other digests are not read
 _MIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 _SEEDS = (np.uint32(0x9E3779B9), np.uint32(0x7F4A7C15))
 
@@ -443,7 +442,8 @@ class Checkpointer:
     join_orbax_threads()
     if sharding.is_primary():
       remove_temporary(self.directory, step)
-    previous = [s for s in self.manager.all_steps() if s < step and (self.directory / str(s)).exists()]
+    previous = [s for s in self.manager.all_steps()
+                if s < step and (self.directory / str(s)).exists()]
     kept = (f"the previous checkpoint (step {max(previous)}) is intact" if previous
             else "no earlier checkpoint exists")
     return SaveFailed(f"saving checkpoint step {step} failed: "
@@ -512,9 +512,6 @@ def restore_for_inference(workdir: str, which: str = "best"
 
 
 # ----------------------------------------------------------------------------- averaged params
-
-AVERAGED_DIR = "averaged"          # workdir/averaged/: params only, never a training state
-AVERAGED_INFO = "averaged.json"    # which steps were averaged
 
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:

@@ -1,7 +1,8 @@
 """One command-line convention for every ``python -m mt_flax <command>``.
 
-Each command module defines ``build_parser() -> argparse.ArgumentParser`` and
-``run(args) -> int`` and exposes ``main = cli.entry(NAME, build_parser, run)``.
+Each command module (``mt_flax/commands/<name>.py``) defines ``build_parser() ->
+argparse.ArgumentParser`` and ``run(args) -> int`` and exposes
+``main = cli.entry(NAME, build_parser, run)``.
 Parsers are plain argparse; a command that reads an experiment takes
 ``--config FILE[:VARIANT]`` and any number of ``--config.KEY=VALUE`` overrides
 (collected into ``args.overrides``). :func:`entry` is the one error handler: a
@@ -24,12 +25,13 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def new_parser(command: str, doc: str | None, *, config: str = "") -> argparse.ArgumentParser:
-  """A parser for ``python -m mt_flax COMMAND``; ``doc`` is the module docstring.
+def new_parser(command: str, *docs: str | None, config: str = "") -> argparse.ArgumentParser:
+  """A parser for ``python -m mt_flax COMMAND``; its description is ``docs`` (module
+  docstrings: the library module's, then the command's) joined by blank lines.
 
   ``config``: "" (no experiment), "required" or "optional" (``--config FILE[:VARIANT]``).
   """
-  text = (doc or "").strip()
+  text = "\n\n".join(doc.strip() for doc in docs if doc and doc.strip())
   parser = _Parser(prog=f"mt_flax {command}", description=text or None,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   if config:

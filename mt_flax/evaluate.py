@@ -1,9 +1,5 @@
 r"""BLEU and chrF of a trained run: the whole split, length slices, the long stress set.
 
-    python -m mt_flax eval --workdir DIR [--split test] [--beam 4]
-        [--checkpoint best|latest|averaged] [--max-examples N] [--long-examples N]
-        [--out DIR] [--config.key=value ...]
-
 Scores are sacrebleu's corpus BLEU and chrF on detokenized text, with their
 signatures, two ways:
 
@@ -19,8 +15,9 @@ stress set of joined pairs longer than any training pair (see
 gives tokenized BLEU with compound splitting, the metric of Vaswani et al.
 (2017) (see :func:`tokenized_bleu`).
 
-Written into ``--out`` (default ``DIR/eval/<split>``): ``report.md``,
-``report.json``, ``bleu_by_slice.png``, and one line per segment:
+:func:`evaluate_run` writes into its ``out_dir`` (the command's default:
+``DIR/eval/<split>``): ``report.md``, ``report.json``, ``bleu_by_slice.png``,
+and one line per segment:
 ``<split>.hyp.txt`` / ``<split>.ref.txt`` (every pair) and
 ``<split>.multi.hyp.txt`` / ``<split>.multi.ref.<j>.txt`` (each source once;
 file j holds each source's j-th reference, or its first one again where it has
@@ -34,19 +31,16 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import re
 import time
 from typing import Optional, Sequence
 
 from sacrebleu.metrics import BLEU
 
-from mt_flax import cli, paths
-from mt_flax.config import ConfigError
-from mt_flax.inference import (Trained, corpus_scores, decode_settings, load_trained, one_line,
-                               stream_scores, translate_examples)
-
-CHART = "bleu_by_slice.png"
+from mt_flax import paths
+from mt_flax.inference import (Trained, corpus_scores, decode_settings, one_line, stream_scores,
+                               translate_examples)
+from mt_flax.paths import REPORT_JSON, REPORT_MD, SLICE_CHART
 
 
 def _slice_key(name: str) -> tuple:
@@ -252,7 +246,7 @@ def _markdown(report: dict) -> str:
             f"{main['decode']['tokens_per_s']:.0f} tokens/s (compilation included)",
             "", "Recompute the scores from the files in this folder:", ""]
   lines += [f"    {c}" for c in report["commands"]]
-  lines += ["", f"![BLEU per slice]({CHART})", ""]
+  lines += ["", f"![BLEU per slice]({SLICE_CHART})", ""]
   return "\n".join(lines)
 
 
@@ -315,56 +309,9 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   if "tokenized_bleu" in main:
     report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
   out = paths.as_path(out_dir)
-  paths.write_text(out / "report.json", json.dumps(report, indent=2))
-  paths.write_text(out / "report.md", _markdown(report))
-  plot_slices(out / CHART, table,
+  paths.write_text(out / REPORT_JSON, json.dumps(report, indent=2))
+  paths.write_text(out / REPORT_MD, _markdown(report))
+  plot_slices(out / SLICE_CHART, table,
               f"{config.data.name} {report['direction']} {split}, {trained.which} params, "
               f"step {trained.step}, {search_name(settings['beam_size'])}")
   return report
-
-
-def build_parser():
-  parser = cli.new_parser("eval", __doc__, config="optional")
-  cli.add_workdir_args(parser)
-  parser.add_argument("--split", default="test", help="validation or test (default test)")
-  parser.add_argument("--beam", type=int, default=None,
-                      help="beam size (default decode.beam_size; 1 = greedy)")
-  parser.add_argument("--max-examples", type=int, default=0,
-                      help="evaluate the first N examples of the split (default 0: all)")
-  parser.add_argument("--long-examples", type=int, default=None,
-                      help="size of the long stress set (0: none; default: data.eval_long_examples)")
-  parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/SPLIT)")
-  parser.add_argument("--full-recompute", action="store_true",
-                      help="decode without the key/value cache (slow; for comparison)")
-  return parser
-
-
-def run(args) -> int:
-  for flag, value in (("--max-examples", args.max_examples), ("--long-examples", args.long_examples),
-                      ("--beam", 1 if args.beam is None else args.beam)):
-    if value is not None and value < (1 if flag == "--beam" else 0):
-      raise ConfigError(f"{flag} {value}: expected an integer >= {1 if flag == '--beam' else 0}")
-  trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
-                         overrides=args.overrides)
-  out_dir = os.fspath(paths.as_path(args.out or paths.as_path(args.workdir) / "eval" / args.split))
-  report = evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
-                        max_examples=args.max_examples, long_examples=args.long_examples,
-                        cached=not args.full_recompute)
-  print(f"parameters: {report['params']}")
-  print(f"{'':>16}  {'pairs':>6} {'BLEU':>6} {'chrF':>6}   {'sources':>7} "
-        f"{'BLEU':>6} {'chrF':>6} (multi-reference)")
-  for row in report["table"]:
-    print(f"{row['name']:>16}  {row['examples']:>6} {row['bleu']:6.2f} {row['chrf']:6.2f}   "
-          f"{row['sources']:>7} {row['bleu_multi']:6.2f} {row['chrf_multi']:6.2f}")
-  main = report["split_result"]
-  print(f"BLEU signature: {main['scores'].get('bleu_signature', '')}")
-  print(f"chrF signature: {main['scores'].get('chrf_signature', '')}")
-  print(f"multi-reference BLEU signature: {main['multi_scores'].get('bleu_signature', '')}")
-  if "tokenized_bleu" in main:
-    print(f"tokenized BLEU with compound splitting (compare with papers): "
-          f"{main['tokenized_bleu']['bleu']:.2f}")
-  print(f"report: {paths.as_path(out_dir) / 'report.md'}")
-  return 0
-
-
-main = cli.entry("eval", build_parser, run)

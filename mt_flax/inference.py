@@ -1,6 +1,6 @@
-"""Inference with a trained run: load a workdir, decode settings, translate text and examples.
+"""Inference with a trained run: load a workdir, decode settings, read and translate text.
 
-Shared by ``train`` (validation BLEU), ``eval``, ``translate``, ``audit`` and ``average``.
+Shared by ``train`` (validation BLEU), ``eval``, ``translate`` and ``audit``.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   else:
     _, params, step = checkpoint.restore_for_inference(workdir, which)
     source = f"{which} checkpoint (step {step})"
-  tokenizer = tok_lib.Tokenizer.load(os.fspath(paths.as_path(workdir) / tok_lib.TOKENIZER_DIR))
+  tokenizer = tok_lib.Tokenizer.load(os.fspath(paths.as_path(workdir) / paths.TOKENIZER_DIR))
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
                                               tokenizer.tgt_vocab_size)
@@ -116,6 +116,31 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:\u3002])\s+")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def read_lines(raw: bytes, *, replace: bool = False
+               ) -> tuple[list[str], list[tuple[int, str]]]:
+  """Splits UTF-8 bytes into lines (ended by ``\\n``, ``\\r\\n`` or a lone ``\\r``; a final
+  line end ends the last line).
+
+  Returns (lines, problems): problems are (1-based line number, reason) of the
+  lines that are not valid UTF-8; with ``replace`` they are decoded with U+FFFD,
+  without it no line is returned when there is a problem.
+  """
+  parts = _LINE_END.split(raw)
+  if parts and parts[-1] == b"":
+    parts.pop()
+  lines, problems = [], []
+  for number, part in enumerate(parts, 1):
+    try:
+      lines.append(part.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      problems.append((number, f"invalid UTF-8 byte 0x{part[e.start]:02x} at byte {e.start + 1}"))
+      lines.append(part.decode("utf-8", errors="replace"))
+  if problems and not replace:
+    lines = []
+  return lines, problems
 
 
 def split_to_fit(text: str, fits: Callable[[str], bool]) -> list[str]:

@@ -12,7 +12,7 @@ Batches are numpy int ``src [B, S]`` and ``tgt_in [B, T]`` (BOS first), 0 = pad.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +225,39 @@ def _guarded(name: str, probe: Probe, src: np.ndarray, tgt: np.ndarray) -> Check
   except (TypeError, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return CheckResult(name, False, float("inf"), 0.0, f"{type(e).__name__}: {first}")
+
+
+# ----------------------------------------------------------------------------- several batches
+
+
+def pick_batches(batches: Sequence[dict], count: int, rows: int) -> list[dict]:
+  """``count`` batches spread over the shapes (shortest to longest), each cut to ``rows`` real rows.
+
+  Only batches with at least two real rows qualify (batch independence needs two).
+  """
+  real_rows = lambda b: int((b["src"] != PAD_ID).any(1).sum())
+  ordered = sorted((b for b in batches if real_rows(b) >= 2),
+                   key=lambda b: (b["src"].shape[1] + b["tgt_in"].shape[1], -real_rows(b)))
+  if not ordered:
+    return []
+  picks = sorted(set(np.linspace(0, len(ordered) - 1, max(count, 1)).round().astype(int)))
+  out = []
+  for i in picks:
+    b = ordered[i]
+    real = np.flatnonzero((b["src"] != PAD_ID).any(1))[:rows]
+    out.append({"src": b["src"][real], "tgt_in": b["tgt_in"][real]})
+  return out
+
+
+def combine(results: Sequence[CheckResult]) -> CheckResult:
+  """One verdict from the results of one check on several batches."""
+  worst = max(results, key=lambda r: (not r.passed, r.max_change / max(r.tolerance, 1e-30)))
+  details = "; ".join(sorted({r.detail for r in results if r.detail}))
+  return CheckResult(worst.name, all(r.passed for r in results), worst.max_change,
+                     worst.tolerance, details)
+
+
+def check_batches(model: Transformer, params, batches: Sequence[dict]) -> list[CheckResult]:
+  """Every check on every batch (``src``, ``tgt_in``), combined per check."""
+  per_batch = [run_checks(model, params, b["src"], b["tgt_in"]) for b in batches]
+  return [combine([results[i] for results in per_batch]) for i in range(len(CHECKS))]

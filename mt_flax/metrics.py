@@ -27,9 +27,8 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 
 from mt_flax import paths
+from mt_flax.paths import METRICS_FILE, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 TB_FLUSH_S = 30.0
 
 
@@ -42,17 +41,23 @@ def _clean(value: Any) -> Any:
   return value
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All complete JSON lines of ``workdir/metrics.jsonl`` (a torn last line is skipped)."""
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of ``workdir/metrics.jsonl``: every line that is a JSON object with a ``step``.
+
+  A torn last line (a run killed mid-write) is skipped, as is any other line
+  that is not such an object.
+  """
   path = paths.as_path(workdir) / METRICS_FILE
   if not path.exists():
     return []
   rows = []
   for line in path.read_text().splitlines():
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except json.JSONDecodeError:
       continue
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
   return rows
 
 

@@ -15,12 +15,41 @@ A local GCS emulator is used by setting ``STORAGE_EMULATOR_HOST`` (e.g.
 ``http://127.0.0.1:9023``), which gcsfs reads; importing this module then sets
 ``TENSORSTORE_GCS_HTTP_URL`` to the same address unless it is already set, so
 checkpoints go to the emulator too.
+
+The names of the files and folders a run writes are defined here, once, and
+imported wherever they are read or written.
 """
 from __future__ import annotations
 
 import os
 
 from etils import epath
+
+# ----------------------------------------------------------------------------- names in a workdir
+CONFIG_FILE = "config.json"         # the resolved config of the run
+RUN_FILE = "run.json"               # the devices the run was made on
+GIT_FILE = "git_commit.txt"         # the commit of the code that trained
+DONE_FILE = "DONE"                  # written when training reaches num_train_steps
+METRICS_FILE = "metrics.jsonl"      # one JSON object per logged step
+TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "train.log"              # third-party output and tracebacks of train
+LOCK_FILE = "train.lock"            # held by the one process that trains in the workdir
+CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "checkpoints_unreadable"
+AVERAGED_DIR = "averaged"           # params only (python -m mt_flax average), never a training state
+AVERAGED_INFO = "averaged.json"     # which steps were averaged
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_INFO = "tokenizer.json"   # in TOKENIZER_DIR: what the tokenizer was trained on
+EVAL_DIR = "eval"                   # eval/<split>/: the reports of python -m mt_flax eval
+# in an eval report folder
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+SLICE_CHART = "bleu_by_slice.png"
+# in a sweep folder and its trial workdirs
+SWEEP_FILE = "sweep.json"           # the config, its digest and the trials
+TRIAL_FILE = "sweep_trial.json"     # per trial workdir: overrides and attempt times
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 TENSORSTORE_GCS_ENV = "TENSORSTORE_GCS_HTTP_URL"

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Optional
 
-LOG_FILE = "train.log"
+from mt_flax.paths import LOG_FILE
 
 
 class _FileHandler(logging.StreamHandler):

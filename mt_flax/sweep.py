@@ -1,8 +1,5 @@
 r"""Hyperparameter sweeps: config-override trials run one after another, resumable.
 
-    python -m mt_flax sweep experiments/bible_en_es_tiny.py experiments/sweeps/bible_tiny_lr.py \
-        [--workdir runs/sweeps/NAME] [--shard I/N] [--table-only] [--config.key=value ...]
-
 A sweep file defines ``get_sweep() -> list[dict]``; each dict maps config keys
 (dotted, as on the command line) to values, e.g. ``{"learning_rate": 1e-3,
 "model.d_model": 64}``. :func:`grid` builds the cartesian product of axes.
@@ -10,8 +7,8 @@ Every trial is validated against the config before any runs, then trained
 with the real ``python -m mt_flax train`` in its own workdir
 ``<sweep dir>/trial_003_learning_rate=0.001,...``; the name follows from the
 trial's index and overrides, so a re-run finds it again: finished trials are
-skipped and an interrupted one resumes from its checkpoint. ``--config.x=y``
-flags apply to every trial (trial overrides win). ``--shard I/N`` runs trials
+skipped and an interrupted one resumes from its checkpoint. Base overrides
+apply to every trial (trial overrides win). Shard ``(I, N)`` runs trials
 ``I, I+N, I+2N, ...`` only, to fan a sweep out over N machines sharing one
 (``gs://``) sweep directory.
 
@@ -21,7 +18,6 @@ loss while no trial has BLEU (the table says which).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import importlib.util
@@ -40,12 +36,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
-from mt_flax import cli, paths
-from mt_flax.errors import UserError
+from mt_flax import paths
 from mt_flax.config import ConfigError, load_config
-
-TRIAL_FILE = "sweep_trial.json"   # per trial workdir: overrides and attempt times
-DONE_FILE = "DONE"                # written by mt_flax.train when a run completes
+from mt_flax.errors import UserError
+from mt_flax.metrics import read_metrics
 
 
 class SweepError(UserError, ValueError):
@@ -133,22 +127,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- trial state
 
 
-def read_metrics(workdir: epath.Path) -> list[dict[str, Any]]:
-  """The JSON lines of ``workdir/metrics.jsonl`` (a torn last line is ignored)."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue  # a run killed mid-write leaves a partial line
-    if isinstance(row, dict) and "step" in row:
-      rows.append(row)
-  return rows
-
-
 def _is_validation(row: Mapping[str, Any]) -> bool:
   return row.get("split") == "validation"
 
@@ -162,7 +140,7 @@ def _best(rows: Iterable[Mapping[str, Any]], key: str, mode: str) -> float | Non
 
 
 def read_trial_file(workdir: epath.Path) -> dict[str, Any]:
-  path = workdir / TRIAL_FILE
+  path = workdir / paths.TRIAL_FILE
   if not path.exists():
     return {}
   try:
@@ -174,7 +152,7 @@ def read_trial_file(workdir: epath.Path) -> dict[str, Any]:
 def wall_seconds(workdir: epath.Path, info: Mapping[str, Any]) -> float:
   """Summed wall time of the trial's attempts; a killed attempt counts up to its last metrics write."""
   total = 0.0
-  metrics = workdir / "metrics.jsonl"
+  metrics = workdir / paths.METRICS_FILE
   for attempt in info.get("attempts", []):
     end = attempt.get("end")
     if end is None and metrics.exists():
@@ -195,7 +173,7 @@ def trial_summary(workdir: epath.Path, num_train_steps: int) -> dict[str, Any]:
   info = read_trial_file(workdir)
   steps = max((int(r["step"]) for r in rows), default=0)
   attempts = info.get("attempts", [])
-  if (workdir / DONE_FILE).exists() and steps >= num_train_steps:
+  if (workdir / paths.DONE_FILE).exists() and steps >= num_train_steps:
     status = "finished"
   elif attempts and attempts[-1].get("rc") not in (None, 0):
     status = "failed"
@@ -291,7 +269,7 @@ def run_trial(config_path: str, workdir: epath.Path, args: Sequence[str]) -> int
   info = read_trial_file(workdir)
   attempt = {"start": time.time(), "end": None, "rc": None}
   info.setdefault("attempts", []).append(attempt)
-  (workdir / TRIAL_FILE).write_text(json.dumps(info, indent=1))
+  (workdir / paths.TRIAL_FILE).write_text(json.dumps(info, indent=1))
   cmd = [sys.executable, "-m", "mt_flax", "train", "--config", config_path, "--workdir",
          os.fspath(workdir), *args]
   print("[sweep] $ " + shlex.join(cmd), flush=True)
@@ -311,7 +289,7 @@ def run_trial(config_path: str, workdir: epath.Path, args: Sequence[str]) -> int
   finally:
     signal.signal(signal.SIGTERM, previous)
   attempt.update(end=time.time(), rc=rc)
-  (workdir / TRIAL_FILE).write_text(json.dumps(info, indent=1))
+  (workdir / paths.TRIAL_FILE).write_text(json.dumps(info, indent=1))
   if terminated:
     raise KeyboardInterrupt
   return rc
@@ -330,39 +308,17 @@ def collect(sweep_dir: epath.Path, trials: Sequence[Mapping[str, Any]],
 
 
 def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]], base: Sequence[str] = ()) -> str:
-  """Writes results.csv and results.md; returns the markdown."""
+  """Writes ``results.csv`` and ``results.md``; returns the markdown."""
   metric, ranked = rank_rows(rows)
   md = table_markdown(metric, ranked, base)
-  (sweep_dir / "results.csv").write_text(table_csv(ranked))
-  (sweep_dir / "results.md").write_text(md)
+  (sweep_dir / paths.RESULTS_CSV).write_text(table_csv(ranked))
+  (sweep_dir / paths.RESULTS_MD).write_text(md)
   return md
 
 
 def default_sweep_dir(config_path: str, sweep_path: str) -> str:
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   return os.path.join("runs", "sweeps", f"{stem(config_path)}-{stem(sweep_path)}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = cli.new_parser("sweep", __doc__, config="optional")
-  parser.add_argument("positional", nargs="+", metavar="FILE",
-                      help="experiment config file (or --config FILE) and the sweep file "
-                           "defining get_sweep(), e.g. experiments/sweeps/bible_tiny_lr.py")
-  parser.add_argument("--workdir", help="sweep directory (default runs/sweeps/<config>-<sweep>; "
-                      "local or gs://)")
-  parser.add_argument("--shard", default="0/1", help="run trials I, I+N, ... only (I/N)")
-  parser.add_argument("--table-only", action="store_true", help="write and print the table, run nothing")
-  return parser
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-  """Parses the sweep command line; ``args.overrides`` apply to every trial."""
-  args = cli.parse(parser, argv)
-  given = ([args.config] if args.config else []) + args.positional
-  if len(given) != 2:
-    parser.error("expected a config file and a sweep file (the config positionally or with --config)")
-  args.config, args.sweep = given
-  return args
 
 
 def config_digest(path: str) -> str:
@@ -373,7 +329,7 @@ def config_digest(path: str) -> str:
 
 def check_same_config(sweep_dir: epath.Path, config_path: str, digest: str) -> None:
   """Refuses to go on with a sweep whose config file changed since it started."""
-  saved = sweep_dir / "sweep.json"
+  saved = sweep_dir / paths.SWEEP_FILE
   old = json.loads(saved.read_text()).get("config_sha256") if saved.exists() else None
   if old and old != digest:
     raise SweepError(f"{config_path} changed since the sweep in {sweep_dir} started, so new "
@@ -381,13 +337,18 @@ def check_same_config(sweep_dir: epath.Path, config_path: str, digest: str) -> N
                      "use a new --workdir")
 
 
-def run_trials(args: argparse.Namespace, base: list[str], trials: list[dict[str, Any]],
-               steps: list[int], sweep_dir: epath.Path, digest: str, writer: bool) -> list[str]:
-  """Runs this shard's unfinished trials in order; returns the names of those that failed."""
+def run_trials(config_path: str, base: Sequence[str], trials: Sequence[Mapping[str, Any]],
+               steps: Sequence[int], sweep_dir: epath.Path, digest: str, *,
+               shard: tuple[int, int] = (0, 1), writer: bool = True) -> list[str]:
+  """Runs shard ``shard``'s unfinished trials in order; returns the names of those that failed.
+
+  ``writer``: whether this process keeps the books (trial files); on a TPU pod
+  only host 0 does, the other hosts just run the trainer.
+  """
   failed = []
-  mine = shard_indices(len(trials), parse_shard(args.shard))
+  mine = shard_indices(len(trials), shard)
   print(f"[sweep] {len(trials)} trials in {sweep_dir}; this run takes {len(mine)} of them "
-        f"(shard {args.shard})", flush=True)
+        f"(shard {shard[0]}/{shard[1]})", flush=True)
   for n, i in enumerate(mine, 1):
     name = trial_name(i, trials[i])
     workdir = sweep_dir / name
@@ -396,15 +357,15 @@ def run_trials(args: argparse.Namespace, base: list[str], trials: list[dict[str,
       print(f"[sweep] ({n}/{len(mine)}) {name}: finished at step {summary['steps']}, skipped",
             flush=True)
       continue
-    if config_digest(args.config) != digest:
-      raise SweepError(f"{args.config} changed while the sweep was running; stopped before "
+    if config_digest(config_path) != digest:
+      raise SweepError(f"{config_path} changed while the sweep was running; stopped before "
                        f"{name} (restore the file and re-run, or use a new --workdir)")
     verb = "resuming" if summary["status"] in ("partial", "failed") else "starting"
     print(f"[sweep] ({n}/{len(mine)}) {name}: {verb}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     args_i = [*base, *override_args(trials[i])]
-    rc = run_trial(args.config, workdir, args_i) if writer else subprocess.call(
-        [sys.executable, "-m", "mt_flax", "train", "--config", args.config,
+    rc = run_trial(config_path, workdir, args_i) if writer else subprocess.call(
+        [sys.executable, "-m", "mt_flax", "train", "--config", config_path,
          "--workdir", os.fspath(workdir), *args_i])
     if rc != 0:
       print(f"[sweep] {name} failed (exit code {rc}); continuing with the next trial",
@@ -413,42 +374,52 @@ def run_trials(args: argparse.Namespace, base: list[str], trials: list[dict[str,
   return failed
 
 
-def run(args: argparse.Namespace) -> int:
-  base = args.overrides
-  writer = os.environ.get("MT_FLAX_WORKER", "0") in ("", "0")  # on a TPU pod host 0 keeps the books
-  parse_shard(args.shard)
-  trials = load_sweep(args.sweep)
+def trial_steps(config_path: str, sweep_path: str, trials: Sequence[Mapping[str, Any]],
+                base: Sequence[str]) -> list[int]:
+  """``num_train_steps`` of every trial; loading each trial's config checks its overrides
+  before any trial runs."""
   steps = []
-  for i, overrides in enumerate(trials):  # every trial's overrides are checked before any runs
+  for i, overrides in enumerate(trials):
     try:
-      steps.append(int(load_config(args.config, [*base, *override_args(overrides)]).num_train_steps))
+      steps.append(int(load_config(config_path, [*base, *override_args(overrides)]).num_train_steps))
     except ConfigError as e:
-      raise SweepError(f"{args.sweep}: trial {i} ({trial_name(i, overrides)}): {e}") from None
-  sweep_dir = paths.as_path(args.workdir or default_sweep_dir(args.config, args.sweep))
-  digest = config_digest(args.config)
+      raise SweepError(f"{sweep_path}: trial {i} ({trial_name(i, overrides)}): {e}") from None
+  return steps
+
+
+def _write_sweep_file(sweep_dir: epath.Path, config_path: str, digest: str, sweep_path: str,
+                      base: Sequence[str], trials: Sequence[Mapping[str, Any]]) -> None:
+  (sweep_dir / paths.SWEEP_FILE).write_text(json.dumps(
+      {"config": config_path, "config_sha256": digest, "sweep": sweep_path,
+       "base_overrides": list(base),
+       "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
+      indent=1, default=repr))
+
+
+def run_sweep(config_path: str, sweep_path: str, *, sweep_dir: str | None = None,
+              base: Sequence[str] = (), shard: tuple[int, int] = (0, 1),
+              table_only: bool = False, writer: bool = True) -> list[str]:
+  """Runs (or, with ``table_only``, only tabulates) a sweep; returns the names of failed trials.
+
+  ``sweep_dir`` defaults to :func:`default_sweep_dir`; ``base`` are
+  ``--config.KEY=VALUE`` overrides for every trial. The writer prints and
+  writes the results table at the end. A SIGTERM or Ctrl-C while a trial
+  runs raises KeyboardInterrupt once the trainer has exited.
+  """
+  trials = load_sweep(sweep_path)
+  steps = trial_steps(config_path, sweep_path, trials, base)
+  folder = paths.as_path(sweep_dir or default_sweep_dir(config_path, sweep_path))
+  digest = config_digest(config_path)
   failed = []
-  if not args.table_only:
-    check_same_config(sweep_dir, args.config, digest)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+  if not table_only:
+    check_same_config(folder, config_path, digest)
+    folder.mkdir(parents=True, exist_ok=True)
     if writer:
-      (sweep_dir / "sweep.json").write_text(json.dumps(
-          {"config": args.config, "config_sha256": digest, "sweep": args.sweep,
-           "base_overrides": base,
-           "trials": [{"name": trial_name(i, t), "overrides": t} for i, t in enumerate(trials)]},
-          indent=1, default=repr))
-    try:
-      failed = run_trials(args, base, trials, steps, sweep_dir, digest, writer)
-    except KeyboardInterrupt:
-      print("[sweep] interrupted; re-run the same command to resume", file=sys.stderr)
-      return 130
+      _write_sweep_file(folder, config_path, digest, sweep_path, base, trials)
+    failed = run_trials(config_path, base, trials, steps, folder, digest, shard=shard,
+                        writer=writer)
   if writer:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    print(write_table(sweep_dir, collect(sweep_dir, trials, steps), base), end="")
-    print(f"[sweep] table written to {sweep_dir / 'results.md'} and {sweep_dir / 'results.csv'}")
-  if failed:
-    print(f"[sweep] {len(failed)} trial(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1
-  return 0
-
-
-main = cli.entry("sweep", build_parser, run, parse_with=parse_args)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(write_table(folder, collect(folder, trials, steps), base), end="")
+    print(f"[sweep] table written to {folder / paths.RESULTS_MD} and {folder / paths.RESULTS_CSV}")
+  return failed

@@ -1,8 +1,5 @@
 r"""Cloud TPU VMs: create, set up, run mt_flax on, sweep over, read logs of, delete.
 
-    ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME[,NAME...] \
-        --zone ZONE --accelerator TYPE [--project P] [--data-dir gs://...] [-- <mt_flax args>]
-
 Every action is a list of ``gcloud compute tpus tpu-vm`` command lines built by
 the pure functions below; ``--dry-run`` prints them instead of running them.
 On a multi-host slice (a pod, e.g. v4-32) commands go to every host with
@@ -18,19 +15,17 @@ all writing into one ``gs://`` sweep directory.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
 import shlex
-import subprocess
-import sys
 import tempfile
 from typing import Sequence
 
-from mt_flax import cli, sweep
+from mt_flax import sweep
 from mt_flax.errors import UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout to copy
 REMOTE_DIR = "~/mt_flax"
 LOG_FILE = "~/mt_flax.log"
 ARCHIVE = "mt_flax-src.tar.gz"
@@ -204,105 +199,57 @@ def logs_command(tpu: Tpu, *, worker: str = "0", follow: bool = False, lines: in
   return ssh_command(tpu, tail, workers=[f"--worker={worker}"])
 
 
-def sweep_plan(tpus: Sequence[Tpu], sweep_args: Sequence[str]) -> list[str]:
-  """Comment lines naming which trials each VM runs (reads the sweep file locally)."""
-  args = sweep.parse_args(sweep.build_parser(), list(sweep_args))
-  trials = sweep.load_sweep(args.sweep)
+def sweep_plan(tpus: Sequence[Tpu], trials: Sequence[dict]) -> list[list[str]]:
+  """Comment lines (``["#", text]``) naming which of the sweep's ``trials`` each VM runs."""
   lines = []
   for i, tpu in enumerate(tpus):
     names = [sweep.trial_name(j, trials[j]) for j in sweep.shard_indices(len(trials), (i, len(tpus)))]
-    lines.append(f"# {tpu.name}: {', '.join(names) or 'no trials'}")
+    lines.append(["#", f"{tpu.name}: {', '.join(names) or 'no trials'}"])
   return lines
 
-
-# ----------------------------------------------------------------------------- command line
 
 ACTIONS = ("create", "setup", "run", "sweep", "logs", "delete")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = cli.new_parser("tpu", __doc__)
-  p.add_argument("action", choices=ACTIONS)
-  p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-  p.add_argument("--name", required=True, help="TPU VM name; several, comma-separated, for sweep")
-  p.add_argument("--zone", required=True, help="e.g. us-central2-b")
-  p.add_argument("--accelerator", default="", help="TPU type, e.g. v4-8 or v4-32 (a pod)")
-  p.add_argument("--project", default="", help="GCP project (default: gcloud's configured one)")
-  p.add_argument("--version", default="", help="TPU software version (default: by accelerator)")
-  p.add_argument("--spot", action="store_true", help="create spot (preemptible) VMs")
-  p.add_argument("--data-dir", default="", help="gs:// folder of prepared TFDS data (TFDS_DATA_DIR)")
-  p.add_argument("--detach", action="store_true", help="run: keep running after disconnecting")
-  p.add_argument("--worker", default="0", help="logs: which host's log")
-  p.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
-  return p
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-  """Parses ``[options] [-- mt_flax args]``; the mt_flax args land in ``args.mt_args``."""
-  argv = list(argv)
-  cut = argv.index("--") if "--" in argv else len(argv)
-  args = parser.parse_args(argv[:cut])
-  args.mt_args = argv[cut + 1:]
-  return args
-
-
-def build(args: argparse.Namespace, mt_args: Sequence[str], root: str) -> list[list[str]]:
-  """All command lines of one ``tpu`` invocation; comment lines are ``["#", text]``."""
-  names = [n for n in args.name.split(",") if n]
+def make_tpus(action: str, names: str, zone: str, accelerator: str = "",
+              project: str = "") -> list[Tpu]:
+  """The VMs of one action; ``names`` is comma-separated (several for create, setup, sweep
+  and delete)."""
+  names = [n for n in names.split(",") if n]
   for name in names:
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
       raise TpuError(f"--name {name!r}: expected lowercase letters, digits and hyphens, "
                      "starting with a letter")
-  if len(names) > 1 and args.action not in ("create", "setup", "sweep", "delete"):
-    raise TpuError(f"tpu {args.action} takes one --name; got {len(names)}")
-  if args.action in ("create", "setup", "run", "sweep"):
-    if not args.accelerator:
-      raise TpuError(f"tpu {args.action} needs --accelerator, e.g. v4-8")
-    parse_accelerator(args.accelerator)
-  if mt_args and args.action not in ("run", "sweep"):
-    raise TpuError(f"tpu {args.action} takes no mt_flax command after --")
-  tpus = [Tpu(n, args.zone, args.accelerator, args.project) for n in names]
-  if args.action == "create":
-    return [create_command(t, version=args.version, spot=args.spot) for t in tpus]
-  if args.action == "setup":
+  if len(names) > 1 and action not in ("create", "setup", "sweep", "delete"):
+    raise TpuError(f"tpu {action} takes one --name; got {len(names)}")
+  if action in ("create", "setup", "run", "sweep"):
+    if not accelerator:
+      raise TpuError(f"tpu {action} needs --accelerator, e.g. v4-8")
+    parse_accelerator(accelerator)
+  return [Tpu(n, zone, accelerator, project) for n in names]
+
+
+def build(action: str, tpus: Sequence[Tpu], mt_args: Sequence[str] = (), *, root: str = ROOT,
+          version: str = "", spot: bool = False, data_dir: str = "", detach: bool = False,
+          worker: str = "0", follow: bool = False) -> list[list[str]]:
+  """All command lines of one action on ``tpus`` (``mt_args``: the mt_flax command of run
+  and sweep). The plan of a sweep is :func:`sweep_plan`."""
+  if mt_args and action not in ("run", "sweep"):
+    raise TpuError(f"tpu {action} takes no mt_flax command after --")
+  if action == "create":
+    return [create_command(t, version=version, spot=spot) for t in tpus]
+  if action == "setup":
     archive = os.path.join(tempfile.gettempdir(), ARCHIVE)
     cmds = setup_commands(tpus[0], root, archive)
     return cmds + [c for t in tpus[1:] for c in setup_commands(t, root, archive)[1:]]
-  if args.action == "run":
-    return [run_command(tpus[0], mt_args, data_dir=args.data_dir, detach=args.detach)]
-  if args.action == "sweep":
-    cmds = sweep_commands(tpus, mt_args, data_dir=args.data_dir)
-    return [["#", line[2:]] for line in sweep_plan(tpus, mt_args)] + cmds
-  if args.action == "logs":
-    return [logs_command(tpus[0], worker=args.worker, follow=args.follow)]
+  if action == "run":
+    return [run_command(tpus[0], mt_args, data_dir=data_dir, detach=detach)]
+  if action == "sweep":
+    return sweep_commands(tpus, mt_args, data_dir=data_dir)
+  if action == "logs":
+    return [logs_command(tpus[0], worker=worker, follow=follow)]
   return [delete_command(t) for t in tpus]
 
 
 def format_command(cmd: Sequence[str]) -> str:
   return "# " + cmd[1] if cmd and cmd[0] == "#" else shlex.join(cmd)
-
-
-def run(args: argparse.Namespace) -> int:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmds = build(args, args.mt_args, root)
-  if args.dry_run:
-    for cmd in cmds:
-      print(format_command(cmd))
-    return 0
-  for cmd in cmds:
-    print(format_command(cmd), file=sys.stderr, flush=True)
-    if cmd[0] == "#":
-      continue
-    try:
-      rc = subprocess.call(cmd)
-    except FileNotFoundError:
-      print(f"mt_flax tpu: error: {cmd[0]!r} not found; install the Google Cloud CLI "
-            "(https://cloud.google.com/sdk) or use --dry-run", file=sys.stderr)
-      return 127
-    if rc != 0:
-      print(f"mt_flax tpu: command failed with exit code {rc}: {format_command(cmd)}", file=sys.stderr)
-      return rc
-  return 0
-
-
-main = cli.entry("tpu", build_parser, run, parse_with=parse_args)

@@ -37,9 +37,8 @@ from mt_flax.config import with_defaults
 from mt_flax.errors import ConfigError, TrainingDiverged
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
+from mt_flax.paths import CONFIG_FILE, DONE_FILE, GIT_FILE, RUN_FILE
 
-DONE_FILE = "DONE"
-GIT_FILE = "git_commit.txt"
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
@@ -50,8 +49,6 @@ FIXED_ON_RESUME = ("model", "data", "seed", "batch_tokens", "grad_accum_steps", 
                    "parallelism")
 # ... except where the data lives, which may move (e.g. to gs://).
 MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
-# The devices the run was made on: how each batch is split over processes (run.json).
-RUN_FILE = "run.json"
 
 
 # ----------------------------------------------------------------------------- config
@@ -96,7 +93,7 @@ def _run_devices() -> dict:
 def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
   other settings (one line naming each changed key with its old and new value)."""
-  path = paths.as_path(workdir) / checkpoint.CONFIG_FILE
+  path = paths.as_path(workdir) / CONFIG_FILE
   run_path = paths.as_path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
   devices = _run_devices()

@@ -25,8 +25,8 @@ from typing import Any, Iterator, Optional
 from etils import epath
 
 from mt_flax.errors import WorkdirBusy
+from mt_flax.paths import LOCK_FILE
 
-LOCK_FILE = "train.lock"
 HEARTBEAT_S = 60.0
 STALE_S = 600.0
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from mt_flax import audit, invariance, masks
+from mt_flax import invariance, masks
+from mt_flax.commands import audit
 
 CHECK_NAMES = ["causality", "padding-content", "padding-length", "batch-independence",
                "cross-length", "cached-decoding"]

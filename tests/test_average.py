@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from mt_flax import average, checkpoint, evaluate, steps
+from mt_flax import checkpoint, evaluate, steps
+from mt_flax.commands import average
 from mt_flax.inference import load_trained
 
 SCALES = {41: 1.0, 42: -2.0, 43: 0.5}      # step -> how far its params move along `delta`

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mt_flax.config import with_defaults
-from mt_flax.data import bible, osis, sources, spa_eng
+from mt_flax.data import bible, downloads, osis, sources, spa_eng
 from mt_flax.data.sources import DataError
 
 tfds.disable_progress_bar()
@@ -169,8 +169,8 @@ def test_empty_split_is_a_one_line_error(tmp_path):
 
 
 def test_missing_data_offline_names_file_and_folder(tmp_path, monkeypatch):
-  monkeypatch.delenv(sources.MANUAL_DIR_ENV, raising=False)
-  monkeypatch.setattr(sources, "unreachable", lambda url, timeout_s=5.0: "no network: test")
+  monkeypatch.delenv(downloads.MANUAL_DIR_ENV, raising=False)
+  monkeypatch.setattr(downloads, "unreachable", lambda url, timeout_s=5.0: "no network: test")
   config = make_config("spa_eng", tmp_path / "data")
   with pytest.raises(DataError) as error:
     sources.get_builder(config)
@@ -184,10 +184,10 @@ def test_missing_data_offline_names_file_and_folder(tmp_path, monkeypatch):
 def test_manual_dir_from_environment_and_config(tmp_path, monkeypatch):
   write_spa_zip(tmp_path / "env", [b"Hello.\tHola.\n"] * 3)
   write_spa_zip(tmp_path / "cfg", [b"Bye.\tAdios.\n"] * 3)
-  monkeypatch.setenv(sources.MANUAL_DIR_ENV, str(tmp_path / "env"))
-  assert sources.manual_dir(make_config("spa_eng", tmp_path)) == str(tmp_path / "env")
+  monkeypatch.setenv(downloads.MANUAL_DIR_ENV, str(tmp_path / "env"))
+  assert downloads.manual_dir(make_config("spa_eng", tmp_path)) == str(tmp_path / "env")
   config = make_config("spa_eng", tmp_path / "a", tmp_path / "cfg")
-  assert sources.manual_dir(config) == str(tmp_path / "cfg")
+  assert downloads.manual_dir(config) == str(tmp_path / "cfg")
   assert sources.report(config)["source"] == str(tmp_path / "cfg" / "spa-eng.zip")
   assert sources.report(make_config("spa_eng", tmp_path / "b"))["source"] == str(
       tmp_path / "env" / "spa-eng.zip")
@@ -348,8 +348,8 @@ def test_bible_from_module_zips_in_manual_dir(real_bible, tmp_path, monkeypatch)
 
 def test_bible_missing_modules_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("SWORD_PATH", str(tmp_path / "no_sword_here"))
-  monkeypatch.delenv(sources.MANUAL_DIR_ENV, raising=False)
-  monkeypatch.setattr(sources, "unreachable", lambda url, timeout_s=5.0: "no network: test")
+  monkeypatch.delenv(downloads.MANUAL_DIR_ENV, raising=False)
+  monkeypatch.setattr(downloads, "unreachable", lambda url, timeout_s=5.0: "no network: test")
   with pytest.raises(DataError, match=r"engWEB2015eb.zip not found in .*sword-text-web") as e:
     sources.get_builder(make_config("bible_en_es", tmp_path / "data"))
   assert "\n" not in str(e.value)
@@ -409,7 +409,7 @@ def test_spa_eng_downloads_from_its_url(tmp_path, monkeypatch):
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:
-    monkeypatch.delenv(sources.MANUAL_DIR_ENV, raising=False)
+    monkeypatch.delenv(downloads.MANUAL_DIR_ENV, raising=False)
     monkeypatch.setattr(spa_eng, "URL", f"http://127.0.0.1:{server.server_port}/spa-eng.zip")
     config = make_config("spa_eng", tmp_path / "data")
     assert sum(sources.split_sizes(config).values()) == 2

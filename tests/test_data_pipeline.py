@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mt_flax.config import load_config
-from mt_flax.data import bucketing, pipeline, sources, spa_eng, stats, tokenizer as tok_lib
+from mt_flax.commands import data_stats
+from mt_flax.data import bucketing, pipeline, sources, spa_eng, tokenizer as tok_lib
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -395,7 +396,7 @@ def test_data_stats_json(setup, capsys):
           "--config.data.name=spa_eng", f"--config.data.manual_dir={root / 'manual'}",
           f"--config.data.tfds_data_dir={root / 'data'}", "--config.data.vocab_size=200",
           "--config.data.max_len=40", "--config.batch_tokens=640", "--config.seed=3"]
-  assert stats.main(argv) == 0
+  assert data_stats.main(argv) == 0
   out = capsys.readouterr().out.strip().splitlines()
   result = json.loads(out[-1])
   assert result["splits"] == sources.split_sizes(config)
@@ -416,13 +417,13 @@ def test_data_stats_json(setup, capsys):
 
 
 def test_data_stats_errors(setup, capsys):
-  assert stats.main(["--config", CONFIG_FILE, "--config.data.max_lenn=3"]) == 2
+  assert data_stats.main(["--config", CONFIG_FILE, "--config.data.max_lenn=3"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "data.max_len" in err
-  assert stats.main(["--config", CONFIG_FILE, "--config.data.name=nope"]) == 2
+  assert data_stats.main(["--config", CONFIG_FILE, "--config.data.name=nope"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "unknown dataset" in err
-  assert stats.main(["--json"]) == 2
+  assert data_stats.main(["--json"]) == 2
   assert "arguments are required: --config" in capsys.readouterr().err
 
 

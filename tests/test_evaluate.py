@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mt_flax import data, decode, evaluate, inference
+from mt_flax import data, decode, evaluate, inference, paths
+from mt_flax.commands import evaluate as eval_command
 
 
 def sacrebleu_cli(folder: Path, ref, hyp: str) -> dict:
@@ -29,7 +30,7 @@ def test_eval_cli_writes_a_report_that_sacrebleu_reproduces(tmp_path, trained_ru
   assert "BLEU signature: nrefs:1|case:mixed|eff:no|tok:13a" in proc.stdout.decode()
   report = json.loads((out / "report.json").read_text())
   assert (out / "report.md").read_text().startswith("# Evaluation")
-  assert (out / evaluate.CHART).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (out / paths.SLICE_CHART).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   hyps = (out / "test.hyp.txt").read_text().split("\n")
   refs = (out / "test.ref.txt").read_text().split("\n")
   assert hyps[-1] == refs[-1] == "" and len(hyps) == len(refs) == 7
@@ -93,15 +94,15 @@ def test_slice_scores_group_examples_in_a_stable_order():
 
 
 def test_eval_reports_bad_input_in_one_line(trained_run, call_main, capsys, tmp_path):
-  rc = call_main(evaluate.main, ["--workdir", str(tmp_path / "missing")])
+  rc = call_main(eval_command.main, ["--workdir", str(tmp_path / "missing")])
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("mt_flax eval: error:") and "missing" in err
-  rc = call_main(evaluate.main, ["--workdir", trained_run, "--split", "tset",
+  rc = call_main(eval_command.main, ["--workdir", trained_run, "--split", "tset",
                                  "--out", str(tmp_path / "o")])
   err = capsys.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("mt_flax eval: error")]
   assert rc == 2 and len(errors) == 1 and "tset" in errors[0] and "Traceback" not in err
-  rc = call_main(evaluate.main, ["--workdir", trained_run, "--max-examples", "-3"])
+  rc = call_main(eval_command.main, ["--workdir", trained_run, "--max-examples", "-3"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and err == ["mt_flax eval: error: --max-examples -3: expected an integer >= 0"]
 

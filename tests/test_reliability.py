@@ -20,9 +20,10 @@ import time
 
 import pytest
 
-from mt_flax import checkpoint, evaluate, paths, workdir_lock
+from mt_flax import checkpoint, paths, workdir_lock
+from mt_flax.commands import evaluate as eval_command
 from mt_flax.metrics import read_metrics
-from mt_flax.translate import read_lines
+from mt_flax.inference import read_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
@@ -195,7 +196,7 @@ def test_generation_lock_conditional_writes(tmp_path):
   second = workdir_lock.GenerationLock(spec, stale_s=3600)
   with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {os.getpid()}"):
     second.acquire("gs://b/run")
-  path = tmp_path / "bucket" / workdir_lock.LOCK_FILE
+  path = tmp_path / "bucket" / paths.LOCK_FILE
   beat = json.loads(path.read_text())["heartbeat"]
   deadline = time.time() + 60
   while json.loads(path.read_text())["heartbeat"] == beat and time.time() < deadline:
@@ -417,7 +418,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 
 
 def test_negative_max_examples_is_one_line(tmp_path, capsys):
-  code = evaluate.main(["--workdir", str(tmp_path), "--max-examples", "-3"])
+  code = eval_command.main(["--workdir", str(tmp_path), "--max-examples", "-3"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and err == ["mt_flax eval: error: --max-examples -3: expected an integer >= 0"]
 

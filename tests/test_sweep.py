@@ -8,7 +8,8 @@ import re
 import pytest
 from etils import epath
 
-from mt_flax import sweep
+from mt_flax import paths, sweep
+from mt_flax.commands import sweep as sweep_command
 from mt_flax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,10 +117,10 @@ def test_trial_status_from_the_workdir(tmp_path):
   s = sweep.trial_summary(wd, 100)
   assert s["status"] == "partial" and s["steps"] == 75
   assert s["best_bleu"] == 1.5 and s["best_eval_loss"] == 4.2
-  (wd / sweep.TRIAL_FILE).write_text(json.dumps({"attempts": [{"start": 0, "end": 10, "rc": 1}]}))
+  (wd / paths.TRIAL_FILE).write_text(json.dumps({"attempts": [{"start": 0, "end": 10, "rc": 1}]}))
   assert sweep.trial_summary(wd, 100)["status"] == "failed"
   assert sweep.trial_summary(wd, 75)["status"] == "failed"     # steps reached, no DONE marker
-  (wd / sweep.DONE_FILE).write_text("")
+  (wd / paths.DONE_FILE).write_text("")
   assert sweep.trial_summary(wd, 75)["status"] == "finished"   # the trainer's marker
   assert sweep.trial_summary(wd, 100)["status"] == "failed"    # more steps asked for: resume
 
@@ -132,7 +133,7 @@ def test_best_metrics_and_wall_time(tmp_path):
       {"step": 30, "split": "validation", "eval_loss": 2.7, "bleu": 3.0},
       {"step": 30, "loss": 0.1, "bleu": 99.0},  # not a validation line
   ])
-  (wd / sweep.TRIAL_FILE).write_text(json.dumps({"attempts": [
+  (wd / paths.TRIAL_FILE).write_text(json.dumps({"attempts": [
       {"start": 100.0, "end": 160.0, "rc": -9}, {"start": 200.0, "end": 230.5, "rc": 0}]}))
   s = sweep.trial_summary(wd, 30)
   assert s["best_bleu"] == 4.0 and s["best_eval_loss"] == 2.5
@@ -172,7 +173,7 @@ def test_csv_has_every_trial_with_its_overrides():
 def test_config_typo_in_a_trial_stops_the_sweep_before_anything_runs(tmp_path, capsys):
   path = write_sweep(tmp_path, "def get_sweep():\n"
                      "  return [{'learning_rate': 1e-3}, {'model.d_modle': 64}]\n")
-  rc = sweep.main([CONFIG, path, "--workdir", str(tmp_path / "sw")])
+  rc = sweep_command.main([CONFIG, path, "--workdir", str(tmp_path / "sw")])
   err = capsys.readouterr().err
   assert rc == 2
   assert "trial 1" in err and "model.d_modle" in err and "model.d_model" in err
@@ -189,8 +190,8 @@ def test_finished_trials_are_skipped_and_the_table_written(tmp_path, capsys):
     workdir = sweep_dir / sweep.trial_name(i, trial)
     write_metrics(workdir, [{"step": 20, "loss": 1.0},
                             {"step": 20, "split": "validation", "eval_loss": 3.0 - i / 10}])
-    (workdir / sweep.DONE_FILE).write_text("")
-  rc = sweep.main([CONFIG, path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"])
+    (workdir / paths.DONE_FILE).write_text("")
+  rc = sweep_command.main([CONFIG, path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"])
   out = capsys.readouterr().out
   assert rc == 0
   assert out.count("finished at step 20, skipped") == 4 and "$ " not in out
@@ -203,7 +204,7 @@ def test_finished_trials_are_skipped_and_the_table_written(tmp_path, capsys):
 
 def test_table_only_shows_pending_trials(tmp_path, capsys):
   path = write_sweep(tmp_path, "def get_sweep():\n  return [{'seed': 1}, {'seed': 2}]\n")
-  rc = sweep.main([CONFIG, path, "--workdir", str(tmp_path / "sw"), "--table-only"])
+  rc = sweep_command.main([CONFIG, path, "--workdir", str(tmp_path / "sw"), "--table-only"])
   out = capsys.readouterr().out
   assert rc == 0 and out.count("| pending |") == 2
   assert (tmp_path / "sw" / "results.csv").exists()
@@ -216,24 +217,22 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
   sweep_dir = tmp_path / "sw"
   workdir = sweep_dir / sweep.trial_name(0, {"seed": 1})
   write_metrics(workdir, [{"step": 20, "loss": 1.0}])
-  (workdir / sweep.DONE_FILE).write_text("")
+  (workdir / paths.DONE_FILE).write_text("")
   argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
-  assert sweep.main(argv) == 0
+  assert sweep_command.main(argv) == 0
   changed = re.sub(r"warmup_steps=(\d+)", lambda m: f"warmup_steps={int(m.group(1)) + 1}",
                    config.read_text(), count=1)
   assert changed != config.read_text()
   config.write_text(changed)
   capsys.readouterr()
-  assert sweep.main(argv) == 2
+  assert sweep_command.main(argv) == 2
   assert "changed since the sweep" in capsys.readouterr().err
-  assert sweep.main([*argv, "--table-only"]) == 0  # reading the results is still fine
+  assert sweep_command.main([*argv, "--table-only"]) == 0  # reading the results is still fine
 
 
 def test_a_config_changed_mid_sweep_stops_before_the_next_trial(tmp_path):
   path = write_sweep(tmp_path, "def get_sweep():\n  return [{'seed': 1}]\n")
-  args = sweep.parse_args(sweep.build_parser(), [CONFIG, path])
-  base = args.overrides
   with pytest.raises(sweep.SweepError, match="changed while the sweep was running"):
-    sweep.run_trials(args, base, sweep.load_sweep(path), [10], epath.Path(tmp_path / "sw"),
+    sweep.run_trials(CONFIG, [], sweep.load_sweep(path), [10], epath.Path(tmp_path / "sw"),
                      digest="0" * 64, writer=True)
   assert not (tmp_path / "sw").exists()  # nothing was started

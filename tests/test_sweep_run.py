@@ -9,9 +9,8 @@ import pytest
 import sys
 import time
 
-from etils import epath
-
-from mt_flax import sweep
+from mt_flax import paths, sweep
+from mt_flax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
@@ -51,7 +50,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout_s: float, what: str) -> 
 
 
 def train_steps(workdir: str) -> list[int]:
-  rows = sweep.read_metrics(epath.Path(workdir))
+  rows = read_metrics(workdir)
   return [r["step"] for r in rows if "loss" in r and r.get("split") is None]
 
 
@@ -89,7 +88,7 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
 
   steps = train_steps(second)  # every logged step once, up to the end: continued, not restarted
   assert steps == sorted(set(steps)) and steps[-1] == 48 and steps[0] == 1
-  attempts = json.loads((second / sweep.TRIAL_FILE).read_text())["attempts"]
+  attempts = json.loads((second / paths.TRIAL_FILE).read_text())["attempts"]
   assert len(attempts) == 2 and attempts[0]["end"] is None and attempts[1]["rc"] == 0
   rows = list((sweep_dir / "results.csv").read_text().splitlines())
   assert len(rows) == 3 and all(",finished," in r for r in rows[1:])

@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 from mt_flax import sweep, tpu
+from mt_flax.commands import tpu as tpu_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GCLOUD = "gcloud compute tpus tpu-vm"
@@ -15,7 +16,7 @@ ZONE = "us-central2-b"
 
 
 def dry_run(capsys, *argv: str) -> list[str]:
-  rc = tpu.main([argv[0], "--dry-run", *argv[1:]])
+  rc = tpu_command.main([argv[0], "--dry-run", *argv[1:]])
   out = capsys.readouterr()
   assert rc == 0, out.err
   return out.out.splitlines()
@@ -114,7 +115,7 @@ def test_sweep_fans_trials_out_over_vms(capsys):
     (["delete", "--name", "x", "--zone", ZONE, "--", "train"], "takes no mt_flax command"),
 ])
 def test_bad_command_lines_are_one_line_errors(capsys, argv, message):
-  assert tpu.main([argv[0], "--dry-run", *argv[1:]]) == 2
+  assert tpu_command.main([argv[0], "--dry-run", *argv[1:]]) == 2
   err = capsys.readouterr().err
   assert message in err and len(err.strip().splitlines()) == 1
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from mt_flax import inference, translate
+from mt_flax import inference
+from mt_flax.commands import translate
 
 LINES = ["The cat sees the dog.",
          "Red house.",
@@ -90,11 +91,11 @@ def test_bad_input_gives_a_one_line_error(trained_run, call_main, capsys, argv, 
 
 
 def test_read_lines_handles_endings_and_reports_bad_bytes():
-  assert translate.read_lines(b"") == ([], [])
-  assert translate.read_lines(b"a\r\nb\n\nc") == (["a", "b", "", "c"], [])
-  lines, problems = translate.read_lines(b"ok\n\xc3(\n")
+  assert inference.read_lines(b"") == ([], [])
+  assert inference.read_lines(b"a\r\nb\n\nc") == (["a", "b", "", "c"], [])
+  lines, problems = inference.read_lines(b"ok\n\xc3(\n")
   assert lines == [] and problems[0][0] == 2 and "0xc3" in problems[0][1]
-  lines, _ = translate.read_lines(b"ok\n\xc3(\n", replace=True)
+  lines, _ = inference.read_lines(b"ok\n\xc3(\n", replace=True)
   assert lines == ["ok", "\ufffd("]
 
 

@@ -30,7 +30,8 @@ from etils import epath
 from pysword.modules import SwordModules
 
 from mt_flax.data import osis
-from mt_flax.data.sources import DataError, locate
+from mt_flax.data.downloads import locate
+from mt_flax.errors import DataError
 
 MODULES = {"en": "engWEB2015eb", "es": "spaRV1909eb"}
 URLS = (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import socket
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -23,24 +22,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mt_flax import paths
+from mt_flax.data.downloads import manual_dir
 from mt_flax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
-MANUAL_DIR_ENV = "MT_FLAX_MANUAL_DIR"
 OUR_BUILDERS = ("spa_eng", "bible_en_es")
-
-
-def _absolute(folder: str) -> str:
-  """A local path made absolute; a URL-like path (gs://…) unchanged."""
-  return os.fspath(paths.as_path(folder))
-
-
-def manual_dir(config: ml_collections.ConfigDict) -> str | None:
-  """The folder holding downloaded archives: `data.manual_dir`, else `$MT_FLAX_MANUAL_DIR`."""
-  folder = config.data.manual_dir or os.environ.get(MANUAL_DIR_ENV, "")
-  return _absolute(folder) if folder else None
-
-
 LOCAL_TFDS_COPIES = os.path.expanduser("~/.cache/mt_flax/tfds")
 
 
@@ -54,7 +40,7 @@ def tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
   folder = config.data.tfds_data_dir or os.environ.get("TFDS_DATA_DIR", "")
   if folder and paths.is_remote(folder):
     return local_copy(folder, config.data.name)
-  return _absolute(config.data.tfds_data_dir) if config.data.tfds_data_dir else None
+  return os.fspath(paths.as_path(folder)) if config.data.tfds_data_dir else None
 
 
 def _files(folder: epath.Path):
@@ -238,57 +224,6 @@ def read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
   if hasattr(source, "__getitems__"):
     return source.__getitems__(indices)
   return [source[i] for i in indices]
-
-
-def manual_folder(dl_manager: tfds.download.DownloadManager) -> epath.Path:
-  """The folder where TFDS looks for manually downloaded files."""
-  try:
-    return dl_manager.manual_dir
-  except (AssertionError, ValueError):
-    configured = getattr(dl_manager, "_manual_dir", None)
-    return epath.Path(configured) if configured else dl_manager.download_dir / "manual"
-
-
-def unreachable(url: str, timeout_s: float = 5.0) -> str | None:
-  """Why `url`'s host cannot be reached now ("no network: ..."), or None if it can.
-
-  A quick check that spares the download manager's retries when offline.
-  """
-  parts = urllib.parse.urlsplit(url)
-  port = parts.port or (443 if parts.scheme == "https" else 80)
-  try:
-    with socket.create_connection((parts.hostname, port), timeout=timeout_s):
-      return None
-  except OSError as e:
-    return f"no network: {parts.hostname}: {e.strerror or type(e).__name__}"
-
-
-def locate(dl_manager: tfds.download.DownloadManager, filename: str, url: str | list[str],
-           dataset: str, hint: str = "") -> epath.Path:
-  """A local copy of `filename` from the manual folder, else downloaded from `url`.
-
-  Raises:
-    DataError: neither a local copy nor a download; says which file to put where.
-  """
-  folder = manual_folder(dl_manager)
-  local = folder / filename
-  if local.exists():
-    return local
-  urls = [url] if isinstance(url, str) else list(url)
-  reasons = []
-  for candidate in urls:
-    problem = unreachable(candidate)
-    if problem:
-      reasons.append(problem)
-      continue
-    try:
-      return epath.Path(dl_manager.download(candidate))
-    except Exception as e:  # HTTP error, broken transfer: try the next URL
-      reasons.append(f"{type(e).__name__}")
-  raise DataError(
-      f"{dataset}: {filename} not found in {folder} and downloading {urls[0]} failed "
-      f"({'; '.join(reasons)}); put {filename} into {folder}, or into a folder named by "
-      f"data.manual_dir or ${MANUAL_DIR_ENV}{hint}")
 
 
 def _first_line(error: BaseException) -> str:

@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mt_flax.data.sources import DataError, locate
+from mt_flax.data.downloads import locate
+from mt_flax.errors import DataError
 
 URL = "http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip"
 ARCHIVE = "spa-eng.zip"

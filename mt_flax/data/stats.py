@@ -1,4 +1,4 @@
-"""`python -m mt_flax data-stats --config experiments/<x>.py [--json] [--workdir DIR]`.
+"""Figures of a configured dataset: split sizes, leaks, lengths, batching efficiency.
 
 Prepares the dataset if needed, then reports: pairs per split, how many pairs of
 each held-out split have a source sentence that is also a training source
@@ -10,9 +10,9 @@ of training batches for each batching mode (bucketing, packing, pad-to-max):
 padding efficiency = real tokens / padded slots (every slot of every batch,
 empty rows included) per side, distinct batch shapes, batches and pairs out.
 
-The tokenizer is `--workdir`'s (trained there if missing) or, without
-`--workdir`, one trained in a temporary folder. With `--json` the last line of
-stdout is one JSON object:
+The tokenizer is the workdir's (trained there if missing) or, without a
+workdir, one trained in a temporary folder. `collect` returns the figures as one
+JSON-serialisable dict:
 
     {"dataset": …, "splits": {"train": N, …},
      "held_out": {"validation": {"pairs": n, "sources": n, "sources_in_train": n}, …},
@@ -23,16 +23,12 @@ stdout is one JSON object:
 """
 from __future__ import annotations
 
-import json
-import logging
 import tempfile
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mt_flax import cli
-from mt_flax.config import load_config
 from mt_flax.data import bucketing, pipeline, sources
 from mt_flax.data.spa_eng import sentence_key
 from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -156,23 +152,3 @@ def render(stats: dict[str, Any]) -> str:
       f"tgt {bucket['bound']['tgt']:.4f}")
   lines.append(f"  packing shape (rows, src, tgt): {stats['batching']['packing']['shape_list']}")
   return "\n".join(lines)
-
-
-def build_parser():
-  parser = cli.new_parser("data-stats", __doc__, config="required")
-  parser.add_argument("--workdir", default=None,
-                      help="use (or train) the tokenizer of this workdir; default: a temporary one")
-  parser.add_argument("--json", action="store_true", help="also print one JSON line at the end")
-  return parser
-
-
-def run(args) -> int:
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  stats = collect(load_config(args.config, args.overrides), args.workdir)
-  print(render(stats))
-  if args.json:
-    print(json.dumps(stats))
-  return 0
-
-
-main = cli.entry("data-stats", build_parser, run)

@@ -21,12 +21,10 @@ import sentencepiece as spm
 
 from mt_flax import paths
 from mt_flax.data.sources import DataError, load_pairs
-from mt_flax.paths import as_path
+from mt_flax.paths import TOKENIZER_DIR, TOKENIZER_INFO, as_path
 
 from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-TOKENIZER_DIR = "tokenizer"
-INFO_FILE = "tokenizer.json"
 SHARED_MODEL, SRC_MODEL, TGT_MODEL = "spm.model", "src.model", "tgt.model"
 MODEL_TYPES = ("unigram", "bpe")
 MAX_TRAINING_SENTENCES = 2_000_000   # SentencePiece samples this many per model
@@ -132,7 +130,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   """
   directory = as_path(workdir) / TOKENIZER_DIR
   expected = _expected_info(config)
-  info_path = directory / INFO_FILE
+  info_path = directory / TOKENIZER_INFO
   if info_path.exists():
     saved = json.loads(info_path.read_text())
     changed = [f"{k}: {saved.get(k)!r} there, {v!r} in the config"

@@ -16,48 +16,18 @@ Lines are batched by length internally. ``--beam`` defaults to
 """
 from __future__ import annotations
 
+import argparse
 import os
-import re
 import sys
 
 from mt_flax import cli
 from mt_flax.config import ConfigError
-from mt_flax.inference import load_trained, translate_lines
+from mt_flax.inference import load_trained, read_lines, translate_lines
 
 MAX_ERRORS_SHOWN = 10
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-# ----------------------------------------------------------------------------- text handling
-
-
-def read_lines(raw: bytes, *, replace: bool = False
-               ) -> tuple[list[str], list[tuple[int, str]]]:
-  """Splits UTF-8 bytes into lines (ended by ``\\n``, ``\\r\\n`` or a lone ``\\r``; a final
-  line end ends the last line).
-
-  Returns (lines, problems): problems are (1-based line number, reason) of the
-  lines that are not valid UTF-8; with ``replace`` they are decoded with U+FFFD.
-  """
-  parts = _LINE_END.split(raw)
-  if parts and parts[-1] == b"":
-    parts.pop()
-  lines, problems = [], []
-  for number, part in enumerate(parts, 1):
-    try:
-      lines.append(part.decode("utf-8"))
-    except UnicodeDecodeError as e:
-      problems.append((number, f"invalid UTF-8 byte 0x{part[e.start]:02x} at byte {e.start + 1}"))
-      lines.append(part.decode("utf-8", errors="replace"))
-  if problems and not replace:
-    lines = []
-  return lines, problems
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
   parser = cli.new_parser("translate", __doc__, config="optional")
   cli.add_workdir_args(parser)
   parser.add_argument("--beam", type=int, default=None,
@@ -71,19 +41,26 @@ def build_parser():
   return parser
 
 
-def run(args) -> int:
-  warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
-  if args.beam is not None and args.beam < 1:
-    raise ConfigError(f"--beam {args.beam}: expected an integer >= 1")
-  lines, problems = read_lines(sys.stdin.buffer.read(), replace=args.invalid == "replace")
+def read_stdin(invalid: str) -> list[str]:
+  """The lines of stdin; lines that are not UTF-8 are reported (at most MAX_ERRORS_SHOWN), and
+  with ``--invalid error`` stop the command."""
+  lines, problems = read_lines(sys.stdin.buffer.read(), replace=invalid == "replace")
   for number, reason in problems[:MAX_ERRORS_SHOWN]:
-    level = "warning" if args.invalid == "replace" else "error"
+    level = "warning" if invalid == "replace" else "error"
     print(f"mt_flax translate: {level}: line {number}: {reason}", file=sys.stderr)
-  if problems and args.invalid == "error":
+  if problems and invalid == "error":
     more = len(problems) - MAX_ERRORS_SHOWN
     raise ConfigError(f"{len(problems)} line(s) of the input are not UTF-8"
                       + (f" ({more} more not shown)" if more > 0 else "")
                       + "; nothing translated (fix the input, or pass --invalid replace)")
+  return lines
+
+
+def run(args: argparse.Namespace) -> int:
+  warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
+  if args.beam is not None and args.beam < 1:
+    raise ConfigError(f"--beam {args.beam}: expected an integer >= 1")
+  lines = read_stdin(args.invalid)
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
   outputs = translate_lines(trained, lines, beam_size=args.beam, split_long=args.long == "split",
