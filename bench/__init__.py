@@ -9,16 +9,21 @@ read them are in ``docs/performance.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 from jax import monitoring
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def seconds(fn: Callable[[], Any]) -> float:
@@ -93,3 +98,22 @@ class CompileCounter:
 
   def __exit__(self, *exc) -> None:
     monitoring.unregister_event_duration_listener(self._listen)
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[tuple[str, str]]:
+  """``(folder, commit)`` of ``rev`` checked out into a temporary git worktree of this
+  repository, removed on exit; ValueError if ``rev`` is not a revision."""
+  sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                       capture_output=True, text=True)
+  if sha.returncode:
+    raise ValueError(f"--compare {rev}: not a git revision of {REPO}")
+  tmp = tempfile.mkdtemp(prefix="mt_flax_compare_")
+  root = os.path.join(tmp, "rev")
+  subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", root,
+                  sha.stdout.strip()], check=True)
+  try:
+    yield root, sha.stdout.strip()
+  finally:
+    subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", root], check=False)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -21,9 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-from bench import environment, median
+from bench import REPO, checkout, environment, median
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"small": dict(d_model=256, num_heads=4, num_encoder_layers=3, num_decoder_layers=3,
                        mlp_dim=1024),
          "base": dict(d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
@@ -66,25 +65,14 @@ def side(root: str, size: dict, repeats: int) -> list[float]:
 
 
 def compare(rev: str, size_name: str, repeats: int, rounds: int = 2) -> dict:
-  sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", f"{rev}^{{commit}}"],
-                       capture_output=True, text=True)
-  if sha.returncode:
-    raise ValueError(f"--compare {rev}: not a git revision of {REPO}")
-  tmp = tempfile.mkdtemp(prefix="mt_flax_compare_")
-  rev_root = os.path.join(tmp, "rev")
-  subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", rev_root,
-                  sha.stdout.strip()], check=True)
   times = {"rev": [], "work": []}
   load = [os.getloadavg()[0]]
-  try:
+  with checkout(rev) as (rev_root, sha):
     for r in range(rounds):
       for name in (("rev", "work") if r % 2 == 0 else ("work", "rev")):
         times[name] += side(rev_root if name == "rev" else REPO, SIZES[size_name], repeats)
-  finally:
-    subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", rev_root], check=False)
-    shutil.rmtree(tmp, ignore_errors=True)
   load.append(os.getloadavg()[0])
-  return {"rev": rev, "rev_commit": sha.stdout.strip()[:12], "size": size_name,
+  return {"rev": rev, "rev_commit": sha[:12], "size": size_name,
           "save_call_s_median": {k: round(median(v), 4) for k, v in times.items()},
           "save_call_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
           "rev_over_work": round(median(times["rev"]) / median(times["work"]), 2),

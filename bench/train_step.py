@@ -29,18 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from bench import CompileCounter, environment, median, seconds
+from bench import CompileCounter, checkout, environment, median, seconds
 from bench.matmul_peak import Matmul, measure
 from bench.memory import compiled_memory_mib, snapshot
 from mt_flax import steps
@@ -252,22 +250,11 @@ def compare(rev: str, shapes: dict[str, dict[str, Any]], repeats: int,
   A shape has ``batch``, ``length``, ``vocab``, ``label_smoothing`` and the
   model fields of ``bench/step_worker.py``; see :data:`COMPARE_SHAPES`.
   """
-  sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", f"{rev}^{{commit}}"],
-                       capture_output=True, text=True)
-  if sha.returncode:
-    raise ValueError(f"--compare {rev}: not a git revision of {REPO}")
-  tmp = tempfile.mkdtemp(prefix="mt_flax_compare_")
-  rev_root = os.path.join(tmp, "rev")
-  subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", rev_root,
-                  sha.stdout.strip()], check=True)
-  try:
+  with checkout(rev) as (rev_root, sha):
     load_before = os.getloadavg()[0]
     results = {name: compare_shape(rev_root, shape, repeats, work_env)
                for name, shape in shapes.items()}
-  finally:
-    subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", rev_root], check=False)
-    shutil.rmtree(tmp, ignore_errors=True)
-  return {"rev": rev, "rev_commit": sha.stdout.strip()[:12], "rev_worktree": rev_root,
+  return {"rev": rev, "rev_commit": sha[:12], "rev_worktree": rev_root,
           "repeats": repeats,
           "ld_preload": os.environ.get("LD_PRELOAD", ""), "work_env": work_env or {},
           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
