@@ -6,8 +6,8 @@
 - ``train``: ``{"step", "rng"}``;
 - ``data``: the data-iterator state, one JSON file per process (Grain's handler);
 - ``config``: the resolved config;
-- ``digests``: the SHA-256 of every saved array (path -> hex) and of the data
-  state, taken from the state being saved.
+- ``digests``: a 64-bit fingerprint of every saved array (path -> hex), computed
+  on the devices that hold it, and the SHA-256 of the data state.
 
 The manager keeps the last ``keep_checkpoints`` steps and the best step by the
 validation metric ``best_metric`` (``best_mode`` "min" or "max"), which is
@@ -17,8 +17,9 @@ Every restore checks the arrays it read against ``digests`` and checks that the
 parameters are finite. A checkpoint that cannot be read or fails those checks
 is reported in one line; training moves it to ``workdir/checkpoints_unreadable/``
 and uses the previous one, inference (read-only) just uses the previous one.
-On several processes each array that a process holds whole is digested; arrays
-split over processes are checked for finiteness only.
+A fingerprint is of the global array, so arrays split over processes are
+covered, and a checkpoint verifies under any other sharding or process count.
+:class:`Checkpointer` is what the training loop uses.
 """
 from __future__ import annotations
 
@@ -43,10 +44,9 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 from mt_flax import paths, sharding
 from mt_flax.paths import (AVERAGED_DIR, AVERAGED_INFO, CHECKPOINT_DIR, CONFIG_FILE,
                            UNREADABLE_DIR)
+from mt_flax.config import with_defaults
 from mt_flax.errors import CheckpointError, SaveFailed, VerificationError
 from mt_flax.runlog import failure_cause
-from mt_flax.config import with_defaults
-
 
 
 class _QuietOrbax(logging.Filter):
