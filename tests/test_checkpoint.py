@@ -196,3 +196,31 @@ def test_non_finite_params_fail_without_digests_and_none_good_is_one_error(tmp_p
     checkpoint.restore_latest_good(manager, part.abstract_state())
   err = capfd.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "NaN or inf" in err[0], err
+
+
+def test_fingerprints_ignore_sharding_and_catch_any_changed_bit():
+  """A fingerprint is of the global array: the same under any sharding; one flipped bit, two
+  swapped rows or a changed dtype change it; NaN/inf are found in the same pass."""
+  rng = np.random.default_rng(1)
+  tree = {"w": rng.standard_normal((16, 12)).astype(np.float32),
+          "h": rng.standard_normal((8, 4)).astype(jnp.bfloat16),
+          "count": np.arange(5, dtype=np.int32), "mask": np.array([True, False, True])}
+  base, non_finite = checkpoint.check_tree(jax.tree.map(jnp.asarray, tree), "p")
+  assert non_finite == [] and len(base) == 4 and all(len(v) == 16 for v in base.values())
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+  spec = jax.sharding.PartitionSpec
+  sharded = {"w": jax.device_put(tree["w"], jax.sharding.NamedSharding(mesh, spec("a", "b"))),
+             "h": jax.device_put(tree["h"], jax.sharding.NamedSharding(mesh, spec("b"))),
+             "count": tree["count"], "mask": tree["mask"]}
+  assert checkpoint.check_tree(sharded, "p")[0] == base
+  flipped = tree["w"].copy()
+  flipped.view(np.uint32)[3, 5] ^= 1                     # the lowest mantissa bit
+  swapped = tree["w"][[1, 0] + list(range(2, 16))]
+  for changed in (flipped, swapped, tree["w"].astype(np.float64).astype(np.float32) + 0.0):
+    digest = checkpoint.check_tree({**tree, "w": changed}, "p")[0]["p/w"]
+    assert (digest != base["p/w"]) == (not np.array_equal(changed, tree["w"]))
+  assert checkpoint.check_tree({**tree, "w": tree["w"].astype(jnp.bfloat16)}, "p")[0][
+      "p/w"] != base["p/w"]
+  broken = tree["w"].copy()
+  broken[2, 2] = np.inf
+  assert checkpoint.check_tree({**tree, "w": broken}, "p")[1] == ["p/w"]
