@@ -17,6 +17,8 @@ COMMANDS = {
     "eval": ("mt_flax.evaluate", "BLEU/chrF report of a trained run, whole split and slices"),
     "translate": ("mt_flax.translate", "translate stdin to stdout, one line per line"),
     "audit": ("mt_flax.audit", "mask invariance checks on a trained model"),
+    "export": ("mt_flax.commands.export", "write a trained run as a CTranslate2 model"),
+    "compare": ("mt_flax.commands.compare", "compare runs' eval outputs with paired significance"),
     "average": ("mt_flax.average", "average the parameters of the last N checkpoints"),
     "data-stats": ("mt_flax.data.stats", "lengths, ratios and padding of the batches"),
     "sweep": ("mt_flax.sweep", "hyperparameter sweep with a ranked results table"),
