@@ -88,3 +88,14 @@ def test_tie_marks_rank_by_the_metric_and_mark_ties_with_the_best():
   assert marks == {"best": "best", "copy": "tie", "worse": ""} or \
       marks == {"copy": "best", "best": "tie", "worse": ""}
   assert compare.tie_marks(systems[:1], refs) == {"worse": "best"}
+
+
+@pytest.mark.parametrize("command", ["compare", "export"])
+def test_help_and_one_line_usage_errors(command, capsys):
+  from mt_flax import __main__ as entry
+  assert entry.main([command, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"usage: mt_flax {command}") and "--help" in out
+  assert entry.main([command, "--no-such-flag"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"mt_flax {command}: error:"), err
