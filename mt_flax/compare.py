@@ -168,3 +168,25 @@ def tie_marks(systems: Sequence[tuple[str, Sequence[str]]], references: Sequence
   for (name, _), s in zip(order[1:], table[metric][1:]):
     marks[name] = "tie" if s.p_value >= alpha else ""
   return marks
+
+
+def run_tie_marks(workdirs: dict[str, str], split: str = "test", *, metric: str = "BLEU",
+                  samples: int = SAMPLES) -> dict[str, str]:
+  """:func:`tie_marks` of the runs (name -> workdir) that ``eval`` has scored on ``split``.
+
+  Runs without eval outputs get no mark (they are left out of the dict); the
+  others must share their references (else :class:`CompareError`). For a
+  ranked table such as the sweep's: a ``best``/``tie`` column, ``tie`` meaning
+  not significantly different from the best (paired bootstrap p >= 0.05).
+  """
+  runs = []
+  for name, workdir in workdirs.items():
+    try:
+      runs.append(read_outputs(workdir, split, name))
+    except CompareError:
+      continue
+  if not runs:
+    return {}
+  references = check_same_references(runs)
+  return tie_marks([(r.name, r.hypotheses) for r in runs], references, metric=metric,
+                   samples=samples)

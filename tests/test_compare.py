@@ -99,3 +99,13 @@ def test_help_and_one_line_usage_errors(command, capsys):
   assert entry.main([command, "--no-such-flag"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"mt_flax {command}: error:"), err
+
+
+def test_run_tie_marks_skip_runs_without_eval_outputs(tmp_path):
+  refs = _references(150)
+  best = _corrupt(refs, 0.1, 3)
+  dirs = {"a": _eval_run(tmp_path, "a", best, refs),
+          "b": _eval_run(tmp_path, "b", _corrupt(refs, 0.6, 4), refs),
+          "c": str(tmp_path / "never_evaluated")}
+  assert compare.run_tie_marks(dirs, "test") == {"a": "best", "b": ""}
+  assert compare.run_tie_marks({"c": dirs["c"]}, "test") == {}
