@@ -171,3 +171,34 @@ def test_a_setting_the_spec_cannot_express_is_named():
                                             num_heads=2))
   model = Transformer(TransformerConfig(8, 8, d_model=8, num_heads=2))
   export.check_expressible(model.config)           # the model's own settings all pass
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(pre_ln=False),
+    dict(positions="learned"),
+    dict(share_embeddings=True, tie_output=True),
+    dict(tgt_vocab_size=40, pre_ln=False, positions="learned"),
+], ids=["post_ln", "learned_positions", "shared_tied", "own_vocabularies"])
+def test_every_architecture_setting_scores_alike(tiny_model, ragged_batch, tmp_path, overrides):
+  """Random weights, forced targets: CTranslate2's log-probabilities are mt_flax's."""
+  model, params = tiny_model(seed=3, **overrides)
+  cfg = model.config
+  vocab = lambda n: ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4, n)]
+  spec = export.transformer_spec(cfg, params, vocab(cfg.src_vocab_size), vocab(cfg.tgt_vocab_size))
+  folder = export._converter(spec).convert(str(tmp_path / "m"), force=True)
+  translator = ctranslate2.Translator(folder, device="cpu", compute_type="float32")
+  src, tgt_in = ragged_batch(seed=5, rows=4, s_len=9, t_len=7, vocab=min(cfg.src_vocab_size,
+                                                                         cfg.tgt_vocab_size))
+  sources = [[int(t) for t in row if t] for row in src]
+  targets = [[int(t) for t in row[1:] if t] for row in tgt_in]
+  src_eos = np.zeros((len(sources), src.shape[1] + 1), np.int32)
+  tgt_full = np.zeros((len(targets), tgt_in.shape[1] + 1), np.int32)
+  for r, (s, t) in enumerate(zip(sources, targets)):
+    src_eos[r, :len(s) + 1] = s + [EOS_ID]
+    tgt_full[r, :len(t) + 1] = [BOS_ID] + t
+  logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, src_eos, tgt_full)))
+  scored = translator.score_batch([[f"w{i}" for i in s] for s in sources],
+                                  [[f"w{i}" for i in t] for t in targets])
+  for r, (t, result) in enumerate(zip(targets, scored)):
+    ours = logp[r, np.arange(len(t) + 1), t + [EOS_ID]]
+    np.testing.assert_allclose(np.asarray(result.log_probs), ours, atol=1e-4)
