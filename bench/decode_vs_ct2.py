@@ -2,7 +2,7 @@
 
     python -m bench.decode_vs_ct2 [--quick] [--batch 32] [--src-len 24] [--tgt-len 30]
         [--threads 2] [--repeats 5]
-    python -m bench.decode_vs_ct2 --workdir DIR [--sentences 200]   # a trained run, real text
+    python -m bench.decode_vs_ct2 --workdir DIR [--split test] [--sentences 200]   # real text
 
 Variants, timed interleaved (one repeat of each in turn, so a change of machine
 load touches them all): mt_flax's cached greedy and beam-4 search (jitted; the
@@ -128,6 +128,8 @@ def run_trained(workdir: str, *, split: str = "test", sentences: int = 200, thre
   from mt_flax.inference import decode_settings, load_trained
 
   trained = load_trained(workdir)
+  with trained.config.data.ignore_type():
+    trained.config.data.eval_max_examples = 0                  # every example of the split
   examples = data.eval_examples(trained.config, trained.tokenizer, split)[:sentences]
   models = export.spm_models(trained.tokenizer.directory)
   sp = spm.SentencePieceProcessor(model_proto=models[export.MODEL_SOURCE])
@@ -152,9 +154,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--workdir", default=None, help="a trained run, on real test sentences")
   parser.add_argument("--sentences", type=int, default=200)
+  parser.add_argument("--split", default="test", help="with --workdir: the split's sources")
   args = parser.parse_args()
   if args.workdir:
-    result = run_trained(args.workdir, sentences=args.sentences, threads=args.threads,
+    result = run_trained(args.workdir, split=args.split, sentences=args.sentences, threads=args.threads,
                          repeats=args.repeats, batch=args.batch)
   else:
     result = run(args.quick, batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len,
