@@ -21,7 +21,11 @@ mt_flax's encoder reads it, and the decoder starts from ``<s>``.
 How CTranslate2's search relates to mt_flax's (:mod:`mt_flax.decode`) is
 written into the exported README: greedy search is the same; CTranslate2's
 beam search is mt_flax's ``beam_rule="fairseq"`` with the length penalty
-``length ** alpha`` instead of ``((5 + length) / 6) ** alpha``.
+``length ** alpha`` instead of ``((5 + length) / 6) ** alpha`` (and, at a
+penalty of exactly 0, a stop at its first best ending; see :data:`NO_PENALTY`).
+At the length limit mt_flax forces the end token and counts its
+log-probability; CTranslate2 stops without it, so a beam search that reaches
+the limit may end differently.
 """
 from __future__ import annotations
 
@@ -205,15 +209,16 @@ print(tgt.decode(model.translate_batch([src.encode("Your sentence.", out_type=st
 
 (run it in this folder, or put the folder's path in place of `.` and the file names).
 
-Decoding as in mt_flax: greedy search (`beam_size=1`) gives mt_flax's greedy output
-when `max_decoding_length` is one less than mt_flax's limit
-`floor({d['max_len_a']} * source_tokens + {d['max_len_b']})` (source tokens with `</s>`;
-mt_flax counts the end token, CTranslate2 does not) and `<pad>` and `<s>` are suppressed
-as above (mt_flax never generates them). CTranslate2's beam search is mt_flax's
-`decode.beam_rule="fairseq"`; its length penalty divides by `length ** length_penalty`
-where mt_flax divides by `((5 + length) / 6) ** alpha`, so beam outputs can differ where
-finished hypotheses of different lengths score close (with `length_penalty=0` and
-`alpha=0` the two searches agree).
+Decoding as in mt_flax: greedy search (`beam_size=1`) gives mt_flax's greedy output with
+`max_decoding_length` one less than mt_flax's limit `floor({d['max_len_a']} * n + {d['max_len_b']})`
+(n source tokens with `</s>`; mt_flax counts the end token, CTranslate2 does not),
+`min_decoding_length=0` and `<pad>` and `<s>` suppressed as above (mt_flax never
+generates them). CTranslate2's beam search is mt_flax's `decode.beam_rule="fairseq"`
+(only an end token among the best `beam_size` candidates finishes; stop after
+`beam_size` finished) with two differences: it divides scores by
+`length ** length_penalty` where mt_flax divides by `((5 + length) / 6) ** alpha`, and
+with `length_penalty=0` exactly it stops as soon as its best candidate ends. mt_flax's
+`alpha=0` with `length_penalty=1e-6` and `return_end_token=True` gives the same outputs.
 """
 
 
