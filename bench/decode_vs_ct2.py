@@ -39,7 +39,7 @@ SEARCHES = (("greedy", 1), ("beam4", 4))
 
 def _ct2_model(folder: str, cfg, params, vocab: list[str], quantization: str) -> str:
   spec = export.transformer_spec(cfg, params, vocab, vocab)
-  return export._converter(spec).convert(folder, quantization=quantization, force=True)
+  return export.spec_converter(spec).convert(folder, quantization=quantization, force=True)
 
 
 def _interleaved(variants: dict[str, Callable[[], int]], repeats: int) -> dict[str, dict]:

@@ -181,7 +181,7 @@ def transformer_spec(cfg: TransformerConfig, params: Any, src_vocab: list[str],
   return spec
 
 
-def _converter(spec):
+def spec_converter(spec):
   from ctranslate2.converters import Converter
 
   class _SpecConverter(Converter):
@@ -252,7 +252,7 @@ def export_ctranslate2(trained, out: str, *, quantization: Optional[str] = None,
   spec = transformer_spec(trained.model.config, trained.params, pieces(src_sp), pieces(tgt_sp))
   if os.path.exists(out):
     shutil.rmtree(out)
-  _converter(spec).convert(out, quantization=quantization, force=True)
+  spec_converter(spec).convert(out, quantization=quantization, force=True)
   for name, data in models.items():
     with open(os.path.join(out, name), "wb") as f:
       f.write(data)

@@ -185,7 +185,7 @@ def test_every_architecture_setting_scores_alike(tiny_model, ragged_batch, tmp_p
   cfg = model.config
   vocab = lambda n: ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4, n)]
   spec = export.transformer_spec(cfg, params, vocab(cfg.src_vocab_size), vocab(cfg.tgt_vocab_size))
-  folder = export._converter(spec).convert(str(tmp_path / "m"), force=True)
+  folder = export.spec_converter(spec).convert(str(tmp_path / "m"), force=True)
   translator = ctranslate2.Translator(folder, device="cpu", compute_type="float32")
   src, tgt_in = ragged_batch(seed=5, rows=4, s_len=9, t_len=7, vocab=min(cfg.src_vocab_size,
                                                                          cfg.tgt_vocab_size))
