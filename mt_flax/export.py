@@ -182,6 +182,8 @@ def transformer_spec(cfg: TransformerConfig, params: Any, src_vocab: list[str],
 
 
 def spec_converter(spec):
+  """A ``ctranslate2.converters.Converter`` whose ``convert(out, quantization=...)`` writes
+  ``spec`` (validation, quantization and saving are CTranslate2's)."""
   from ctranslate2.converters import Converter
 
   class _SpecConverter(Converter):
