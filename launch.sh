@@ -4,7 +4,7 @@
 #                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
 #                                          eval report on test, sample translations
 #   ./launch.sh test [--all] [pytest args] run the fast tests (--all: the slow end-to-end ones too)
-#   ./launch.sh train|eval|translate|data-stats|audit|average ...   python -m mt_flax ...
+#   ./launch.sh train|eval|translate|data-stats|audit|average|export|compare ...   python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
 #   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
@@ -155,7 +155,7 @@ case "$cmd" in
     if [ $rc = 5 ]; then log "pytest collected no tests: that is an error"; exit 1; fi
     exit $rc
     ;;
-  train|eval|translate|data-stats|audit|average|sweep)
+  train|eval|translate|data-stats|audit|average|sweep|export|compare)
     setup
     preload_tcmalloc
     exec "$VENV/bin/python" -m mt_flax "$cmd" "$@"

@@ -18,6 +18,8 @@ COMMANDS = {
              "slices"),
     "translate": ("mt_flax.commands.translate", "translate stdin to stdout, one line per line"),
     "audit": ("mt_flax.commands.audit", "mask invariance checks on a trained model"),
+    "export": ("mt_flax.commands.export", "write a trained run as a CTranslate2 model"),
+    "compare": ("mt_flax.commands.compare", "compare runs' eval outputs with paired significance"),
     "average": ("mt_flax.commands.average", "average the parameters of the last N checkpoints"),
     "data-stats": ("mt_flax.commands.data_stats", "lengths, ratios and padding of the batches"),
     "sweep": ("mt_flax.commands.sweep", "hyperparameter sweep with a ranked results table"),
