@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
-from mt_flax import paths
+from mt_flax import compare, paths
 from mt_flax.config import ConfigError, load_config
 from mt_flax.errors import UserError
 from mt_flax.metrics import read_metrics
@@ -218,7 +218,7 @@ def _fmt_wall(seconds: float) -> str:
 
 
 COLUMNS = ["rank", "trial", "overrides", "status", "steps", "wall_s", "best_bleu", "best_eval_loss",
-           "workdir"]
+           "vs_best", "workdir"]
 
 
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -230,7 +230,8 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
                      "overrides": json.dumps(row["overrides"]),
                      "wall_s": f"{row['wall_s']:.1f}",
                      "best_bleu": _fmt(row["best_bleu"], 2),
-                     "best_eval_loss": _fmt(row["best_eval_loss"], 4)})
+                     "best_eval_loss": _fmt(row["best_eval_loss"], 4),
+                     "vs_best": row.get("vs_best", "")})
   return out.getvalue()
 
 
@@ -238,14 +239,16 @@ def table_markdown(metric: str, rows: Sequence[Mapping[str, Any]], base: Sequenc
   by = ("best validation BLEU (higher is better)" if metric == "best_bleu" else
         "best validation loss (lower is better; no trial has validation BLEU yet)")
   common = [f"Every trial also had: `{' '.join(base)}`.", ""] if base else []
-  lines = [f"Sweep results, sorted by {by}.", "", *common,
-           "| rank | trial | overrides | status | steps | wall time | best BLEU | best eval loss |",
-           "|---:|---|---|---|---:|---:|---:|---:|"]
+  lines = [f"Sweep results, sorted by {by}. vs best: among the trials that `eval --split "
+           "validation` scored, `best` has the highest BLEU and `tie` marks those not "
+           "significantly different from it (paired bootstrap, p >= 0.05).", "", *common,
+           "| rank | trial | overrides | status | steps | wall time | best BLEU | best eval loss "
+           "| vs best |", "|---:|---|---|---|---:|---:|---:|---:|---|"]
   for rank, row in enumerate(rows, 1):
     overrides = ", ".join(f"{k}={format_value(v)}" for k, v in row["overrides"].items())
     lines.append(f"| {rank} | {row['trial']} | {overrides} | {row['status']} | {row['steps']} | "
                  f"{_fmt_wall(row['wall_s'])} | {_fmt(row['best_bleu'], 2) or '-'} | "
-                 f"{_fmt(row['best_eval_loss'], 4) or '-'} |")
+                 f"{_fmt(row['best_eval_loss'], 4) or '-'} | {row.get('vs_best') or '-'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -310,6 +313,13 @@ def collect(sweep_dir: epath.Path, trials: Sequence[Mapping[str, Any]],
 def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]], base: Sequence[str] = ()) -> str:
   """Writes ``results.csv`` and ``results.md``; returns the markdown."""
   metric, ranked = rank_rows(rows)
+  try:
+    marks = compare.run_tie_marks({r["trial"]: r["workdir"] for r in ranked}, "validation")
+  except compare.CompareError as e:
+    print(f"[sweep] no significance marks: {e}", file=sys.stderr)
+    marks = {}
+  for row in ranked:
+    row["vs_best"] = marks.get(row["trial"], "")
   md = table_markdown(metric, ranked, base)
   (sweep_dir / paths.RESULTS_CSV).write_text(table_csv(ranked))
   (sweep_dir / paths.RESULTS_MD).write_text(md)

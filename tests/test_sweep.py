@@ -236,3 +236,29 @@ def test_a_config_changed_mid_sweep_stops_before_the_next_trial(tmp_path):
     sweep.run_trials(CONFIG, [], sweep.load_sweep(path), [10], epath.Path(tmp_path / "sw"),
                      digest="0" * 64, writer=True)
   assert not (tmp_path / "sw").exists()  # nothing was started
+
+
+def test_table_marks_trials_not_significantly_worse_than_the_best(tmp_path):
+  """Trials that ``eval --split validation`` scored get ``best``/``tie`` by paired bootstrap;
+  a clearly worse one gets no mark, an unscored one a dash."""
+  words = "the cat sees a small red house near the old river and the big tree".split()
+  refs = [" ".join(words[i % 7:i % 7 + 6 + i % 5]) for i in range(80)]
+  systems = {"trial_000": refs,                                           # perfect
+             "trial_001": [r.replace("red", "blue") if i == 3 else r for i, r in enumerate(refs)],
+             "trial_002": ["a tree" for _ in refs]}                          # far worse
+  rows = []
+  for name, hyps in (*systems.items(), ("trial_003", None)):
+    folder = tmp_path / name / "eval" / "validation"
+    folder.mkdir(parents=True)
+    if hyps is not None:
+      (folder / "validation.hyp.txt").write_text("\n".join(hyps) + "\n")
+      (folder / "validation.ref.txt").write_text("\n".join(refs) + "\n")
+    rows.append({"trial": name, "overrides": {"seed": len(rows)}, "status": "finished",
+                 "steps": 30, "wall_s": 10.0, "best_bleu": 10.0 - len(rows),
+                 "best_eval_loss": 2.0, "workdir": str(tmp_path / name)})
+  md = sweep.write_table(epath.Path(tmp_path), rows)
+  marks = {line.split(" | ")[1]: line.rstrip(" |").split(" | ")[-1]
+           for line in md.splitlines() if line.startswith("| ") and "trial_" in line}
+  assert marks == {"trial_000": "best", "trial_001": "tie", "trial_002": "-", "trial_003": "-"}
+  table = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+  assert [r["vs_best"] for r in table] == ["best", "tie", "", ""]
