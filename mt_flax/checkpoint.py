@@ -23,6 +23,7 @@ covered, and a checkpoint verifies under any other sharding or process count.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 import jax
@@ -124,31 +125,71 @@ def _leaf_check(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 _tree_check = jax.jit(lambda tree: jax.tree.map(_leaf_check, tree))  # one compile per structure
 
 
-def check_tree(tree: Any, prefix: str) -> tuple[dict[str, str], list[str]]:
-  """(``{prefix/leaf path: fingerprint hex}``, paths holding NaN or inf) of a tree of arrays.
+def dispatch_checks(tree: Any, prefix: str) -> Callable[[], tuple[dict[str, str], list[str]]]:
+  """Starts the fingerprints and finiteness checks of a tree of arrays; returns a function that
+  waits for them: ``() -> ({prefix/leaf path: fingerprint hex}, paths holding NaN or inf)``.
 
-  Runs as one compiled program on the arrays' own devices; every process gets
-  the same answer, sharded or not.
+  One compiled program on the arrays' own devices (every process must start
+  it); every process gets the same answer, sharded or not. Starting it does not
+  wait for the device, and the arrays may be donated to the next step at once.
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   checks = jax.tree.leaves(_tree_check([leaf for _, leaf in leaves]))
-  host = [np.asarray(c.addressable_data(0)) for c in checks]
-  digests, non_finite = {}, []
-  for (path, _), sums, finite in zip(leaves, host[0::2], host[1::2]):
-    name = f"{prefix}/{leaf_path(path)}"
-    digests[name] = "".join(f"{int(v):08x}" for v in sums)
-    if not finite:
-      non_finite.append(name)
-  return digests, non_finite
+
+  def result() -> tuple[dict[str, str], list[str]]:
+    host = [np.asarray(c.addressable_data(0)) for c in checks]
+    digests, non_finite = {}, []
+    for (path, _), sums, finite in zip(leaves, host[0::2], host[1::2]):
+      name = f"{prefix}/{leaf_path(path)}"
+      digests[name] = "".join(f"{int(v):08x}" for v in sums)
+      if not finite:
+        non_finite.append(name)
+    return digests, non_finite
+  return result
+
+
+def check_tree(tree: Any, prefix: str) -> tuple[dict[str, str], list[str]]:
+  """:func:`dispatch_checks`, waited for."""
+  return dispatch_checks(tree, prefix)()
 
 
 def data_digest(data_state: Optional[dict]) -> str:
   return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
 
 
-def _state_digests(state: Any, data_state: Optional[dict]) -> dict:
-  arrays = {**check_tree(state.params, "params")[0], **check_tree(state.opt_state, "opt_state")[0]}
-  return {"algorithm": DIGEST_ALGORITHM, "arrays": arrays, "data": data_digest(data_state)}
+def _state_digests(state: Any, data_state: Optional[dict]) -> Callable[[], dict]:
+  """Starts the digests of a state being saved; returns a function that waits for them."""
+  params, opt_state = dispatch_checks(state.params, "params"), dispatch_checks(state.opt_state,
+                                                                                "opt_state")
+  data = data_digest(data_state)
+  return lambda: {"algorithm": DIGEST_ALGORITHM, "arrays": {**params()[0], **opt_state()[0]},
+                  "data": data}
+
+
+class _DigestHandler(ocp.JsonCheckpointHandler):
+  """The ``digests`` item: its JSON is written by Orbax's background thread, which waits for
+  the device to finish the fingerprints, so the training thread never does."""
+
+  async def async_save(self, directory: epath.Path, item: Any = None, args: Any = None):
+    pending = args.item
+
+    async def write() -> None:
+      digests = pending()
+      if sharding.is_primary():
+        (directory / "metadata").write_text(json.dumps(digests))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="mt_flax_digests")]
+
+
+@ocp.args.register_with_handler(_DigestHandler, for_save=True)
+@dataclasses.dataclass
+class _DigestSave(ocp.args.CheckpointArgs):
+  item: Callable[[], dict]     # waits for and returns the digests
+
+
+@ocp.args.register_with_handler(_DigestHandler, for_restore=True)
+@dataclasses.dataclass
+class _DigestRestore(ocp.args.CheckpointArgs):
+  item: Any = None
 
 
 def _read_digests(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
@@ -156,7 +197,7 @@ def _read_digests(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
   algorithm)."""
   if not has_digests(manager, step):
     return None
-  saved = manager.restore(step, args=ocp.args.Composite(digests=ocp.args.JsonRestore())).digests
+  saved = manager.restore(step, args=ocp.args.Composite(digests=_DigestRestore())).digests
   return saved if saved.get("algorithm") == DIGEST_ALGORITHM else None
 
 
@@ -257,7 +298,7 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
               "train": ocp.StandardCheckpointHandler(),
               "data": grain.checkpoint.CheckpointHandler(),
               "config": ocp.JsonCheckpointHandler(),
-              "digests": ocp.JsonCheckpointHandler()}
+              "digests": _DigestHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -269,7 +310,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Opti
   digests of the arrays are computed here, from the state being saved.
   """
   args = ocp.args.Composite(
-      digests=ocp.args.JsonSave(_state_digests(state, data_state)),
+      digests=_DigestSave(_state_digests(state, data_state)),
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
