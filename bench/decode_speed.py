@@ -112,8 +112,9 @@ def run_trained(workdir: str, *, split: str = "test", sentences: int = 200,
   return result
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def decode_parser(doc: str) -> argparse.ArgumentParser:
+  """The flags the decoding benchmarks share (random sources, or a trained run's)."""
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--src-len", type=int, default=24)
@@ -121,7 +122,11 @@ def main() -> None:
   parser.add_argument("--workdir", default=None,
                       help="measure a trained run on real test sentences instead")
   parser.add_argument("--sentences", type=int, default=200)
-  args = parser.parse_args()
+  return parser
+
+
+def main() -> None:
+  args = decode_parser(__doc__).parse_args()
   if args.workdir:
     result = run_trained(args.workdir, sentences=args.sentences)
   else:

@@ -23,7 +23,6 @@ figures depend on the machine's load, which ``environment`` records.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from typing import Any, Callable
@@ -31,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench import environment, median, seconds
+from bench.decode_speed import decode_parser
 from mt_flax import decode, export
 from mt_flax.special_ids import EOS_ID
 
@@ -145,15 +145,9 @@ def run_trained(workdir: str, *, split: str = "test", sentences: int = 200, thre
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--src-len", type=int, default=24)
-  parser.add_argument("--tgt-len", type=int, default=30)
+  parser = decode_parser(__doc__)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--workdir", default=None, help="a trained run, on real test sentences")
-  parser.add_argument("--sentences", type=int, default=200)
   parser.add_argument("--split", default="test", help="with --workdir: the split's sources")
   args = parser.parse_args()
   if args.workdir:
