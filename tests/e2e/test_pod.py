@@ -22,11 +22,11 @@ from etils import epath
 
 from mt_flax.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
 STEPS = 12
 SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=6,
-                checkpoint_every_steps=4, progress_bar=False)
+                checkpoint_every_steps=4)
 MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
                                   "mesh.tensor": 2},
          "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}
@@ -68,7 +68,6 @@ def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
       log.close()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_training, tmp_path,
                                                        mode):

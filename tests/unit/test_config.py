@@ -8,7 +8,7 @@ import pytest
 from mt_flax import default_config
 from mt_flax.config import ConfigError, load_config, with_defaults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
