@@ -128,7 +128,8 @@ class TinyTraining:
   flags (``a__b`` is ``a.b``); ``new_workdir(folder, name)``: a workdir holding the
   tokenizer trained once for the session; ``finish(proc)``: ``(exit status, stderr)`` of a
   started run; ``wait(predicate, proc, what)`` and ``has_checkpoint(workdir, step)``:
-  waiting on a started run; ``losses(workdir)``: the logged training loss per step.
+  waiting on a started run; ``losses(workdir)``: the logged training loss per step;
+  ``tensorboard_steps(workdir)``: the steps of the TensorBoard training losses.
   """
   config = TEST_CONFIG
 
@@ -166,6 +167,24 @@ class TinyTraining:
     """Training loss per step, from ``workdir/metrics.jsonl`` (local or gs://)."""
     from mt_flax.metrics import read_metrics
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+  @staticmethod
+  def tensorboard_steps(workdir: str) -> list[int]:
+    """Steps of the ``train/loss`` scalars in all event files (TFRecord: length, crc, data,
+    crc)."""
+    from tensorboardX.proto import event_pb2
+    steps = []
+    folder = os.path.join(workdir, "tensorboard")
+    for name in os.listdir(folder):
+      blob, at = open(os.path.join(folder, name), "rb").read(), 0
+      while at + 12 <= len(blob):
+        length = int.from_bytes(blob[at:at + 8], "little")
+        event = event_pb2.Event()
+        event.ParseFromString(blob[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        if any(v.tag == "train/loss" for v in event.summary.value):
+          steps.append(int(event.step))
+    return sorted(steps)
 
   @staticmethod
   def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:

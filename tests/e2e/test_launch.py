@@ -53,9 +53,7 @@ def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path, 
   flags = [*variant_flags, "--config.num_train_steps=12"]
   run_dir = tiny_training.new_workdir(tmp_path, "run")
   env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": run_dir,
-         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),  # the re-run reuses compiles
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0"}
   env.pop("XLA_FLAGS", None)  # one CPU device
   first = subprocess.run([LAUNCH, *flags], capture_output=True, text=True, env=env, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Preemption of the real command line: ``python -m mt_flax train`` in subprocesses is
 stopped with SIGTERM and killed with SIGKILL after checkpoints, resumed, and compared
-step by step with an uninterrupted run of the same settings."""
+step by step with an uninterrupted run of the same settings; metrics.jsonl and
+TensorBoard hold each step once."""
 import os
 import signal
 import subprocess
@@ -21,9 +22,10 @@ def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
 
 
 def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
-  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
+  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140 with steps logged
+  past it, resume: same losses, and each step logged once."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+             JAX_PLATFORMS="cpu")
   args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=20,
                                  eval_every_steps=1000)
   reference = tiny_training.new_workdir(tmp_path, "uninterrupted")
@@ -41,7 +43,9 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   assert "SIGTERM: saved checkpoint step" in err
 
   proc = run_cli(workdir, args, env)
-  tiny_training.wait(tiny_training.has_checkpoint(workdir, 140), proc, "checkpoint 140", 240)
+  checkpointed = tiny_training.has_checkpoint(workdir, 140)
+  tiny_training.wait(lambda: checkpointed() and max(tiny_training.losses(workdir)) >= 145, proc,
+                     "checkpoint 140 and step 145", 240)
   proc.send_signal(signal.SIGKILL)
   code, err = tiny_training.finish(proc)
   assert code == -signal.SIGKILL, err[-2000:]
@@ -55,6 +59,7 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   assert got == want                                      # every step, bit for bit
   rows = read_metrics(workdir)
   assert len([r for r in rows if "loss" in r]) == 300     # each step logged once
+  assert tiny_training.tensorboard_steps(workdir) == list(range(1, 301))
   assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [
       r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
 

@@ -26,11 +26,10 @@ def sweep_command(sweep_file: str, sweep_dir: str, flags: list[str]) -> list[str
           *flags, *SETTINGS]
 
 
-def one_device_env(cache_dir) -> dict[str, str]:
+def one_device_env() -> dict[str, str]:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device: the sweep, not sharding, is under test
-  env.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(PYTHONPATH=ROOT)
   return env
 
 
@@ -59,7 +58,7 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
   log = open(tmp_path / "first.log", "w")
   command = sweep_command(str(sweep_file), str(sweep_dir), variant_flags)
   proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                          env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT,
+                          env=one_device_env(), cwd=ROOT,
                           start_new_session=True)
   try:
     # Trial 0 runs to the end; kill everything once trial 1 is past its first checkpoint.
@@ -74,7 +73,7 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
   assert os.path.exists(sweep_dir / names[0] / "DONE") and not os.path.exists(second / "DONE")
 
   rerun = subprocess.run(command, capture_output=True, text=True,
-                         env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT, timeout=240)
+                         env=one_device_env(), cwd=ROOT, timeout=240)
   out = rerun.stdout + rerun.stderr
   assert rerun.returncode == 0, out[-3000:]
   assert f"{names[0]}: finished at step {STEPS}, skipped" in out

@@ -7,6 +7,7 @@ is in ``tests/e2e/test_preemption.py``.
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -69,6 +70,20 @@ def test_train_end_to_end(trained, tiny_training):
   again = train.train_and_evaluate(config, workdir)
   assert again["train_steps_run"] == 0 and again["step"] == 24
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def test_restart_from_scratch_logs_each_step_once(tmp_path, trained_run, tiny_training):
+  """Checkpoints removed, the run starts again from step 0: metrics.jsonl and TensorBoard
+  hold each step once."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  os.remove(os.path.join(workdir, "DONE"))
+  summary = train.train_and_evaluate(load_config(CONFIG), workdir)
+  assert summary["train_steps_run"] == 24
+  assert sorted(tiny_training.losses(workdir)) == list(range(1, 25))
+  assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == list(range(1, 25))
+  assert tiny_training.tensorboard_steps(workdir) == list(range(1, 25))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):
