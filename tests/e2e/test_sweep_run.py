@@ -49,12 +49,15 @@ def train_steps(workdir: str) -> list[int]:
 
 
 def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_path,
-                                                                          variant_flags):
+                                                                          variant_flags,
+                                                                          tiny_training):
   sweep_file = tmp_path / "two.py"
   sweep_file.write_text(SWEEP)
   sweep_dir = tmp_path / "sw"
   names = [sweep.trial_name(i, t) for i, t in enumerate(sweep.load_sweep(str(sweep_file)))]
   second = sweep_dir / names[1]
+  for name in names:        # the trials find the session's tokenizer instead of training one
+    tiny_training.new_workdir(sweep_dir, name)
   log = open(tmp_path / "first.log", "w")
   command = sweep_command(str(sweep_file), str(sweep_dir), variant_flags)
   proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
