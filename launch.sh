@@ -3,7 +3,8 @@
 #   ./launch.sh [--config.key=value ...]   the default experiment end to end: train
 #                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
 #                                          eval report on test, sample translations
-#   ./launch.sh test [--all] [pytest args] run the fast tests (--all: the slow end-to-end ones too)
+#   ./launch.sh test [--all|--perf] [pytest args]  tests/unit, in-process (--all: and tests/e2e,
+#                                          subprocesses and pods, as CI; --perf: tests/perf, probes)
 #   ./launch.sh train|eval|translate|data-stats|audit|average|export|compare ...   python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
 #   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
@@ -145,9 +146,17 @@ case "$cmd" in
   test)
     setup
     preload_tcmalloc
-    # The fast tier by default; --all adds the slow end-to-end tests (what CI runs).
-    tier=(-m "not slow")
-    if [ "${1:-}" = --all ]; then tier=(); shift; fi
+    # Tiers by folder: tests/unit by default (in-process, fast); --all adds tests/e2e
+    # (subprocesses, signals, pods; what CI runs); --perf runs tests/perf (performance
+    # probes, opt-in). Test paths among the pytest args replace the tier's folders.
+    tier=(tests/unit)
+    case "${1:-}" in
+      --all) tier=(tests/unit tests/e2e); shift ;;
+      --perf) tier=(tests/perf); shift ;;
+    esac
+    for arg in "$@"; do
+      case "$arg" in -*) ;; *) if [ -e "${arg%%::*}" ]; then tier=(); break; fi ;; esac
+    done
     set +e
     MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "${tier[@]}" "$@"
     rc=$?
@@ -177,7 +186,7 @@ case "$cmd" in
     setup
     ;;
   -h|--help|help)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \

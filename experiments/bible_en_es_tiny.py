@@ -1,6 +1,7 @@
 r"""Tiny English->Spanish Transformer on the Bible (WEB <-> Reina-Valera 1909).
 
-The default main job: trains and validates end to end on 2 CPU cores.
+The default main job: trains and validates end to end on 2 CPU cores. Variants:
+``default`` (this job) and ``test`` (a tiny model and 24 steps, what the tests train).
 
     python -m mt_flax train --config experiments/bible_en_es_tiny.py --workdir runs/bible_tiny
     python -m mt_flax eval --workdir runs/bible_tiny
@@ -26,7 +27,7 @@ and 2 validations, then about 1 minute for the beam-4 test evaluation.
 from mt_flax.default_config import get_config as default_config
 
 
-def get_config():
+def get_config(variant: str = "default"):
   c = default_config()
   c.update(num_train_steps=4000, warmup_steps=500, learning_rate=3e-3, schedule="cosine",
            min_learning_rate_ratio=0.05, batch_tokens=1024, checkpoint_every_steps=1000,
@@ -34,4 +35,18 @@ def get_config():
   c.data.update(vocab_size=4000, max_len=96)
   c.model.update(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                  mlp_dim=512, dropout_rate=0.0)
+  if variant == "test":
+    # What the tests train: the same data and schedule, a model of 1+1 layers and d_model 32
+    # with a 256-piece vocabulary, 24 steps, every step logged, a validation and a checkpoint
+    # every 12 steps; dropout on, so that resumed runs must restore the dropout RNG too.
+    # Short outputs (decode.max_len_b) keep decoding a barely trained model quick.
+    c.update(num_train_steps=24, warmup_steps=8, checkpoint_every_steps=12, eval_every_steps=12,
+             log_every_steps=1, eval_bleu_examples=4, best_metric="eval_loss", best_mode="min",
+             progress_bar=False)
+    c.data.update(vocab_size=256, num_buckets=1, eval_max_examples=24)
+    c.model.update(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                   mlp_dim=64, dropout_rate=0.1)
+    c.decode.max_len_b = 2
+  elif variant != "default":
+    raise ValueError(f"unknown variant {variant!r}; expected default or test")
   return c

@@ -1,26 +1,29 @@
-"""Shared test set-up: 8 simulated CPU devices, tiny models and batches, a synthetic
-corpus, and one small trained run per session made with the real ``train`` command.
+"""Shared test set-up of every tier: 8 simulated CPU devices, tiny models and batches,
+and short real training runs of the default experiment's ``:test`` variant
+(``experiments/bible_en_es_tiny.py:test``, the Bible data).
 
-Fixtures (no test module imports another; helpers come from here):
+Fixtures (no test module imports another; helpers come from here; tier-specific ones are
+in ``tests/<tier>/conftest.py``):
   ``tiny_model``      factory ``(seed=0, **TransformerConfig overrides) -> (model, params)``
   ``ragged_batch``    factory ``(seed, rows, s_len, t_len) -> (src [B, S], tgt_in [B, T])``
   ``keras_cross_mask`` the Keras example's wrong cross mask, to monkeypatch in
-  ``synthetic_corpus`` factory writing a spa-eng.zip of a toy English->Spanish lexicon
-  ``trained_run``     workdir of a tiny model trained on that corpus (session-scoped)
-  ``loaded_run``      that run loaded for inference in this process
-  ``run_cli``         ``python -m mt_flax ...`` in a subprocess (one CPU device)
   ``call_main``       a command's ``main(argv)`` in this process with a given stdin
-  ``tiny_training``   short real runs of the default experiment with a tiny model
-  ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py) for gs:// workdirs
+  ``tiny_training``   short real runs of the ``:test`` variant (tokenizer trained once)
+  ``trained``         ``(workdir, summary)``: the ``:test`` variant trained in this process
+                      (24 steps; session-scoped); ``trained_run`` is its workdir
+  ``loaded_run``      that run loaded for inference in this process
+  ``variant_flags``   the ``:test`` variant as ``--config.KEY=VALUE`` flags
+  ``tmpfs``, ``small_disk``, ``fill_disk``  small file systems to fill up (root only)
+  ``synthetic_corpus`` factory writing a spa-eng.zip of a toy English->Spanish lexicon
 """
-import dataclasses
+import contextlib
 import io
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -38,21 +41,8 @@ from mt_flax.special_ids import BOS_ID, FIRST_WORD_ID, PAD_ID  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 48
-
-
-def pytest_collection_modifyitems(config, items):
-  """Tests that need the trained run are end-to-end tests: they get the ``slow`` marker."""
-  for item in items:
-    if {"trained_run", "loaded_run", "trained_config"} & set(getattr(item, "fixturenames", ())):
-      item.add_marker(pytest.mark.slow)
-
-# A toy lexicon: English word i translates to Spanish word i, so a few dozen updates
-# of a tiny model already produce recognisable output.
-LEXICON = dict(zip(
-    ("the cat dog house red blue small big runs eats sees quickly slowly tree river mountain "
-     "friend teacher book table window green yellow happy sad old new").split(),
-    ("el gato perro casa rojo azul pequeño grande corre come ve rápido lento árbol río montaña "
-     "amigo maestro libro mesa ventana verde amarillo feliz triste viejo nuevo").split()))
+# The default experiment's test variant: what every test that trains starts from.
+TEST_CONFIG = str(ROOT / "experiments" / "bible_en_es_tiny.py") + ":test"
 
 
 def random_params(model: Transformer, seed: int):
@@ -99,48 +89,11 @@ def ragged_batch():
   return make_ragged_batch
 
 
-def write_synthetic_corpus(folder: Path, n: int = 600, seed: int = 0, max_words: int = 30) -> Path:
-  """``folder/spa-eng.zip`` with ``n`` pairs of 1..max_words words (skewed to short ones)."""
-  rng = random.Random(seed)
-  english = list(LEXICON)
-  lines = []
-  for i in range(n):
-    k = min(max_words, max(1, int(rng.lognormvariate(1.6, 0.6))))
-    words = [rng.choice(english) for _ in range(k)]
-    lines.append(" ".join(words).capitalize() + f" {i}.\t"
-                 + " ".join(LEXICON[w] for w in words).capitalize() + f" {i}.\n")
-  folder.mkdir(parents=True, exist_ok=True)
-  with zipfile.ZipFile(folder / "spa-eng.zip", "w") as archive:
-    archive.writestr("spa-eng/spa.txt", "".join(lines))
-  return folder
-
-
 @pytest.fixture(scope="session")
 def keras_cross_mask():
   """The Keras example's bug: the decoder's own padding mask given to cross-attention."""
   from mt_flax import masks
   return lambda tgt, src, *segments: masks.padding_mask(tgt != PAD_ID, tgt != PAD_ID)
-
-
-@pytest.fixture(scope="session")
-def synthetic_corpus():
-  return write_synthetic_corpus
-
-
-def cli_env(**extra: str) -> dict:
-  """Environment of CLI subprocesses: one CPU device (quicker to compile)."""
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-          "JAX_PLATFORMS": "cpu", **extra}
-
-
-def _run_cli(*args: str, stdin: bytes = b"", timeout: int = 600) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "mt_flax", *args], input=stdin, cwd=ROOT,
-                        env=cli_env(), capture_output=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def run_cli():
-  return _run_cli
 
 
 @pytest.fixture
@@ -152,81 +105,45 @@ def call_main(monkeypatch):
   return call
 
 
-TRAINED_CONFIG = '''
-from mt_flax.default_config import get_config as default_config
-
-def get_config():
-  c = default_config()
-  c.num_train_steps, c.warmup_steps, c.learning_rate = 40, 10, 5e-3
-  c.eval_every_steps = c.checkpoint_every_steps = 40
-  c.log_every_steps = 20
-  c.batch_tokens = 1024
-  c.eval_bleu_examples = 8
-  c.progress_bar = False
-  c.data.name, c.data.manual_dir, c.data.tfds_data_dir = "spa_eng", {manual!r}, {tfds!r}
-  c.data.vocab_size, c.data.tokenizer_type, c.data.max_len = 150, "bpe", 48
-  c.data.batching, c.data.eval_max_examples = "pad", 24
-  c.model.d_model, c.model.num_heads, c.model.mlp_dim = 32, 2, 64
-  c.model.num_encoder_layers = c.model.num_decoder_layers = 1
-  return c
-'''
-
-
 @pytest.fixture(scope="session")
-def trained_config(tmp_path_factory) -> str:
-  """A config file for a 40-step tiny model on the synthetic corpus."""
-  root = tmp_path_factory.mktemp("trained")
-  write_synthetic_corpus(root / "manual")
-  path = root / "tiny.py"
-  path.write_text(TRAINED_CONFIG.format(manual=str(root / "manual"), tfds=str(root / "tfds")))
-  return str(path)
+def variant_flags() -> list[str]:
+  """The ``:test`` variant as ``--config.KEY=VALUE`` flags over the plain experiment file, for
+  what takes no variant (``launch.sh``'s default run, ``mt_flax sweep``'s config digest)."""
+  from mt_flax.config import load_config
 
+  def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                 else {prefix + key: value})
+    return out
+  plain = flat(load_config(TEST_CONFIG.rpartition(":")[0]).to_dict())
+  test = flat(load_config(TEST_CONFIG).to_dict())
+  return [f"--config.{key}={value}" for key, value in test.items() if plain[key] != value]
 
-@pytest.fixture(scope="session")
-def trained_run(trained_config) -> str:
-  """Workdir of the config above trained with ``python -m mt_flax train`` (once a session)."""
-  workdir = str(Path(trained_config).parent / "run")
-  proc = _run_cli("train", "--config", trained_config, "--workdir", workdir)
-  assert proc.returncode == 0, f"tiny training run failed:\n{proc.stderr.decode()[-3000:]}"
-  return workdir
-
-
-@pytest.fixture(scope="session")
-def loaded_run(trained_run):
-  from mt_flax.inference import load_trained
-  return load_trained(trained_run)
 
 # ----------------------------------------------------------------------------- tiny training runs
 
 class TinyTraining:
-  """Short real training runs of the default experiment (the Bible) with a tiny model.
+  """Short real training runs of the default experiment's ``:test`` variant (the Bible).
 
-  ``overrides(**kw)``: ``--config.KEY=VALUE`` flags of the tiny settings (``a__b`` is
-  ``a.b``); ``new_workdir(folder, name)``: a workdir holding the tokenizer trained once
-  for the session; ``finish(proc)``: ``(exit status, stderr)`` of a started run;
-  ``wait(predicate, proc, what)`` and ``has_checkpoint(workdir, step)``: waiting on a
-  started run; ``losses(workdir)``: the logged training loss per step.
+  ``config``: that config (``FILE:test``); ``overrides(**kw)``: ``--config.KEY=VALUE``
+  flags (``a__b`` is ``a.b``); ``new_workdir(folder, name)``: a workdir holding the
+  tokenizer trained once for the session; ``finish(proc)``: ``(exit status, stderr)`` of a
+  started run; ``wait(predicate, proc, what)`` and ``has_checkpoint(workdir, step)``:
+  waiting on a started run; ``losses(workdir)``: the logged training loss per step;
+  ``tensorboard_steps(workdir)``: the steps of the TensorBoard training losses.
   """
-  config = str(ROOT / "experiments" / "bible_en_es_tiny.py")
-  vocab = 256
-  settings = {
-      "data.vocab_size": vocab, "data.num_buckets": 1, "data.eval_max_examples": 24,
-      "batch_tokens": 1024, "learning_rate": 3e-3, "warmup_steps": 8, "log_every_steps": 1,
-      "model.d_model": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-      "model.num_decoder_layers": 1, "model.mlp_dim": 64, "model.dropout_rate": 0.1,
-      "eval_bleu_examples": 0, "best_metric": "eval_loss", "best_mode": "min",
-  }
+  config = TEST_CONFIG
 
   def __init__(self, tokenizer_dir: Path):
     self.tokenizer_dir = tokenizer_dir
 
-  @classmethod
-  def overrides(cls, **kw) -> list[str]:
-    values = {**cls.settings, **{k.replace("__", "."): v for k, v in kw.items()}}
-    return [f"--config.{k}={v}" for k, v in values.items()]
+  @staticmethod
+  def overrides(**kw) -> list[str]:
+    return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
 
   def new_workdir(self, folder, name: str) -> str:
-    import shutil
     workdir = Path(folder) / name
     shutil.copytree(self.tokenizer_dir, workdir / "tokenizer")
     return str(workdir)
@@ -255,6 +172,24 @@ class TinyTraining:
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
   @staticmethod
+  def tensorboard_steps(workdir: str) -> list[int]:
+    """Steps of the ``train/loss`` scalars in all event files (TFRecord: length, crc, data,
+    crc)."""
+    from tensorboardX.proto import event_pb2
+    steps = []
+    folder = os.path.join(workdir, "tensorboard")
+    for name in os.listdir(folder):
+      blob, at = open(os.path.join(folder, name), "rb").read(), 0
+      while at + 12 <= len(blob):
+        length = int.from_bytes(blob[at:at + 8], "little")
+        event = event_pb2.Event()
+        event.ParseFromString(blob[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        if any(v.tag == "train/loss" for v in event.summary.value):
+          steps.append(int(event.step))
+    return sorted(steps)
+
+  @staticmethod
   def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     try:
       _, err = proc.communicate(timeout=timeout)
@@ -270,74 +205,111 @@ def tiny_training(tmp_path_factory) -> TinyTraining:
   from mt_flax import data
   from mt_flax.config import load_config
   folder = tmp_path_factory.mktemp("tokenizer_source")
-  data.load_or_train_tokenizer(load_config(TinyTraining.config, TinyTraining.overrides()),
-                               str(folder))
+  data.load_or_train_tokenizer(load_config(TEST_CONFIG), str(folder))
   return TinyTraining(folder / "tokenizer")
 
 
-# ----------------------------------------------------------------------------- GCS emulator
-
-@dataclasses.dataclass(frozen=True)
-class GcsEmulator:
-  """A running emulator: ``url`` (``$STORAGE_EMULATOR_HOST``) and a ``bucket`` that exists."""
-  url: str
-  bucket: str
-
-  def path(self, name: str) -> str:
-    """``gs://BUCKET/name``."""
-    return f"gs://{self.bucket}/{name}"
-
-  @staticmethod
-  def env(devices: int = 1) -> dict:
-    """Environment of ``mt_flax`` subprocesses: they see ``STORAGE_EMULATOR_HOST`` only
-    (mt_flax derives ``TENSORSTORE_GCS_HTTP_URL`` itself) and ``devices`` CPU devices."""
-    from mt_flax import paths
-    env = {k: v for k, v in os.environ.items() if k != paths.TENSORSTORE_GCS_ENV}
-    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return env
-
-  def run(self, *args: str, stdin: str = "", devices: int = 1,
-          timeout: int = 900) -> subprocess.CompletedProcess:
-    """``python -m mt_flax ARGS`` against the emulator."""
-    return subprocess.run([sys.executable, "-m", "mt_flax", *args], input=stdin, text=True,
-                          capture_output=True, env=self.env(devices), cwd=ROOT, timeout=timeout)
+@pytest.fixture(scope="session")
+def trained(tiny_training, tmp_path_factory) -> tuple[str, dict]:
+  """``(workdir, summary)`` of the ``:test`` variant trained in this process (once a session):
+  24 steps, validations and checkpoints at steps 12 and 24."""
+  from mt_flax import train
+  from mt_flax.config import load_config
+  workdir = tiny_training.new_workdir(tmp_path_factory.mktemp("trained"), "run")
+  summary = train.train_and_evaluate(load_config(TEST_CONFIG), workdir)
+  return workdir, summary
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator():
-  """gcp-storage-emulator (tools/gcs_emulator.py, in memory) on 127.0.0.1 for the session.
+def trained_run(trained) -> str:
+  """The workdir of :func:`trained`."""
+  return trained[0]
 
-  Sets ``STORAGE_EMULATOR_HOST`` (gcsfs, and through mt_flax.paths tensorstore)
-  for this process and its subprocesses; restores the environment afterwards.
-  """
-  pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (test extra)")
-  import portpicker
-  port = portpicker.pick_unused_port()
-  url, bucket = f"http://127.0.0.1:{port}", "mt-flax-test"
-  script = str(ROOT / "tools" / "gcs_emulator.py")
-  proc = subprocess.Popen([sys.executable, script, str(port), bucket],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+
+@pytest.fixture(scope="session")
+def loaded_run(trained_run):
+  from mt_flax.inference import load_trained
+  return load_trained(trained_run)
+
+
+# ----------------------------------------------------------------------------- full disks
+
+@contextlib.contextmanager
+def _tmpfs(mount, size: str = "40m"):
+  """A small tmpfs mounted on the folder ``mount`` (root only; skips otherwise); unmounted after."""
+  os.makedirs(mount, exist_ok=True)
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
   try:
-    deadline = time.time() + 120
-    while True:
-      try:
-        urllib.request.urlopen(url + "/", timeout=5).read()
-        break
-      except OSError:
-        if proc.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f"the GCS emulator did not start on {url}") from None
-        time.sleep(0.2)
-    os.environ["STORAGE_EMULATOR_HOST"] = url
-    os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
-    from mt_flax import paths
-    paths.use_gcs_emulator_for_tensorstore()
-    yield GcsEmulator(url, bucket)
+    yield mount
   finally:
-    proc.kill()
-    proc.wait()
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder) -> None:
+  """Writes zeros to ``folder/filler`` until the file system is full."""
+  fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+  try:
+    for size in (1 << 16, 1 << 10, 1):
+      try:
+        while os.write(fd, b"\0" * size):
+          pass
+      except OSError:
+        continue
+  finally:
+    os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def tmpfs():
+  """``tmpfs(folder, size="40m")``: a context manager mounting a small tmpfs on ``folder``."""
+  return _tmpfs
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 40 MB tmpfs (``tmp_path/disk``) for the test."""
+  with _tmpfs(tmp_path / "disk") as mount:
+    yield mount
+
+
+@pytest.fixture(scope="session")
+def fill_disk():
+  """``fill_disk(folder)``: writes zeros to ``folder/filler`` until its file system is full."""
+  return _fill
+
+
+# ----------------------------------------------------------------------------- a synthetic corpus
+
+# A toy lexicon: English word i translates to Spanish word i, so a few dozen updates
+# of a tiny model already produce recognisable output.
+LEXICON = dict(zip(
+    ("the cat dog house red blue small big runs eats sees quickly slowly tree river mountain "
+     "friend teacher book table window green yellow happy sad old new").split(),
+    ("el gato perro casa rojo azul pequeño grande corre come ve rápido lento árbol río montaña "
+     "amigo maestro libro mesa ventana verde amarillo feliz triste viejo nuevo").split()))
+
+
+def write_synthetic_corpus(folder: Path, n: int = 600, seed: int = 0, max_words: int = 30) -> Path:
+  """``folder/spa-eng.zip`` with ``n`` pairs of 1..max_words words (skewed to short ones)."""
+  rng = random.Random(seed)
+  english = list(LEXICON)
+  lines = []
+  for i in range(n):
+    k = min(max_words, max(1, int(rng.lognormvariate(1.6, 0.6))))
+    words = [rng.choice(english) for _ in range(k)]
+    lines.append(" ".join(words).capitalize() + f" {i}.\t"
+                 + " ".join(LEXICON[w] for w in words).capitalize() + f" {i}.\n")
+  folder.mkdir(parents=True, exist_ok=True)
+  with zipfile.ZipFile(folder / "spa-eng.zip", "w") as archive:
+    archive.writestr("spa-eng/spa.txt", "".join(lines))
+  return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus():
+  return write_synthetic_corpus

@@ -1,4 +1,4 @@
-"""`python -m mt_flax audit` and the invariance checks: pass on correct masks, fail on wrong ones."""
+"""`mt_flax audit` and the invariance checks: pass on correct masks, fail on wrong ones."""
 import numpy as np
 import pytest
 
@@ -14,10 +14,10 @@ def tiny(tiny_model):
   return tiny_model(num_encoder_layers=1, num_decoder_layers=1)
 
 
-def test_audit_cli_passes_on_the_trained_run(trained_run, run_cli):
-  proc = run_cli("audit", "--workdir", trained_run, "--batches", "1", "--rows", "3")
-  out = proc.stdout.decode()
-  assert proc.returncode == 0, out + proc.stderr.decode()[-2000:]
+def test_audit_command_passes_on_the_trained_run(trained_run, call_main, capsys):
+  code = call_main(audit.main, ["--workdir", trained_run, "--batches", "1", "--rows", "3"])
+  out, err = capsys.readouterr()
+  assert code == 0, out + err[-2000:]
   for name in CHECK_NAMES:
     assert f"PASS {name}:" in out
   assert "all checks passed" in out

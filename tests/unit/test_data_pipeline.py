@@ -22,7 +22,7 @@ from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 tfds.disable_progress_bar()
 
-CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "experiments", "bible_en_es_tiny.py")
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "bible_en_es_tiny.py")
 WORDS_EN = ("the cat dog house red blue small big runs eats sees quickly slowly tree river "
             "mountain friend teacher book table window green yellow happy sad old new").split()
 WORDS_ES = ("el gato perro casa rojo azul pequeño grande corre come ve rápido lento árbol río "

@@ -1,4 +1,4 @@
-"""`python -m mt_flax average`: the mean of real Orbax checkpoints, loaded by eval; resume untouched."""
+"""`mt_flax average`: the mean of real Orbax checkpoints, loaded by eval; resume untouched."""
 import json
 import shutil
 
@@ -57,10 +57,10 @@ def test_average_writes_the_mean_of_the_last_n_checkpoints(run_with_checkpoints,
 
 
 def test_averaged_params_are_loaded_by_eval_and_never_resumed(run_with_checkpoints, tmp_path,
-                                                              run_cli):
+                                                              call_main, capsys):
   workdir, saved = run_with_checkpoints
-  proc = run_cli("average", "--workdir", workdir, "--last", "3")
-  assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+  assert call_main(average.main, ["--workdir", workdir, "--last", "3"]) == 0, (
+      capsys.readouterr().err[-2000:])
   run = load_trained(workdir, which="averaged")
   assert run.step == 43 and run.which == "averaged"
   assert run.params_source == "average of the last 3 checkpoints (steps 41, 42, 43)"

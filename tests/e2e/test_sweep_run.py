@@ -4,38 +4,31 @@ import os
 import re
 import signal
 import subprocess
-
-import pytest
 import sys
 import time
 
 from mt_flax import paths, sweep
 from mt_flax.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 STEPS = 16      # trial 0; trial 1 runs 48
-TINY = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
-        "--config.checkpoint_every_steps=8", "--config.eval_every_steps=8",
-        "--config.log_every_steps=4", "--config.batch_tokens=512", "--config.data.vocab_size=300",
-        "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
-        "--config.data.batching=pack", "--config.data.eval_max_examples=16",
-        "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
-        "--config.model.dropout_rate=0.1"]
+SETTINGS = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
+            "--config.checkpoint_every_steps=8", "--config.eval_every_steps=8"]
 # Same programs in both trials (compiled once); the second runs longer, to be killed midway.
 SWEEP = "def get_sweep():\n  return [{'seed': 1}, {'seed': 2, 'num_train_steps': 48}]\n"
 
 
-def sweep_command(sweep_file: str, sweep_dir: str) -> list[str]:
-  return [sys.executable, "-m", "mt_flax", "sweep", CONFIG, sweep_file, "--workdir", sweep_dir, *TINY]
+def sweep_command(sweep_file: str, sweep_dir: str, flags: list[str]) -> list[str]:
+  """The sweep of the experiment file with the ``:test`` variant's settings as flags."""
+  return [sys.executable, "-m", "mt_flax", "sweep", CONFIG, sweep_file, "--workdir", sweep_dir,
+          *flags, *SETTINGS]
 
 
-def one_device_env(cache_dir) -> dict[str, str]:
+def one_device_env() -> dict[str, str]:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device: the sweep, not sharding, is under test
-  env.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(PYTHONPATH=ROOT)
   return env
 
 
@@ -54,16 +47,20 @@ def train_steps(workdir: str) -> list[int]:
   return [r["step"] for r in rows if "loss" in r and r.get("split") is None]
 
 
-@pytest.mark.slow
-def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_path):
+def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_path,
+                                                                          variant_flags,
+                                                                          tiny_training):
   sweep_file = tmp_path / "two.py"
   sweep_file.write_text(SWEEP)
   sweep_dir = tmp_path / "sw"
   names = [sweep.trial_name(i, t) for i, t in enumerate(sweep.load_sweep(str(sweep_file)))]
   second = sweep_dir / names[1]
+  for name in names:        # the trials find the session's tokenizer instead of training one
+    tiny_training.new_workdir(sweep_dir, name)
   log = open(tmp_path / "first.log", "w")
-  proc = subprocess.Popen(sweep_command(str(sweep_file), str(sweep_dir)), stdout=log,
-                          stderr=subprocess.STDOUT, env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT,
+  command = sweep_command(str(sweep_file), str(sweep_dir), variant_flags)
+  proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                          env=one_device_env(), cwd=ROOT,
                           start_new_session=True)
   try:
     # Trial 0 runs to the end; kill everything once trial 1 is past its first checkpoint.
@@ -77,8 +74,8 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
     log.close()
   assert os.path.exists(sweep_dir / names[0] / "DONE") and not os.path.exists(second / "DONE")
 
-  rerun = subprocess.run(sweep_command(str(sweep_file), str(sweep_dir)), capture_output=True,
-                         text=True, env=one_device_env(tmp_path / "jax_cache"), cwd=ROOT, timeout=240)
+  rerun = subprocess.run(command, capture_output=True, text=True,
+                         env=one_device_env(), cwd=ROOT, timeout=240)
   out = rerun.stdout + rerun.stderr
   assert rerun.returncode == 0, out[-3000:]
   assert f"{names[0]}: finished at step {STEPS}, skipped" in out

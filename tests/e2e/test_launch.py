@@ -1,11 +1,14 @@
-"""launch.sh: dispatch, errors, and 'no tests collected' is a failure."""
+"""launch.sh: dispatch, errors, 'no tests collected' is a failure, the default run end to end,
+tcmalloc, and the TPU commands it prints and the archive it ships."""
 import os
 import subprocess
 import sys
+import tarfile
 
-import pytest
+from mt_flax import tpu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch.sh")
 
 
@@ -40,27 +43,20 @@ def test_bench_needs_a_known_benchmark():
 
 
 def test_no_tests_collected_is_an_error():
-  r = launch("test", "tests/test_launch.py", "-k", "no_such_test_anywhere", "-q")
+  r = launch("test", "tests/e2e/test_launch.py", "-k", "no_such_test_anywhere", "-q")
   assert r.returncode == 1 and "collected no tests" in r.stderr
 
 
-TINY = ["--config.num_train_steps=12", "--config.warmup_steps=4", "--config.checkpoint_every_steps=12",
-        "--config.eval_every_steps=12", "--config.log_every_steps=4", "--config.batch_tokens=512",
-        "--config.data.vocab_size=300", "--config.data.tokenizer_type=bpe", "--config.data.max_len=64",
-        "--config.data.batching=pack", "--config.data.eval_max_examples=16",
-        "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-        "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
-        "--config.decode.max_len_b=2"]
-
-
-@pytest.mark.slow
-def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
-  env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": str(tmp_path / "run"),
-         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),  # the re-run reuses compiles
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path, tiny_training,
+                                                                      variant_flags):
+  # The :test variant as flags (the default run takes none), 12 steps; the run folder starts
+  # with the session's tokenizer, as a re-run would find it.
+  flags = [*variant_flags, "--config.num_train_steps=12"]
+  run_dir = tiny_training.new_workdir(tmp_path, "run")
+  env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": run_dir,
+         "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0"}
   env.pop("XLA_FLAGS", None)  # one CPU device
-  first = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
+  first = subprocess.run([LAUNCH, *flags], capture_output=True, text=True, env=env, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
   for stage in ("1/3 training", "2/3 evaluating", "3/3 sample translations", "done in"):
     assert stage in first.stderr
@@ -69,7 +65,7 @@ def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path):
   assert "BLEU signature" in first.stdout
   assert first.stdout.count("  source:") == 5 and first.stdout.count("  translation:") == 5
 
-  again = subprocess.run([LAUNCH, *TINY], capture_output=True, text=True, env=env, timeout=300)
+  again = subprocess.run([LAUNCH, *flags], capture_output=True, text=True, env=env, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "nothing to do" in again.stderr and "not evaluating again" in again.stderr
   assert "| slice | pairs | BLEU | chrF | sources | multi-ref BLEU |" in again.stdout
@@ -140,3 +136,25 @@ def test_python_m_mt_flax_starts_again_with_tcmalloc_on_cpu():
   for argv, env in ((("eval",), {"MT_FLAX_TCMALLOC": "0"}), (("tpu",), {}),
                     (("eval",), {"JAX_PLATFORMS": "tpu"}), (("--help",), {})):
     assert started(*argv, **env)[0] == ["False"], (argv, env)
+# ----------------------------------------------------------------------------- tpu
+
+GCLOUD = "gcloud compute tpus tpu-vm"
+ZONE = "us-central2-b"
+
+
+def test_tpu_archive_packs_the_code_without_venv_or_runs(tmp_path):
+  """What ``./launch.sh tpu setup`` copies to the VMs, made by the real ``tar``."""
+  archive = str(tmp_path / "src.tar.gz")
+  subprocess.run(tpu.archive_command(ROOT, archive), check=True)
+  with tarfile.open(archive) as tar:
+    names = {os.path.normpath(n) for n in tar.getnames()}
+  assert {"launch.sh", "pyproject.toml", "constraints.txt", "mt_flax/tpu.py",
+          "experiments/bible_en_es_tiny.py"} <= names
+  assert not any(n.split("/")[0] in (".venv", ".git", "runs") for n in names)
+
+
+def test_launch_sh_tpu_dry_run_prints_the_commands():
+  argv = ["delete", "--dry-run", "--name", "a,b", "--zone", ZONE]
+  out = subprocess.run([LAUNCH, "tpu", *argv], capture_output=True, text=True,
+                       env={**os.environ, "MT_FLAX_NO_SETUP": "1"}, check=True).stdout
+  assert out.splitlines() == [f"{GCLOUD} delete a --zone={ZONE}", f"{GCLOUD} delete b --zone={ZONE}"]

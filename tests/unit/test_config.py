@@ -8,7 +8,7 @@ import pytest
 from mt_flax import default_config
 from mt_flax.config import ConfigError, load_config, with_defaults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
@@ -54,6 +54,23 @@ def test_variants_share_one_file_and_differ_only_where_they_say():
   assert base.learning_rate == pytest.approx(6.99e-4, rel=1e-3)   # Vaswani et al. (2017)
   assert big.learning_rate == pytest.approx(4.94e-4, rel=1e-3)
   assert base.data.to_dict() == big.data.to_dict()
+
+
+def test_the_test_variant_is_the_default_experiment_made_small():
+  """What the tests train: the default experiment's data, schedule and vocabulary kind with
+  a small model and few steps; the file's plain config is the ``default`` variant."""
+  bible = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+  plain, test = load_config(bible), load_config(bible + ":test")
+  assert load_config(bible + ":default").to_dict() == plain.to_dict()
+  for key in ("name", "src_lang", "tgt_lang", "tokenizer_type", "max_len", "batching"):
+    assert test.data[key] == plain.data[key], key
+  assert (test.schedule, test.learning_rate, test.batch_tokens) == (
+      plain.schedule, plain.learning_rate, plain.batch_tokens)
+  assert test.num_train_steps < plain.num_train_steps and test.data.vocab_size == 256
+  assert (test.model.d_model, test.model.num_encoder_layers, test.model.num_decoder_layers) == (
+      32, 1, 1)
+  with pytest.raises(ConfigError, match="unknown variant 'tset'; expected default or test"):
+    load_config(bible + ":tset")
 
 
 def test_every_key_lives_in_the_default_config_and_missing_keys_take_it():

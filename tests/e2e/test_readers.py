@@ -87,9 +87,11 @@ def test_plain_orbax_restores_the_parameters(trained_run, loaded_run, tmp_path):
     np.testing.assert_array_equal(restored[name], value, err_msg=name)
 
 
-def test_tfds_data_source_opens_the_prepared_dataset(trained_run, trained_config, tmp_path):
-  data_dir = str(Path(trained_config).parent / "tfds")
-  found = json.loads(_script(tmp_path, OPEN_TFDS, "spa_eng", data_dir).strip().splitlines()[-1])
+def test_tfds_data_source_opens_the_prepared_dataset(trained_run, tmp_path):
+  data = json.loads(Path(trained_run, "config.json").read_text())["data"]
+  data_dir = (data["tfds_data_dir"] or os.environ.get("TFDS_DATA_DIR")
+              or os.path.expanduser("~/tensorflow_datasets"))
+  found = json.loads(_script(tmp_path, OPEN_TFDS, data["name"], data_dir).strip().splitlines()[-1])
   assert set(found["splits"]) == {"train", "validation", "test"}
   assert all(n > 0 for n in found["splits"].values())
   assert {"en", "es"} <= set(found["keys"]) and found["en"].strip()

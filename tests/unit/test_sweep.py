@@ -12,7 +12,7 @@ from mt_flax import paths, sweep
 from mt_flax.commands import sweep as sweep_command
 from mt_flax.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 
 

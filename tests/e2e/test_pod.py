@@ -3,11 +3,11 @@
 This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a pod
 (every host runs the same command, JAX connects them, all write one gs://
 checkpoint): both processes get SIGTERM mid-run, save and exit 143; the same
-command resumes; the per-step losses equal one uninterrupted process with 8
-devices (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
-``translate`` and ``audit`` read the gs:// workdir. The subprocesses only see
-``STORAGE_EMULATOR_HOST``: ``TENSORSTORE_GCS_HTTP_URL`` (for Orbax) is derived by
-mt_flax, and every other file goes through mt_flax.paths.
+command resumes; the per-step losses equal one uninterrupted run on the 8 devices of
+this process (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
+``translate`` and ``audit`` read the gs:// workdir, in this process. The subprocesses
+only see ``STORAGE_EMULATOR_HOST``: ``TENSORSTORE_GCS_HTTP_URL`` (for Orbax) is derived
+by mt_flax, and every other file goes through mt_flax.paths.
 """
 import json
 import os
@@ -20,20 +20,24 @@ import numpy as np
 import pytest
 from etils import epath
 
+from mt_flax import train
+from mt_flax.commands import audit, evaluate, translate
+from mt_flax.config import load_config
+
 from mt_flax.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
 STEPS = 12
 SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=6,
-                checkpoint_every_steps=4, progress_bar=False)
+                checkpoint_every_steps=4)
 MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
                                   "mesh.tensor": 2},
          "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}
 
 
-def args(tiny_training, mode: str) -> list[str]:
-  return ["--config", CONFIG, *tiny_training.overrides(**SETTINGS, **MODES[mode])]
+def overrides(mode: str) -> list[str]:
+  return [f"--config.{key}={value}" for key, value in {**SETTINGS, **MODES[mode]}.items()]
 
 
 def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
@@ -68,15 +72,15 @@ def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
       log.close()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_training, tmp_path,
-                                                       mode):
-  argv, losses, mt_flax = args(tiny_training, mode), tiny_training.losses, gcs_emulator.run
+                                                       mode, call_main, capsys):
+  argv, losses = ["--config", CONFIG, *overrides(mode)], tiny_training.losses
   on_gcs = mode == "jit_data_fsdp_tensor"     # the other reads the gs:// workdir after training
-  single = gcs_emulator.path(f"single_{mode}") if on_gcs else str(tmp_path / "single")
-  one = mt_flax("train", "--workdir", single, *argv, devices=8)
-  assert one.returncode == 0, one.stderr[-3000:]
+  single = (gcs_emulator.path(f"single_{mode}") if on_gcs
+            else tiny_training.new_workdir(tmp_path, "single"))
+  one = train.train_and_evaluate(load_config(CONFIG, overrides(mode)), single)
+  assert one["step"] == STEPS
 
   workdir = gcs_emulator.path(f"pod_{mode}")
   status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=2)
@@ -98,17 +102,20 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   if not on_gcs:
     return
 
-  ev = mt_flax("eval", "--workdir", workdir, "--split", "validation", "--beam", "1",
-               "--max-examples", "8", "--long-examples", "0")
-  assert ev.returncode == 0, ev.stderr[-3000:]
+  code = call_main(evaluate.main, ["--workdir", workdir, "--split", "validation", "--beam", "1",
+                                   "--max-examples", "8", "--long-examples", "0"])
+  assert code == 0, capsys.readouterr().err[-3000:]
   out = root / "eval" / "validation"
   report = json.loads((out / "report.json").read_text())
   assert report["table"][0]["examples"] == 8
   assert len((out / "validation.hyp.txt").read_text().splitlines()) == 8
   assert (out / "report.md").exists()
   assert (out / "bleu_by_slice.png").read_bytes()[:4] == b"\x89PNG"
-  tr = mt_flax("translate", "--workdir", workdir, "--beam", "1",
-               stdin="In the beginning God created the heavens and the earth.\nAnd God said.\n")
-  assert tr.returncode == 0 and len(tr.stdout.splitlines()) == 2, tr.stderr[-3000:]
-  au = mt_flax("audit", "--workdir", workdir)
-  assert au.returncode == 0, au.stderr[-3000:] + au.stdout[-3000:]
+  capsys.readouterr()
+  code = call_main(translate.main, ["--workdir", workdir, "--beam", "1"],
+                   b"In the beginning God created the heavens and the earth.\nAnd God said.\n")
+  out, err = capsys.readouterr()
+  assert code == 0 and len(out.splitlines()) == 2, err[-3000:]
+  code = call_main(audit.main, ["--workdir", workdir])
+  out, err = capsys.readouterr()
+  assert code == 0, err[-3000:] + out[-3000:]

@@ -1,16 +1,13 @@
-"""The training loop end to end on the real Bible data, with tiny settings.
+"""The training loop end to end on the real Bible data, with the ``:test`` variant.
 
-One tokenizer is trained for the module and copied into every workdir. The
-preemption test runs the real command line (``python -m mt_flax train``) in
-subprocesses, kills it with SIGTERM or SIGKILL after a checkpoint, resumes it
-and compares the per-step losses with an uninterrupted run.
+One tokenizer is trained for the session and copied into every workdir; the trained
+run is the session's (``trained``), made in this process. Preemption with real signals
+is in ``tests/e2e/test_preemption.py``.
 """
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
@@ -22,17 +19,17 @@ from mt_flax.config import load_config
 from mt_flax.metrics import read_metrics
 from mt_flax.model import Transformer, TransformerConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
-VOCAB = 256   # the tiny_training fixture's vocabulary
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
+VOCAB = 256   # the :test variant's vocabulary
 
 
-@pytest.mark.slow
-def test_train_end_to_end(tmp_path, tiny_training):
-  workdir = tiny_training.new_workdir(tmp_path, "run")
-  config = load_config(CONFIG, tiny_training.overrides(num_train_steps=24, eval_every_steps=12,
-                                         checkpoint_every_steps=12, eval_bleu_examples=4))
-  summary = train.train_and_evaluate(config, workdir)
+def test_train_end_to_end(trained, tiny_training):
+  """The session's trained run (the ``:test`` variant, 24 steps, trained in this process)."""
+  workdir, summary = trained
+  config = load_config(tiny_training.config)
+  assert (config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps,
+          config.eval_bleu_examples, config.log_every_steps) == (24, 12, 12, 4, 1)
   assert summary["step"] == 24 and summary["train_steps_run"] == 24
   assert summary["tokens_per_s"] > 0
 
@@ -76,51 +73,18 @@ def test_train_end_to_end(tmp_path, tiny_training):
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 
-def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
-  """``python -m mt_flax train`` of the default experiment in a subprocess."""
-  return subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--config", CONFIG,
-                           "--workdir", workdir, *args], env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.mark.slow
-def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
-  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140, resume: same losses."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-  args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=20, eval_every_steps=1000,
-                   progress_bar=False)
-  reference = tiny_training.new_workdir(tmp_path, "uninterrupted")
-  code, err = tiny_training.finish(run_cli(reference, args, env))
-  assert code == 0, err[-2000:]
-  want = tiny_training.losses(reference)
-  assert sorted(want) == list(range(1, 301))
-
-  workdir = tiny_training.new_workdir(tmp_path, "interrupted")
-  proc = run_cli(workdir, args, env)
-  tiny_training.wait(tiny_training.has_checkpoint(workdir, 20), proc, "checkpoint 20", 240)
-  proc.send_signal(signal.SIGTERM)
-  code, err = tiny_training.finish(proc)
-  assert code == train.PREEMPTED_EXIT, err[-2000:]        # saved and stopped, not finished
-  assert "SIGTERM: saved checkpoint step" in err
-
-  proc = run_cli(workdir, args, env)
-  tiny_training.wait(tiny_training.has_checkpoint(workdir, 140), proc, "checkpoint 140", 240)
-  proc.send_signal(signal.SIGKILL)
-  code, err = tiny_training.finish(proc)
-  assert code == -signal.SIGKILL, err[-2000:]
-  assert "resumed from checkpoint step" in err
-  assert not os.path.exists(os.path.join(workdir, "DONE"))
-
-  code, err = tiny_training.finish(run_cli(workdir, args, env))
-  assert code == 0, err[-2000:]
-  assert "resumed from checkpoint step" in err
-  got = tiny_training.losses(workdir)
-  assert got == want                                      # every step, bit for bit
-  rows = read_metrics(workdir)
-  assert len([r for r in rows if "loss" in r]) == 300     # each step logged once
-  assert [r["eval_loss"] for r in rows if "eval_loss" in r] == [
-      r["eval_loss"] for r in read_metrics(reference) if "eval_loss" in r]
+def test_restart_from_scratch_logs_each_step_once(tmp_path, trained_run, tiny_training):
+  """Checkpoints removed, the run starts again from step 0: metrics.jsonl and TensorBoard
+  hold each step once."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints"))
+  os.remove(os.path.join(workdir, "DONE"))
+  summary = train.train_and_evaluate(load_config(CONFIG), workdir)
+  assert summary["train_steps_run"] == 24
+  assert sorted(tiny_training.losses(workdir)) == list(range(1, 25))
+  assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == list(range(1, 25))
+  assert tiny_training.tensorboard_steps(workdir) == list(range(1, 25))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):

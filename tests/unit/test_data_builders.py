@@ -17,7 +17,7 @@ from mt_flax.data.sources import DataError
 
 tfds.disable_progress_bar()
 
-SHARED_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spa-eng.zip")
+SHARED_ZIP = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "spa-eng.zip")
 SWORD_FOLDER = bible.find_installed(bible.MODULES["en"], list(bible.DEFAULT_SWORD_PATHS))
 HAS_BIBLE = SWORD_FOLDER is not None and bible.find_installed(
     bible.MODULES["es"], list(bible.DEFAULT_SWORD_PATHS)) is not None
@@ -229,7 +229,6 @@ def real_spa(tmp_path_factory):
   return make_config("spa_eng", root / "data", os.path.dirname(os.path.abspath(SHARED_ZIP)))
 
 
-@pytest.mark.slow
 def test_real_spa_eng_keeps_all_118964_pairs(real_spa):
   sizes = sources.split_sizes(real_spa)
   assert sum(sizes.values()) == 118_964
@@ -238,7 +237,6 @@ def test_real_spa_eng_keeps_all_118964_pairs(real_spa):
   assert 0.04 < sizes["test"] / 118_964 < 0.06
 
 
-@pytest.mark.slow
 def test_real_spa_eng_no_english_sentence_in_two_splits(real_spa):
   splits_of = collections.defaultdict(set)
   translations = collections.Counter()

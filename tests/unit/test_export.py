@@ -31,20 +31,36 @@ from mt_flax.special_ids import BOS_ID, EOS_ID  # noqa: E402
 
 SENTENCES = 200
 LIMITS = dict(max_len_a=1.5, max_len_b=10.0)
-# The run: the session's tiny config with a larger vocabulary and model, trained 600 steps.
-OVERRIDES = ["--config.data.vocab_size=320", "--config.model.d_model=64",
-             "--config.model.mlp_dim=128", "--config.model.dropout_rate=0.0",
-             "--config.num_train_steps=600", "--config.eval_every_steps=600",
-             "--config.checkpoint_every_steps=600", "--config.log_every_steps=100"]
+# A tiny model on the synthetic corpus, trained long enough that it ends its sentences.
+CONFIG = """
+from mt_flax.default_config import get_config as default_config
+
+def get_config():
+  c = default_config()
+  c.num_train_steps, c.warmup_steps, c.learning_rate = 600, 10, 5e-3
+  c.eval_every_steps = c.checkpoint_every_steps = 600
+  c.log_every_steps = 100
+  c.batch_tokens, c.eval_bleu_examples, c.progress_bar = 1024, 8, False
+  c.data.name, c.data.manual_dir, c.data.tfds_data_dir = "spa_eng", {manual!r}, {tfds!r}
+  c.data.vocab_size, c.data.tokenizer_type, c.data.max_len = 320, "bpe", 48
+  c.data.batching, c.data.eval_max_examples = "pad", 24
+  c.model.d_model, c.model.num_heads, c.model.mlp_dim, c.model.dropout_rate = 64, 2, 128, 0.0
+  c.model.num_encoder_layers = c.model.num_decoder_layers = 1
+  return c
+"""
 
 
 @pytest.fixture(scope="module")
-def run(trained_config, run_cli, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("export") / "run")
-  proc = run_cli("train", "--config", trained_config, "--workdir", workdir, *OVERRIDES)
-  assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+def run(synthetic_corpus, tmp_path_factory):
+  from mt_flax import train
+  from mt_flax.config import load_config
   from mt_flax.inference import load_trained
-  return load_trained(workdir)
+  root = tmp_path_factory.mktemp("export")
+  synthetic_corpus(root / "manual")
+  path = root / "tiny.py"
+  path.write_text(CONFIG.format(manual=str(root / "manual"), tfds=str(root / "tfds")))
+  train.train_and_evaluate(load_config(str(path)), str(root / "run"))
+  return load_trained(str(root / "run"))
 
 
 @pytest.fixture(scope="module")

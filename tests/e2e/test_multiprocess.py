@@ -111,7 +111,7 @@ def run_two_processes(out_dir, mode: str) -> list[dict]:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
              MT_FLAX_NUM_PROCESSES="2")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   logs = [open(out_dir / f"process_{i}.log", "w") for i in range(2)]   # files: a pipe can fill
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), mode],
                             env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=root,
@@ -131,7 +131,6 @@ def run_two_processes(out_dir, mode: str) -> list[dict]:
   return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(2)]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   import jax
   from mt_flax import sharding
@@ -142,7 +141,6 @@ def test_two_processes_match_one(tmp_path):
   check_results(results, losses, metrics)
 
 
-@pytest.mark.slow
 def test_pmap_two_processes_reduce_over_all_devices(tmp_path):
   """pmap on 2 processes x 2 devices equals pmap on 4 devices of one process.
 
