@@ -31,7 +31,14 @@ import sys
 import numpy as np
 import jax
 import orbax.checkpoint as ocp
-tree = ocp.StandardCheckpointer().restore(sys.argv[1])
+checkpointer = ocp.StandardCheckpointer()
+# The run was saved sharded over 8 devices; this process has one: restore onto it.
+meta = checkpointer.metadata(sys.argv[1])
+meta = getattr(meta, "item_metadata", meta)
+meta = getattr(meta, "tree", meta)
+one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+tree = checkpointer.restore(sys.argv[1], target)
 flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 np.savez(sys.argv[2], **flat)
