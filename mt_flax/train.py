@@ -285,15 +285,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     if start >= int(config.num_train_steps):
       _mark_done(workdir)
       log(f"{workdir} already trained to step {start} (num_train_steps="
-           f"{config.num_train_steps}); nothing to do")
+          f"{config.num_train_steps}); nothing to do")
       last = [r for r in read_metrics(workdir) if r.get("split") == "validation"][-1:]
       return {"step": start, "train_steps_run": 0, "preempted": False,
               **{k: v for r in last for k, v in r.items() if k not in ("step", "split")}}
     if sharding.is_primary():
       (paths.as_path(workdir) / DONE_FILE).unlink(missing_ok=True)   # trains again (more steps)
     log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
-         f"{partitioner.mode} over {jax.device_count()} device(s), "
-         f"{jax.process_count()} process(es); steps {start} -> {config.num_train_steps}")
+        f"{partitioner.mode} over {jax.device_count()} device(s), "
+        f"{jax.process_count()} process(es); steps {start} -> {config.num_train_steps}")
     train_fn = partitioner.compile_train_step(steps.make_train_step(
         model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
         learning_rate_fn=steps.make_schedule(config), jit=False))
