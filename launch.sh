@@ -5,12 +5,14 @@
 #                                          eval report on test, sample translations
 #   ./launch.sh test [--all|--perf] [pytest args]  tests/unit, in-process (--all: and tests/e2e,
 #                                          subprocesses and pods, as CI; --perf: tests/perf, probes)
-#   ./launch.sh train|eval|translate|data-stats|audit|average|export|compare ...   python -m mt_flax ...
+#   ./launch.sh train|eval|translate|data-stats|audit|average|export|compare|compile ...
+#                                          python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
 #   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
 #       --accelerator TYPE [-- <mt_flax command and flags>]
-# Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3) to create it with,
+# Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3, >= 3.11) to create it with,
+# MT_FLAX_EXTRAS (default test; tpu on TPU VMs) the extras installed with it,
 # MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
 # "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
 # check (the venv must exist). Every command but tpu preloads tcmalloc (Debian
@@ -76,23 +78,38 @@ install_system_packages() {
   fi
 }
 
+# constraints.txt pins jax, numpy and grain releases that need Python >= 3.11 (pyproject.toml's
+# requires-python); an older interpreter stops here in one line instead of deep inside pip.
+check_python() {
+  local version
+  version=$("$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+    || { echo "launch.sh: cannot run Python '$1'; set PYTHON to a Python >= 3.11" >&2; exit 2; }
+  case "$version" in
+    2.*|3.[0-9]|3.10)
+      echo "launch.sh: $1 is Python $version; mt_flax needs Python >= 3.11 (set PYTHON=python3.11," \
+        "or install one with: uv python install 3.11)" >&2
+      exit 2 ;;
+  esac
+}
+
 setup() {
   if [ "${MT_FLAX_NO_SETUP:-}" = 1 ]; then
     [ -x "$VENV/bin/python" ] || { log "MT_FLAX_NO_SETUP=1 but $VENV/bin/python is missing"; exit 1; }
     return 0
   fi
+  if [ -x "$VENV/bin/python" ]; then check_python "$VENV/bin/python"; else check_python "$PY"; fi
   install_system_packages
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
     "$PY" -m venv "$VENV"
   fi
-  local stamp="$VENV/.mt_flax-installed"
+  local stamp="$VENV/.mt_flax-installed" extras=${MT_FLAX_EXTRAS:-test}
   local want
-  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  want=$( { cat pyproject.toml constraints.txt; echo "$extras"; } | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    log "installing mt_flax and its pinned dependencies into $VENV"
+    log "installing mt_flax[$extras] and its pinned dependencies into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]" >&2
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]" >&2
     echo "$want" > "$stamp"
   fi
 }
@@ -164,7 +181,7 @@ case "$cmd" in
     if [ $rc = 5 ]; then log "pytest collected no tests: that is an error"; exit 1; fi
     exit $rc
     ;;
-  train|eval|translate|data-stats|audit|average|sweep|export|compare)
+  train|eval|translate|data-stats|audit|average|sweep|export|compare|compile)
     setup
     preload_tcmalloc
     exec "$VENV/bin/python" -m mt_flax "$cmd" "$@"
@@ -186,11 +203,11 @@ case "$cmd" in
     setup
     ;;
   -h|--help|help)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \
-      "eval, translate, data-stats, audit, average, sweep, bench or tpu (./launch.sh help)" >&2
+      "eval, translate, data-stats, audit, average, sweep, compile, bench or tpu (./launch.sh help)" >&2
     exit 2
     ;;
 esac

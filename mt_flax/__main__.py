@@ -6,6 +6,7 @@ commands that read an experiment ``--config FILE[:VARIANT]`` plus
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
 import os
@@ -23,6 +24,8 @@ COMMANDS = {
     "average": ("mt_flax.commands.average", "average the parameters of the last N checkpoints"),
     "data-stats": ("mt_flax.commands.data_stats", "lengths, ratios and padding of the batches"),
     "sweep": ("mt_flax.commands.sweep", "hyperparameter sweep with a ranked results table"),
+    "compile": ("mt_flax.commands.compile", "compile the steps for a TPU slice on this host: "
+                "HBM, FLOPs, bytes, collectives"),
     "tpu": ("mt_flax.commands.tpu", "create, set up, run on and delete Cloud TPU VMs"),
 }
 
@@ -46,6 +49,17 @@ def _runs_on_cpu() -> bool:
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
   return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+def cpu_if_no_tpu() -> None:
+  """With libtpu installed (the tpu extra, for ``compile``) on a host without TPU chips or
+  another accelerator plugin, JAX would try the TPU first and libtpu would log its failure:
+  such a host runs on the CPU (``JAX_PLATFORMS``, when unset)."""
+  if (os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None
+      or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+      or any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS[1:])):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def tcmalloc_path() -> str | None:
@@ -91,5 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  cpu_if_no_tpu()
   preload_tcmalloc(sys.argv[1:])
   sys.exit(main())

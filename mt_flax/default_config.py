@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.overlong = "drop"          # longer training pairs: "drop" or "truncate"
   c.data.batching = "bucket"        # "bucket" (by length), "pack" (segments) or "pad"
   c.data.num_buckets = 8            # distinct batch shapes when bucketing
+  c.data.length_multiple = 8        # bucket lengths rounded up to a multiple of this (TPU: 128
+                                    # for long sequences); 1 = exact lengths
   c.data.pack_len = 0               # row length when packing; 0 = max_len
   c.data.eval_max_examples = 500    # validation pairs for the loss; 0 = all
   c.data.eval_src_len_edges = (10, 20, 40, 80)  # source-length slices of the eval report

@@ -29,7 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the check
 REMOTE_DIR = "~/mt_flax"
 LOG_FILE = "~/mt_flax.log"
 ARCHIVE = "mt_flax-src.tar.gz"
-MT_FLAX_COMMANDS = ("train", "eval", "translate", "data-stats", "audit", "sweep")
+MT_FLAX_COMMANDS = ("train", "eval", "translate", "data-stats", "audit", "sweep", "compile")
+VM_PYTHON = "3.11"          # what the VMs' venv is built with (pyproject.toml: requires-python)
+UV = "~/.local/bin/uv"
+UV_INSTALLER = "https://astral.sh/uv/0.13.9/install.sh"
 # The host's index in its slice, from the TPU VM metadata server (as JAX reads it).
 WORKER_ID = ("$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/"
              "computeMetadata/v1/instance/attributes/agent-worker-number)")
@@ -116,17 +119,18 @@ def archive_command(root: str, archive: str) -> list[str]:
 def setup_commands(tpu: Tpu, root: str, archive: str) -> list[list[str]]:
   """Pack the code, copy it to every host, install it there in a venv with JAX for TPU.
 
-  gcsfs lets TFDS and the sweep read and write ``gs://`` paths.
+  The TPU images run Ubuntu 22.04, whose python3 (3.10) is too old for the pinned stack:
+  ``uv`` installs Python ``VM_PYTHON`` and ``launch.sh setup`` builds the venv with it
+  (the ``tpu`` extra: libtpu).
   """
   remote = " && ".join([
-      "sudo apt-get update -q",
-      "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv",
+      f"(test -x {UV} || curl -LsSf {UV_INSTALLER} | env UV_INSTALL_DIR=$HOME/.local/bin "
+      "UV_NO_MODIFY_PATH=1 sh)",
+      f"{UV} python install {VM_PYTHON}",
       f"mkdir -p {REMOTE_DIR}",
       f"tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR}",
       f"cd {REMOTE_DIR}",
-      "python3 -m venv .venv",
-      ".venv/bin/pip install -q --upgrade pip",
-      ".venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]' gcsfs",
+      f"PYTHON=$({UV} python find {VM_PYTHON}) MT_FLAX_EXTRAS=tpu ./launch.sh setup",
   ])
   scp = _gcloud(tpu, "scp", archive, f"{tpu.name}:{ARCHIVE}", *_workers(tpu))
   return [archive_command(root, archive), scp, ssh_command(tpu, remote)]

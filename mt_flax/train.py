@@ -294,6 +294,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
         f"{partitioner.mode} over {jax.device_count()} device(s), "
         f"{jax.process_count()} process(es); steps {start} -> {config.num_train_steps}")
+    shapes = data.train_shapes(config, tokenizer, process_count=jax.process_count(),
+                               batch_multiple=partitioner.local_batch_multiple * accum)
+    log(f"{len(shapes)} training batch shape(s) to compile, rows x (source, target) tokens: "
+        + ", ".join(f"{b.rows} x ({b.src_len}, {b.tgt_len})" for b in shapes))
     train_fn = partitioner.compile_train_step(steps.make_train_step(
         model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
         learning_rate_fn=steps.make_schedule(config), jit=False))
@@ -429,7 +433,8 @@ def _make_validate(config, model, tokenizer, partitioner) -> Callable[[Any], dic
   """
   examples = data.eval_examples(config, tokenizer, "validation")
   batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
-      examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple)]
+      examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple,
+      length_multiple=int(config.data.length_multiple))]
   eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
   subset = examples[:max(int(config.eval_bleu_examples), 0)]
 

@@ -6,7 +6,7 @@
     for batch, indices in eval_batches(examples, config.batch_tokens): ...
 """
 from mt_flax.data.pipeline import (batch_efficiency, encode_pair, eval_batches, eval_examples,
-                                   train_iterator, training_set)
+                                   train_iterator, train_shapes, training_set)
 from mt_flax.data.sources import DataError, get_builder, load_pairs, split_sizes
 from mt_flax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
                                     load_or_train_tokenizer)
@@ -14,5 +14,5 @@ from mt_flax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "DataError", "Tokenizer", "batch_efficiency",
     "encode_pair", "eval_batches", "eval_examples", "get_builder", "load_or_train_tokenizer",
-    "load_pairs", "split_sizes", "train_iterator", "training_set",
+    "load_pairs", "split_sizes", "train_iterator", "train_shapes", "training_set",
 ]

@@ -47,20 +47,31 @@ def _candidates(lengths: np.ndarray) -> np.ndarray:
   return np.unique(np.append(quantiles.astype(values.dtype), values[-1]))
 
 
-def optimal_boundaries(src_lens: np.ndarray, tgt_lens: np.ndarray, num_buckets: int
-                       ) -> list[tuple[int, int]]:
+def round_up(lengths, multiple: int):
+  """`lengths` (an int or an array) rounded up to a multiple of `multiple` (>= 1)."""
+  multiple = int(multiple)
+  if multiple < 1:
+    raise ValueError(f"data.length_multiple={multiple}: expected at least 1")
+  return -(-lengths // multiple) * multiple
+
+
+def optimal_boundaries(src_lens: np.ndarray, tgt_lens: np.ndarray, num_buckets: int,
+                       length_multiple: int = 1) -> list[tuple[int, int]]:
   """At most `num_buckets` nested (S, T) buckets minimising the padded slots.
 
   Args:
     src_lens, tgt_lens: [N] padded-side lengths of every pair (EOS/BOS included).
     num_buckets: the most buckets (distinct shapes) allowed, >= 1.
+    length_multiple: every S and T is a multiple of this (the best such set).
 
   Returns:
-    (S, T) boundaries sorted ascending; the last is (max src_len, max tgt_len).
+    (S, T) boundaries sorted ascending; the last holds the longest pair (max src_len,
+    max tgt_len, rounded up to `length_multiple`).
   """
   src_lens, tgt_lens = np.asarray(src_lens), np.asarray(tgt_lens)
   if len(src_lens) == 0:
     raise ValueError("no lengths to bucket")
+  src_lens, tgt_lens = round_up(src_lens, length_multiple), round_up(tgt_lens, length_multiple)
   a_values, b_values = _candidates(src_lens), _candidates(tgt_lens)
   # Counts of pairs whose smallest candidate boundary is (i, j), then cumulated.
   i_of = np.searchsorted(a_values, src_lens)

@@ -401,7 +401,11 @@ def batch_buckets(config: ml_collections.ConfigDict, data: TrainingSet, *,
     num = int(config.data.num_buckets)
     if num < 1:
       raise DataError(f"data.num_buckets={num}: expected at least 1")
-    boundaries = bucketing.optimal_boundaries(data.src_lens, data.tgt_lens, num)
+    try:
+      boundaries = bucketing.optimal_boundaries(data.src_lens, data.tgt_lens, num,
+                                                int(config.data.length_multiple))
+    except ValueError as e:
+      raise DataError(str(e)) from None
   elif mode == "pad":
     boundaries = [(data.max_len, data.max_len)]
   else:
@@ -449,6 +453,20 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   plan = _BatchPlan(data.kept, bucket_of, buckets, seed=seed, num_epochs=num_epochs,
                     process_index=process_index, process_count=process_count)
   return iter(plan.map(_Assemble(data.examples, buckets, process_count)))
+
+
+def train_shapes(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                 process_count: int = 1, batch_multiple: int = 1) -> list[bucketing.Bucket]:
+  """The distinct global batch shapes of `train_iterator` (what the train step compiles for);
+  rows are global (every process's rows together)."""
+  data = training_set(config, tokenizer)
+  if config.data.batching == "pack":
+    rows, src_len, tgt_len = packed_rows(config, data, process_count=process_count,
+                                         batch_multiple=batch_multiple)
+    return [bucketing.Bucket(rows * process_count, src_len, tgt_len)]
+  buckets, _ = batch_buckets(config, data, process_count=process_count,
+                             batch_multiple=batch_multiple)
+  return buckets
 
 
 def packed_rows(config: ml_collections.ConfigDict, data: TrainingSet, *, process_count: int = 1,
@@ -555,11 +573,13 @@ def eval_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split
 
 
 def eval_batches(examples: Sequence[dict[str, Any]], batch_tokens: int, batch_multiple: int = 1,
-                 *, num_shapes: int = EVAL_SHAPES) -> list[tuple[Batch, list[int]]]:
+                 *, num_shapes: int = EVAL_SHAPES, length_multiple: int = 1
+                 ) -> list[tuple[Batch, list[int]]]:
   """Padded batches covering every example exactly once, with their example indices.
 
   Lengths are bucketed like training batches (`bucketing.optimal_boundaries` over
-  these examples), so there are at most `num_shapes` (S, T) shapes; rows =
+  these examples, lengths rounded up to `length_multiple`), so there are at most
+  `num_shapes` (S, T) shapes; rows =
   batch_tokens // max(S, T) rounded down to a multiple of `batch_multiple` (at
   least `batch_multiple`); empty rows pad the last batch of a shape. Batches come
   in order of shape, examples in their given order.
@@ -568,7 +588,7 @@ def eval_batches(examples: Sequence[dict[str, Any]], batch_tokens: int, batch_mu
     return []
   src_lens = np.asarray([len(ex["src_ids"]) for ex in examples])
   tgt_lens = np.asarray([len(ex["tgt_ids"]) for ex in examples])
-  boundaries = bucketing.optimal_boundaries(src_lens, tgt_lens, num_shapes)
+  boundaries = bucketing.optimal_boundaries(src_lens, tgt_lens, num_shapes, length_multiple)
   bucket_of = bucketing.assign(src_lens, tgt_lens, boundaries)
   out = []
   for k, (src_len, tgt_len) in enumerate(boundaries):

@@ -55,7 +55,8 @@ def batching_stats(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     stats["pairs"] = sum(_pairs_in(b) for b in batches)
     if mode == "bucket":
       boundaries = bucketing.optimal_boundaries(data.src_lens, data.tgt_lens,
-                                                int(cfg.data.num_buckets))
+                                                int(cfg.data.num_buckets),
+                                                int(cfg.data.length_multiple))
       src_eff, tgt_eff = bucketing.padded_slots(data.src_lens, data.tgt_lens, boundaries)
       stats["boundaries"] = [list(b) for b in boundaries]
       stats["assignment_efficiency"] = {"src": src_eff, "tgt": tgt_eff}

@@ -41,8 +41,13 @@ def test_single_host_lifecycle(capsys):
   assert setup[1] == (f"{GCLOUD} scp {archive} mt-a:mt_flax-src.tar.gz --zone={ZONE} --project=my-proj")
   ssh = shlex.split(setup[2])
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mt-a"]
-  assert ssh[6].startswith("--command=sudo apt-get update") and "--worker=all" not in ssh
-  assert "-c constraints.txt -e . 'jax[tpu]' gcsfs" in ssh[6]
+  assert "--worker=all" not in ssh
+  # the image's python3 is 3.10: uv installs the Python the venv is built with
+  assert ssh[6].startswith("--command=(test -x ~/.local/bin/uv || curl -LsSf "
+                           "https://astral.sh/uv/0.13.9/install.sh | env ")
+  assert " && ~/.local/bin/uv python install 3.11 && " in ssh[6]
+  assert ssh[6].endswith(" && cd ~/mt_flax && PYTHON=$(~/.local/bin/uv python find 3.11) "
+                         "MT_FLAX_EXTRAS=tpu ./launch.sh setup")
   run = dry_run(capsys, "run", *base, "--data-dir", "gs://b/tfds", "--", "train", "--config",
                 "experiments/bible_en_es_tiny.py", "--workdir", "gs://b/runs/tiny")
   assert run == [
@@ -116,3 +121,66 @@ def test_bad_command_lines_are_one_line_errors(capsys, argv, message):
   assert tpu_command.main([argv[0], "--dry-run", *argv[1:]]) == 2
   err = capsys.readouterr().err
   assert message in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- the VMs' Python
+
+
+def _requirements(extra: str) -> list[str]:
+  """pyproject.toml's dependencies and one of its extras."""
+  import tomllib
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  return [*project["dependencies"], *project["optional-dependencies"][extra]]
+
+
+# Pinned packages published as source only (pure Python): built into wheels first, as pip
+# builds them on the VMs, since a resolution for another Python takes wheels only.
+SOURCE_ONLY = ("pysword", "promise")
+OFFLINE = ("NewConnectionError", "Could not fetch URL", "Max retries", "No matching distribution")
+
+
+def _pip(*args: str):
+  import subprocess
+  import sys
+  run = subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--no-input",
+                        "--disable-pip-version-check"], capture_output=True, text=True, timeout=900)
+  if run.returncode and any(s in run.stderr for s in OFFLINE):
+    pytest.skip(f"pip cannot reach the package index: {run.stderr.strip().splitlines()[-1]}")
+  assert run.returncode == 0, run.stderr
+  return run
+
+
+def test_pinned_stack_with_the_tpu_extra_resolves_for_the_vm_python(tmp_path):
+  """What ``tpu setup`` installs on the VMs (Python VM_PYTHON, the tpu extra), resolved against
+  constraints.txt as pip would there."""
+  import json
+  constraints = os.path.join(ROOT, "constraints.txt")
+  pins = dict(line.strip().lower().split("==") for line in open(constraints) if "==" in line)
+  wheels = tmp_path / "wheels"
+  _pip("wheel", "--no-deps", "-w", str(wheels), *(f"{n}=={pins[n]}" for n in SOURCE_ONLY))
+  report = tmp_path / "report.json"
+  _pip("install", "--dry-run", "--python-version", tpu.VM_PYTHON, "--only-binary=:all:",
+       "--find-links", str(wheels), "--target", str(tmp_path / "target"),
+       "--report", str(report), "-c", constraints, *_requirements("tpu"))
+  installed = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+               for i in json.loads(report.read_text())["install"]}
+  for name in ("jax", "jaxlib", "libtpu", "numpy", "grain", "flax", "pysword"):
+    assert installed[name] == pins[name], name
+
+
+def test_launch_sh_refuses_python_3_10_in_one_line(tmp_path):
+  """Ubuntu 22.04's python3 (what the TPU images have) stops setup before any install. The
+  stand-in answers the version question as Python 3.10 does; nothing else is asked of it."""
+  import subprocess
+  python310 = tmp_path / "python3.10"
+  python310.write_text("#!/bin/sh\necho 3.10\n")
+  python310.chmod(0o755)
+  venv = tmp_path / "venv"
+  run = subprocess.run([os.path.join(ROOT, "launch.sh"), "setup"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(python310), "MT_FLAX_VENV": str(venv),
+                            "MT_FLAX_NO_SETUP": ""})
+  assert run.returncode == 2
+  assert run.stderr == (f"launch.sh: {python310} is Python 3.10; mt_flax needs Python >= 3.11 "
+                        "(set PYTHON=python3.11, or install one with: uv python install 3.11)\n")
+  assert not venv.exists()

@@ -1,0 +1,94 @@
+"""Ahead-of-time TPU compiles on this CPU host with libtpu (``python -m mt_flax compile``)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mt_flax import compile as aot
+from mt_flax.commands import compile as compile_cmd
+
+from conftest import ROOT
+
+DEFAULT_EXPERIMENT = str(ROOT / "experiments" / "bible_en_es_tiny.py")
+
+
+@pytest.mark.parametrize("name, chips, hosts, libtpu_name", [
+    ("v5e-8", 8, 1, "v5e:2x4"), ("v6e-8", 8, 1, "v6e:2x4"), ("v4-8", 4, 1, "v4:2x2x1"),
+    ("v4-16", 8, 2, "v4:2x2x2"), ("v5p-32", 16, 4, "v5p:2x2x4"), ("v5litepod-16", 16, 4, "v5e:4x4")])
+def test_topology_names_give_one_device_per_chip_on_each_host(name, chips, hosts, libtpu_name):
+  topology = aot.parse_topology(name)
+  assert (topology.chips, topology.hosts, topology.topology_name) == (chips, hosts, libtpu_name)
+  devices = aot.tpu_devices(topology)
+  assert len(devices) == chips
+  assert len({d.process_index for d in devices}) == hosts
+
+
+def _compile(call_main, tmp_path, capsys, *argv):
+  status = call_main(compile_cmd.main, ["--out", str(tmp_path), *argv])
+  return status, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--topology", "v5e-7"], "--topology 'v5e-7': expected a TPU slice such as v5e-8"),
+    (["--topology", "v5e-8", "--config.mesh.tensor=3"],
+     "8 devices are not divisible by 3 (topology v5e-8 has 8 chips)"),
+    (["--topology", "v5e-8", "--config.mesh.data=2"],
+     "uses 2 devices; expected 8 (set one axis to -1 to fill) (topology v5e-8 has 8 chips)"),
+])
+def test_bad_topology_or_mesh_is_one_line(call_main, tmp_path, capsys, argv, expected):
+  status, out = _compile(call_main, tmp_path, capsys, "--config", DEFAULT_EXPERIMENT, *argv)
+  assert status == 2
+  assert out.err.count("\n") == 1 and expected in out.err, out.err
+
+
+def test_without_libtpu_the_error_names_the_tpu_extra():
+  code = ("import sys; sys.modules['libtpu'] = None\n"   # what an environment without it finds
+          "from mt_flax.commands import compile\n"
+          f"sys.exit(compile.main(['--config', {DEFAULT_EXPERIMENT!r}, '--topology', 'v5e-8']))")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines()[-1] == (
+      "mt_flax compile: error: libtpu is not installed; install the tpu extra: "
+      "pip install -c constraints.txt -e '.[tpu]'")
+
+
+def test_collectives_are_counted_once_per_async_pair_with_result_bytes():
+  hlo = "\n".join([
+      "  %ag = bf16[16,128]{1,0} all-gather(bf16[4,128]{1,0} %p), dimensions={0}",
+      "  %ags = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %q)",
+      "  %agd = bf16[16,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[16,8]{1,0}) %ags)",
+      "  ROOT %ar = (f32[512]{0:T(512)}, f32[]{:T(128)}) all-reduce(f32[512] %g, f32[] %l)",
+      "  %rs = f32[2,3]{1,0} reduce-scatter(f32[8,3]{1,0} %x), dimensions={0}",
+  ])
+  found = aot.collectives(hlo)
+  assert found["all-gather"] == {"count": 2, "bytes": 16 * 128 * 2 + 16 * 8 * 2}
+  assert found["all-reduce"] == {"count": 1, "bytes": 512 * 4 + 4}
+  assert found["reduce-scatter"] == {"count": 1, "bytes": 2 * 3 * 4}
+  assert found["collective-permute"]["count"] == found["all-to-all"]["count"] == 0
+
+
+@pytest.mark.parametrize("topology, overrides", [
+    ("v5e-8", []),                                                        # one host
+    ("v4-16", ["--config.mesh.fsdp=2"]),                                  # two hosts
+])
+def test_default_experiment_compiles_and_fits(call_main, tmp_path, capsys, topology, overrides):
+  status, out = _compile(call_main, tmp_path, capsys, "--config", DEFAULT_EXPERIMENT,
+                         "--topology", topology, "--max-shapes", "1", *overrides)
+  assert status == 0, out.err
+  [row] = json.loads((tmp_path / f"compile-{topology}.json").read_text())
+  assert row["hosts"] == aot.parse_topology(topology).hosts
+  assert max(row["shape"]["src_len"], row["shape"]["tgt_len"]) == 96   # data.max_len
+  for step in ("train", "eval"):
+    r = row[step]
+    assert r["flops"] > 0 and r["bytes_accessed"] > 0 and r["compile_s"] > 0
+    hbm = r["hbm"]
+    assert hbm["arguments_gib"] > 0 and hbm["temporaries_gib"] > 0 and hbm["outputs_gib"] > 0
+    assert hbm["fits"] and hbm["total_gib"] < hbm["capacity_gib"]
+    assert r["roofline"]["bound_s"] == max(r["roofline"]["compute_s"], r["roofline"]["memory_s"])
+    assert r["roofline"]["tokens_per_s_bound"] > 0
+  gradients = row["train"]["collectives"]["all-reduce"]
+  assert gradients["count"] >= 1 and gradients["bytes"] > 0     # data-parallel gradient sum
+  if topology == "v4-16":                                        # fsdp=2: parameters gathered
+    assert row["train"]["collectives"]["all-gather"]["count"] > 0
+  assert f"{topology} " in out.out and "HBM/chip" in out.out
