@@ -32,7 +32,9 @@ def get_config(variant: str = "default"):
   c.update(num_train_steps=4000, warmup_steps=500, learning_rate=3e-3, schedule="cosine",
            min_learning_rate_ratio=0.05, batch_tokens=1024, checkpoint_every_steps=1000,
            eval_every_steps=2000, log_every_steps=100)
-  c.data.update(vocab_size=4000, max_len=96)
+  # Exact bucket lengths: a CPU gains nothing from lengths rounded to a multiple, and the
+  # figures above were measured with exact ones.
+  c.data.update(vocab_size=4000, max_len=96, length_multiple=1)
   c.model.update(d_model=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                  mlp_dim=512, dropout_rate=0.0)
   if variant == "test":

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.best_mode = "max"               # "min" or "max"
   c.log_every_steps = 50
   c.progress_bar = True
+  c.compilation_cache_dir = ""      # JAX compilation cache (gs:// ok: a restarted pod loads
+                                    # its programs); "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache
   c.parallelism = "jit"             # "jit" (NamedSharding over a mesh) or "pmap"
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                  # data-parallel ways; -1 = the devices left over

@@ -10,8 +10,9 @@ A second run on the same workdir stops at once (``train.lock``).
 
 Errors reach the terminal as one line; tracebacks and third-party log output
 (absl, Orbax, XLA) go to ``train.log`` in the workdir. Compiled programs are
-kept in ``~/.cache/mt_flax/jax_compilation_cache`` (or
-``$JAX_COMPILATION_CACHE_DIR``), so resumed and repeated runs skip compiling.
+kept in ``config.compilation_cache_dir`` (a ``gs://`` folder serves every host of
+a pod and outlives the VMs), else ``$JAX_COMPILATION_CACHE_DIR``, else
+``~/.cache/mt_flax/jax_compilation_cache``, so resumed and repeated runs skip compiling.
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from mt_flax.errors import ConfigError, SaveFailed, TrainingDiverged, UserError
 from mt_flax.runlog import LogRouting, failure_cause, log_path
 
 COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
+
+
+def use_compilation_cache(config) -> str:
+  """Points JAX's persistent compilation cache at ``config.compilation_cache_dir`` (gs:// ok),
+  else ``$JAX_COMPILATION_CACHE_DIR``, else ``COMPILATION_CACHE``; returns the folder."""
+  folder = (config.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or COMPILATION_CACHE)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
 
 
 def build_parser():
@@ -53,8 +63,7 @@ def _train(config, workdir: str, routing: LogRouting) -> int:
   :func:`cli.entry`, the others here with a pointer to the log file)."""
   details = f"(details in {routing.path})"
   try:
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+    use_compilation_cache(config)
     summary = train.train_and_evaluate(config, workdir)
   except (TrainingDiverged, SaveFailed) as e:
     routing.write_exception(type(e).__name__, e)

@@ -150,9 +150,11 @@ def test_tokenizer_separate_vocabularies_trained_on_train_split_only(setup, monk
 def test_bucketing_respects_budget_shapes_and_keeps_every_pair(setup):
   config, tokenizer, _ = setup
   data = pipeline.training_set(config, tokenizer)
+  config = with_overrides(config, length_multiple=8)
   batches = list(pipeline.train_iterator(config, tokenizer, num_epochs=1, batch_multiple=4))
   shapes = {(b["src"].shape, b["tgt_in"].shape) for b in batches}
   assert len(shapes) <= config.data.num_buckets
+  assert all(s[1] % 8 == 0 and t[1] % 8 == 0 for s, t in shapes)
   for b in batches:
     rows, src_len = b["src"].shape
     assert b["tgt_in"].shape == b["tgt_out"].shape and b["tgt_in"].shape[0] == rows
@@ -183,6 +185,29 @@ def test_bucket_boundaries_are_optimal_over_nested_sets():
     nested = [c for c in options if all(x[0] <= y[0] and x[1] <= y[1] for x, y in zip(c, c[1:]))]
     assert len(boundaries) <= k and boundaries[-1] == last
     assert best <= min(cost(c) for c in nested) + 1e-6
+
+
+def test_bucket_lengths_are_the_best_multiples_of_length_multiple():
+  rng = np.random.default_rng(3)
+  src = rng.integers(1, 90, size=1500)
+  tgt = np.clip(src + rng.integers(-5, 6, size=1500), 1, None)
+
+  def slots(boundaries):
+    src_eff, tgt_eff = bucketing.padded_slots(src, tgt, boundaries)
+    return src.sum() / src_eff + tgt.sum() / tgt_eff
+
+  exact = bucketing.optimal_boundaries(src, tgt, 6)
+  for m in (8, 16):
+    rounded = bucketing.optimal_boundaries(src, tgt, 6, m)
+    assert len(rounded) <= 6 and all(s % m == 0 and t % m == 0 for s, t in rounded)
+    assert rounded[-1] == (bucketing.round_up(src.max(), m), bucketing.round_up(tgt.max(), m))
+    shapes = np.asarray(rounded)[bucketing.assign(src, tgt, rounded)]
+    assert (shapes[:, 0] >= src).all() and (shapes[:, 1] >= tgt).all()
+    exact_rounded_up = [(bucketing.round_up(s, m), bucketing.round_up(t, m)) for s, t in exact]
+    assert slots(exact) <= slots(rounded) <= slots(exact_rounded_up)
+  assert bucketing.optimal_boundaries(src, tgt, 6, 128) == [(128, 128)]
+  with pytest.raises(ValueError, match=r"^data.length_multiple=0: expected at least 1$"):
+    bucketing.optimal_boundaries(src, tgt, 6, 0)
 
 
 def test_many_distinct_lengths_use_quantile_candidates():
