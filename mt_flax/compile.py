@@ -130,7 +130,8 @@ def tpu_devices(topology: Topology) -> list:
   if importlib.util.find_spec("libtpu") is None:
     raise LibtpuMissing("libtpu is not installed; install the tpu extra: "
                         "pip install -c constraints.txt -e '.[tpu]'")
-  if not on_tpu_host():   # libtpu otherwise queries a metadata server and logs its failures
+  if not on_tpu_host():   # libtpu otherwise queries a metadata server and logs its failures,
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # and holds a lock for the chips
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.cloud_name)

@@ -1,5 +1,6 @@
 """Ahead-of-time TPU compiles on this CPU host with libtpu (``python -m mt_flax compile``)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,18 @@ def test_bad_topology_or_mesh_is_one_line(call_main, tmp_path, capsys, argv, exp
   status, out = _compile(call_main, tmp_path, capsys, "--config", DEFAULT_EXPERIMENT, *argv)
   assert status == 2
   assert out.err.count("\n") == 1 and expected in out.err, out.err
+
+
+def test_command_line_error_is_one_line_without_libtpu_logs():
+  """libtpu on a host without TPU chips would log its failed metadata queries to stderr."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  run = subprocess.run([sys.executable, "-m", "mt_flax", "compile", "--config", DEFAULT_EXPERIMENT,
+                        "--topology", "v4-16", "--config.mesh.data=2"], capture_output=True,
+                       text=True, cwd=ROOT, env={**env, "MT_FLAX_TCMALLOC": "0"})
+  assert run.returncode == 2
+  assert run.stderr == ("mt_flax compile: error: mesh={'data': 2, 'fsdp': 1, 'tensor': 1} uses 2 "
+                        "devices; expected 8 (set one axis to -1 to fill) (topology v4-16 has 8 "
+                        "chips)\n")
 
 
 def test_without_libtpu_the_error_names_the_tpu_extra():
