@@ -172,7 +172,7 @@ def data_buckets(config: ml_collections.ConfigDict, workdir: str | None,
 
 def batch_shapes(config: ml_collections.ConfigDict, row_multiple: int, *, shapes: str = "max_len",
                  workdir: str | None = None) -> tuple[list[bucketing.Bucket], int, int]:
-  """(buckets, longest first, source vocabulary, target vocabulary)."""
+  """(the buckets, longest first; source vocabulary; target vocabulary)."""
   if shapes == "data":
     buckets, src_vocab, tgt_vocab = data_buckets(config, workdir, row_multiple)
   elif shapes == "max_len":
@@ -237,11 +237,16 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
 
 def largest_instructions(hlo_text: str, n: int) -> list[dict[str, Any]]:
-  """The ``n`` instructions with the largest results (bytes written), largest first."""
-  rows = [(shape_bytes(result), opcode, line.strip()[:160])
-          for line in hlo_text.splitlines()
-          for result, opcode in _instructions(line)
-          if opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")]
+  """The ``n`` instructions outside fusions with the largest results (bytes they write),
+  largest first."""
+  rows, fused = [], False
+  for line in hlo_text.splitlines():
+    if line.endswith("{") and not line.startswith(" "):        # a computation starts
+      fused = "fused" in line.split("(")[0] or "fusion" in line.split("(")[0]
+      continue
+    for result, opcode in ([] if fused else _instructions(line)):
+      if opcode not in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
+        rows.append((shape_bytes(result), opcode, line.strip()[:160]))
   rows.sort(key=lambda r: -r[0])
   return [{"bytes": b, "op": op, "hlo": text} for b, op, text in rows[:n]]
 
@@ -377,4 +382,6 @@ def format_row(row: dict[str, Any]) -> str:
         f"{roof['bound_s'] * 1e3:.2f} ms ({roof['bound_by']}), at most "
         f"{roof['tokens_per_s_bound']:,.0f} target tokens/s; compiled in {r['compile_s']:.1f} s")
     lines.append(f"        collectives: {coll}")
+    lines += [f"        {i['bytes'] / 2**20:9.1f} MiB  {i['hlo'][:120]}"
+              for i in r.get("largest_instructions", [])]
   return "\n".join(lines)

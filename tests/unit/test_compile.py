@@ -81,6 +81,20 @@ def test_collectives_are_counted_once_per_async_pair_with_result_bytes():
   assert found["collective-permute"]["count"] == found["all-to-all"]["count"] == 0
 
 
+def test_largest_instructions_skip_fused_computations():
+  hlo = "\n".join([
+      "%fused_computation.1 (param_0: f32[64,64]) -> f32[64,64] {",
+      "  %m = f32[64,64]{1,0} multiply(f32[64,64]{1,0} %param_0, f32[64,64]{1,0} %param_0)",
+      "}",
+      "ENTRY %main.2 (p: f32[64,64]) -> f32[8,8] {",
+      "  %p = f32[64,64]{1,0} parameter(0)",
+      "  %f = f32[64,64]{1,0} fusion(f32[64,64]{1,0} %p), kind=kLoop, calls=%fused_computation.1",
+      "  ROOT %s = f32[8,8]{1,0} slice(f32[64,64]{1,0} %f), slice={[0:8], [0:8]}",
+      "}"])
+  assert [(i["op"], i["bytes"]) for i in aot.largest_instructions(hlo, 5)] == [
+      ("fusion", 64 * 64 * 4), ("slice", 8 * 8 * 4)]
+
+
 @pytest.mark.parametrize("topology, overrides", [
     ("v5e-8", []),                                                        # one host
     ("v4-16", ["--config.mesh.fsdp=2"]),                                  # two hosts
