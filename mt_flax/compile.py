@@ -13,6 +13,8 @@ for it. Per batch shape, the report holds, per chip:
 - ``collectives``: count and result bytes of each collective in the compiled HLO;
 - ``compile_s``: seconds spent lowering and compiling.
 
+A step the compiler refuses for want of HBM gets ``hbm.fits = False`` and its ``error``.
+
 Batch shapes are the config's buckets: from the training data (``shapes="data"``, what
 ``train`` compiles) or, without data, ``data.num_buckets`` evenly spaced lengths up to
 ``data.max_len`` (``shapes="max_len"``), longest first.
@@ -333,7 +335,13 @@ def compile_steps(config: ml_collections.ConfigDict, topology: Topology, buckets
            "target_tokens": bucket.rows * bucket.tgt_len}
     for step, fn, args in (("train", train_fn, (state, batch)),
                            ("eval", eval_fn, (state.params, batch))):
-      compiled, seconds = _timed_compile(fn, *args)
+      try:
+        compiled, seconds = _timed_compile(fn, *args)
+      except jax.errors.JaxRuntimeError as e:    # the compiler refuses what cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        row[step] = {"hbm": {"fits": False}, "error": str(e).strip().splitlines()[0]}
+        continue
       row[step] = {**analyse(compiled, topology.chip, row["target_tokens"], topology.chips,
                              top=top), "compile_s": seconds}
     log(format_row(row))
@@ -371,6 +379,9 @@ def format_row(row: dict[str, Any]) -> str:
            f"{row['mesh']}, {row['dtype']}:"]
   for step in ("train", "eval"):
     r = row[step]
+    if "error" in r:
+      lines.append(f"  {step:<5} DOES NOT FIT: {r['error']}")
+      continue
     h, roof = r["hbm"], r["roofline"]
     coll = ", ".join(f"{op} {c['count']} ({c['bytes'] / 2**20:.1f} MiB)"
                      for op, c in r["collectives"].items() if c["count"]) or "none"

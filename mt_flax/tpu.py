@@ -136,29 +136,38 @@ def setup_commands(tpu: Tpu, root: str, archive: str) -> list[list[str]]:
   return [archive_command(root, archive), scp, ssh_command(tpu, remote)]
 
 
-def workdir_of(mt_args: Sequence[str]) -> str | None:
-  """The ``--workdir`` value in an mt_flax command line, if any."""
+def flag_value(mt_args: Sequence[str], flag: str) -> str | None:
+  """The value of ``flag`` (e.g. ``--workdir``) in an mt_flax command line, if any."""
   for i, arg in enumerate(mt_args):
-    if arg == "--workdir" and i + 1 < len(mt_args):
+    if arg == flag and i + 1 < len(mt_args):
       return mt_args[i + 1]
-    if arg.startswith("--workdir="):
+    if arg.startswith(flag + "="):
       return arg.split("=", 1)[1]
   return None
 
 
+def workdir_of(mt_args: Sequence[str]) -> str | None:
+  """The ``--workdir`` value in an mt_flax command line, if any."""
+  return flag_value(mt_args, "--workdir")
+
+
 def remote_mt_flax(mt_args: Sequence[str], *, data_dir: str = "", detach: bool = False,
-                   env: Sequence[str] = ()) -> str:
-  """The shell line that runs ``python -m mt_flax <mt_args>`` in the VM's checkout."""
+                   env: Sequence[str] = (), first: Sequence[str] = ()) -> str:
+  """The shell line that runs ``python -m mt_flax <mt_args>`` in the VM's checkout; ``first``,
+  an mt_flax command run before it (attached) that must succeed."""
   exports = [f"TFDS_DATA_DIR={shlex.quote(data_dir)}"] if data_dir else []
   exports += list(env)
   run = shlex.join([".venv/bin/python", "-m", "mt_flax", *mt_args])
   parts = [f"cd {REMOTE_DIR}"]
   if exports:
     parts.append("export " + " ".join(exports))
+  if first:
+    parts += ["set -o pipefail", shlex.join([".venv/bin/python", "-m", "mt_flax", *first])
+              + f" 2>&1 | tee -a {LOG_FILE}"]
   if detach:
     parts.append(f"(nohup {run} >> {LOG_FILE} 2>&1 < /dev/null &)")
   else:  # pipefail: the command's exit status, not tee's, reaches gcloud
-    parts += ["set -o pipefail", f"{run} 2>&1 | tee -a {LOG_FILE}"]
+    parts += ["set -o pipefail"] * (not first) + [f"{run} 2>&1 | tee -a {LOG_FILE}"]
   return " && ".join(parts)
 
 
@@ -176,12 +185,27 @@ def _check_mt_args(tpu: Tpu, mt_args: Sequence[str], *, shared: bool) -> None:
                    f"needs --workdir gs://BUCKET/...; got {workdir!r}")
 
 
+def compile_first_args(tpu: Tpu, mt_args: Sequence[str]) -> list[str]:
+  """``compile`` of a train command's config for this slice, its longest batch shape only: a
+  config that cannot fit stops in minutes, before data preparation."""
+  from mt_flax import cli
+  from mt_flax.compile import parse_topology
+  overrides, rest = cli.split_overrides(mt_args[1:])
+  config = flag_value(rest, "--config")
+  if mt_args[0] != "train" or not config:
+    raise TpuError("--compile-first needs a train command with --config after --")
+  parse_topology(tpu.accelerator)
+  return ["compile", "--config", config, "--topology", tpu.accelerator, "--max-shapes", "1",
+          *overrides]
+
+
 def run_command(tpu: Tpu, mt_args: Sequence[str], *, data_dir: str = "",
-                detach: bool = False) -> list[str]:
+                detach: bool = False, compile_first: bool = False) -> list[str]:
   """Runs one mt_flax command on the VM (on every host of a pod)."""
   _check_mt_args(tpu, mt_args, shared=False)
+  first = compile_first_args(tpu, mt_args) if compile_first else []
   return ssh_command(tpu, remote_mt_flax(mt_args, data_dir=data_dir, detach=detach,
-                                         env=_distributed(tpu)))
+                                         env=_distributed(tpu), first=first))
 
 
 def sweep_commands(tpus: Sequence[Tpu], sweep_args: Sequence[str], *,
@@ -235,7 +259,8 @@ def make_tpus(action: str, names: str, zone: str, accelerator: str = "",
 
 def build(action: str, tpus: Sequence[Tpu], mt_args: Sequence[str] = (), *, root: str = ROOT,
           version: str = "", spot: bool = False, data_dir: str = "", detach: bool = False,
-          worker: str = "0", follow: bool = False) -> list[list[str]]:
+          worker: str = "0", follow: bool = False, compile_first: bool = False
+          ) -> list[list[str]]:
   """All command lines of one action on ``tpus`` (``mt_args``: the mt_flax command of run
   and sweep). The plan of a sweep is :func:`sweep_plan`."""
   if mt_args and action not in ("run", "sweep"):
@@ -247,7 +272,8 @@ def build(action: str, tpus: Sequence[Tpu], mt_args: Sequence[str] = (), *, root
     cmds = setup_commands(tpus[0], root, archive)
     return cmds + [c for t in tpus[1:] for c in setup_commands(t, root, archive)[1:]]
   if action == "run":
-    return [run_command(tpus[0], mt_args, data_dir=data_dir, detach=detach)]
+    return [run_command(tpus[0], mt_args, data_dir=data_dir, detach=detach,
+                        compile_first=compile_first)]
   if action == "sweep":
     return sweep_commands(tpus, mt_args, data_dir=data_dir)
   if action == "logs":

@@ -5,13 +5,14 @@
 
 Needs libtpu (``pip install -c constraints.txt -e '.[tpu]'``), no TPU. Prints a few
 lines per batch shape; ``--out DIR`` also writes ``DIR/compile-TOPOLOGY.json``, a list
-of one dict per shape.
+of one dict per shape. Exit status 1 when a shape does not fit in the chips' HBM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 import jax
 
@@ -52,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     path = out / f"compile-{args.topology}.json"
     path.write_text(json.dumps(reports, indent=1))
     print(f"wrote {path}")
+  too_big = [r["shape"] for r in reports
+             if not (r["train"]["hbm"]["fits"] and r["eval"]["hbm"]["fits"])]
+  if too_big:
+    print(f"mt_flax compile: {len(too_big)} batch shape(s) do not fit in HBM on {args.topology}, "
+          f"e.g. {too_big[0]}", file=sys.stderr)
+    return 1
   return 0
 
 

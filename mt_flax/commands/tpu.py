@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--spot", action="store_true", help="create spot (preemptible) VMs")
   p.add_argument("--data-dir", default="", help="gs:// folder of prepared TFDS data (TFDS_DATA_DIR)")
   p.add_argument("--detach", action="store_true", help="run: keep running after disconnecting")
+  p.add_argument("--compile-first", action="store_true",
+                 help="run train: first compile its config for this slice (longest batch "
+                      "shape; mt_flax compile) and stop if it does not compile")
   p.add_argument("--worker", default="0", help="logs: which host's log")
   p.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
   return p
@@ -45,7 +48,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
   tpus = tpu.make_tpus(args.action, args.name, args.zone, args.accelerator, args.project)
   cmds = tpu.build(args.action, tpus, args.mt_args, version=args.version, spot=args.spot,
                    data_dir=args.data_dir, detach=args.detach, worker=args.worker,
-                   follow=args.follow)
+                   follow=args.follow, compile_first=args.compile_first)
   if args.action == "sweep":    # the sweep file is read here, to name each VM's trials
     sweep_args = sweep_command.parse_args(sweep_command.build_parser(), args.mt_args)
     cmds = tpu.sweep_plan(tpus, sweep.load_sweep(sweep_args.sweep)) + cmds

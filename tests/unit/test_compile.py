@@ -81,6 +81,19 @@ def test_collectives_are_counted_once_per_async_pair_with_result_bytes():
   assert found["collective-permute"]["count"] == found["all-to-all"]["count"] == 0
 
 
+def test_a_batch_too_big_for_the_chip_is_reported_and_fails(call_main, tmp_path, capsys):
+  status, out = _compile(call_main, tmp_path, capsys, "--config", f"{DEFAULT_EXPERIMENT}:test",
+                         "--topology", "v5e-1", "--max-shapes", "1",
+                         "--config.batch_tokens=20000000", "--config.model.dropout_rate=0")
+  assert status == 1
+  [row] = json.loads((tmp_path / "compile-v5e-1.json").read_text())
+  assert row["train"]["hbm"] == {"fits": False}
+  assert row["train"]["error"].startswith("RESOURCE_EXHAUSTED: Ran out of memory")
+  assert "train DOES NOT FIT: RESOURCE_EXHAUSTED" in out.out
+  assert out.err == ("mt_flax compile: 1 batch shape(s) do not fit in HBM on v5e-1, e.g. "
+                     f"{row['shape']}\n")
+
+
 def test_largest_instructions_skip_fused_computations():
   hlo = "\n".join([
       "%fused_computation.1 (param_0: f32[64,64]) -> f32[64,64] {",

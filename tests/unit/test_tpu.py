@@ -60,6 +60,22 @@ def test_single_host_lifecycle(capsys):
       f"{GCLOUD} delete mt-a --zone={ZONE}"]
 
 
+def test_run_can_compile_the_config_for_the_slice_first(capsys):
+  base = ["--name", "mt-pod", "--zone", ZONE, "--accelerator", "v4-32"]
+  run = dry_run(capsys, "run", *base, "--compile-first", "--detach", "--", "train", "--config",
+                "experiments/wmt14_en_de.py:big", "--config.mesh.fsdp", "4", "--workdir=gs://b/r")
+  assert run == [
+      f"{GCLOUD} ssh mt-pod --worker=all '--command=cd ~/mt_flax && export MT_FLAX_DISTRIBUTED=1 && "
+      "set -o pipefail && .venv/bin/python -m mt_flax compile --config experiments/wmt14_en_de.py:big "
+      "--topology v4-32 --max-shapes 1 --config.mesh.fsdp=4 2>&1 | tee -a ~/mt_flax.log && "
+      "(nohup .venv/bin/python -m mt_flax train --config experiments/wmt14_en_de.py:big "
+      "--config.mesh.fsdp 4 --workdir=gs://b/r >> ~/mt_flax.log 2>&1 < /dev/null &)' "
+      f"--zone={ZONE}"]
+  assert tpu_command.main(["run", "--dry-run", *base, "--compile-first", "--", "eval",
+                           "--workdir", "gs://b/r"]) == 2
+  assert "--compile-first needs a train command with --config" in capsys.readouterr().err
+
+
 def test_pod_commands_go_to_every_host(capsys):
   base = ["--name", "mt-pod", "--zone", ZONE, "--accelerator", "v4-32"]
   setup = dry_run(capsys, "setup", *base)
