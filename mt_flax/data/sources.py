@@ -11,7 +11,10 @@ named by `config.data.manual_dir` or the environment variable
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
+import hashlib
 import os
 import urllib.parse
 from collections.abc import Sequence
@@ -99,8 +102,19 @@ def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
   """
   _register_builders()
   name = config.data.name
+  builder = _builder(name, config)
+  if prepare and not builder.is_prepared():
+    with _one_preparer(builder):
+      if not builder.is_prepared():
+        _prepare(builder, name, config)
+        return builder
+    builder = _builder(name, config)   # prepared by another process while this one waited
+  return builder
+
+
+def _builder(name: str, config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   try:
-    builder = tfds.builder(name, data_dir=tfds_data_dir(config), file_format="array_record")
+    return tfds.builder(name, data_dir=tfds_data_dir(config), file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError:
     base = name.split("/")[0]
     near = difflib.get_close_matches(base, _known_names(), n=3, cutoff=0.6)
@@ -109,20 +123,37 @@ def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
     raise DataError(f"unknown dataset data.name={name!r}; {hint}") from None
   except ValueError as e:
     raise DataError(f"data.name={name!r}: {_first_line(e)}") from None
-  if prepare and not builder.is_prepared():
-    try:
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
-    except DataError:
-      raise
-    except ModuleNotFoundError as e:
-      raise DataError(f"{name}: preparing the dataset needs the Python package {e.name!r}, "
-                      f"which is not installed (pip install {e.name})") from e
-    except Exception as e:  # a third-party builder failing deep inside TFDS
-      raise DataError(f"{name}: preparing the dataset in {builder.data_dir} failed: "
-                      f"{type(e).__name__}: {_first_line(e)}") from e
-  return builder
+
+
+@contextlib.contextmanager
+def _one_preparer(builder: tfds.core.DatasetBuilder):
+  """Holds a lock per local data dir so that runs started together (sweep trials, test
+  workers) prepare a dataset once: the others wait, then find it prepared."""
+  folder = os.fspath(builder.data_dir)
+  if paths.is_remote(folder):
+    yield
+    return
+  locks = os.path.join(os.path.dirname(LOCAL_TFDS_COPIES), "locks")
+  os.makedirs(locks, exist_ok=True)
+  key = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:16]
+  with open(os.path.join(locks, f"prepare-{key}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, config) -> None:
+  try:
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+  except DataError:
+    raise
+  except ModuleNotFoundError as e:
+    raise DataError(f"{name}: preparing the dataset needs the Python package {e.name!r}, "
+                    f"which is not installed (pip install {e.name})") from e
+  except Exception as e:  # a third-party builder failing deep inside TFDS
+    raise DataError(f"{name}: preparing the dataset in {builder.data_dir} failed: "
+                    f"{type(e).__name__}: {_first_line(e)}") from e
 
 
 def languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:

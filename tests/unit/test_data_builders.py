@@ -415,3 +415,19 @@ def test_spa_eng_downloads_from_its_url(tmp_path, monkeypatch):
   finally:
     server.shutdown()
     thread.join()
+
+
+def test_runs_started_together_prepare_a_dataset_once(tmp_path):
+  """Two preparations of one fresh data dir at once (sweep trials, test workers): one
+  prepares, the other waits and reads the same prepared files."""
+  import concurrent.futures
+  lines = [f"{en}\tFrase {i}.\n".encode() for i, en in enumerate(
+      english_sentences(30, "train") + english_sentences(5, "validation")
+      + english_sentences(5, "test"))]
+  write_spa_zip(tmp_path / "manual", lines)
+  config = make_config("spa_eng", tmp_path / "data", tmp_path / "manual")
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    builders = list(pool.map(lambda _: sources.get_builder(config), range(2)))
+  sizes = [{k: v.num_examples for k, v in b.info.splits.items()} for b in builders]
+  assert sizes[0] == sizes[1] == {"train": 30, "validation": 5, "test": 5}
+  assert all(len(all_records(config, s)) == n for s, n in sizes[0].items())
