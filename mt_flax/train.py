@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -74,7 +75,22 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for ok, key, expected in checks:
     if not ok:
       raise ConfigError(f"{key}={config[key]!r}: expected {expected}")
+  _check_param_dtype(config)
   return config
+
+
+def _check_param_dtype(config: ml_collections.ConfigDict) -> None:
+  """AdamW keeps its moments in the parameters' dtype; in bfloat16 both lose the small updates."""
+  name = config.model.param_dtype
+  try:
+    narrow = jnp.finfo(name).bits < 32
+  except (TypeError, ValueError):   # not a float dtype: TransformerConfig names the problem
+    return
+  if narrow and not config.allow_low_precision_params:
+    raise ConfigError(
+        f"model.param_dtype={name!r} trains {name} parameters and AdamW moments, which round "
+        "small updates away; expected 'float32' (model.dtype='bfloat16' already computes in "
+        "bfloat16), or set allow_low_precision_params=True to train them anyway")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
