@@ -38,7 +38,7 @@ def build_parser():
 
 
 def run(args) -> int:
-  config = load_config(args.config, args.overrides)
+  config = train.resolve_config(load_config(args.config, args.overrides))  # before any write
   try:
     routing = LogRouting(log_path(args.workdir))
   except OSError as e:

@@ -44,6 +44,7 @@ from mt_flax import paths
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mt_flax.special_ids import FIRST_WORD_ID
 
 BATCHING_MODES = ("bucket", "pack", "pad")
 OVERLONG_MODES = ("drop", "truncate")
@@ -226,12 +227,21 @@ def training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tra
   return _TRAINING_SETS[key]
 
 
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """``data.overlong``, ``data.max_len`` and ``data.vocab_size`` (checks that need no data)."""
+  d = config.data
+  if d.overlong not in OVERLONG_MODES:
+    raise DataError(f"data.overlong={d.overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
+  if int(d.max_len) < 2:
+    raise DataError(f"data.max_len={d.max_len}: expected at least 2 (a token and EOS)")
+  if int(d.vocab_size) <= FIRST_WORD_ID:
+    raise DataError(f"data.vocab_size={d.vocab_size}: expected more than {FIRST_WORD_ID} (ids "
+                    f"0-{FIRST_WORD_ID - 1} are padding, unknown, BOS and EOS)")
+
+
 def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TrainingSet:
+  check_data_config(config)
   name, max_len, overlong = config.data.name, int(config.data.max_len), config.data.overlong
-  if overlong not in OVERLONG_MODES:
-    raise DataError(f"data.overlong={overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
-  if max_len < 2:
-    raise DataError(f"data.max_len={max_len}: expected at least 2 (a token and EOS)")
   records = sources.data_source(config, "train")
   store = _load_or_tokenize(config, tokenizer, records)
   src_raw, tgt_raw = store.src_counts + 1, store.tgt_counts + 1

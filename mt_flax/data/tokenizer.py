@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -103,13 +104,21 @@ def _content_ids(ids: Iterable[int]) -> list[int]:
 def train_model(texts: Iterable[str], path: str, *, vocab_size: int, model_type: str) -> None:
   """Trains one SentencePiece model on `texts` and writes it to `path` (`….model`)."""
   with open(path, "wb") as out:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=out, vocab_size=int(vocab_size),
-        model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        character_coverage=0.9999, hard_vocab_limit=False,
-        input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_writer=out, vocab_size=int(vocab_size),
+          model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+          pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+          character_coverage=0.9999, hard_vocab_limit=False,
+          input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
+          num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+      need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+      if need:
+        raise DataError(f"data.vocab_size={vocab_size}: expected at least {need.group(1)} for "
+                        "this data (its characters and the special ids)") from None
+      raise DataError(f"SentencePiece cannot train a tokenizer with data.vocab_size="
+                      f"{vocab_size}: {str(e).strip()}") from None
 
 
 def _expected_info(config: ml_collections.ConfigDict) -> dict:
