@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mt_flax import train
+from mt_flax import train, workdir_lock
 from mt_flax.commands import train as train_command
 from mt_flax.config import load_config
 
@@ -57,3 +57,15 @@ def test_limits_found_in_the_data_leave_no_config_behind(tmp_path, tiny_training
   assert not {"config.json", "tokenizer"} & set(os.listdir(fresh))
   for folder in (workdir, fresh):   # the settings check of the corrected command passes
     train.write_run_info(folder, train.resolve_config(load_config(CONFIG)), write=False)
+
+
+def test_a_busy_workdir_exits_75_a_config_error_2(tmp_path, capsys):
+  """A scheduler retries 75 (EX_TEMPFAIL) later; 2 needs a corrected command."""
+  workdir = str(tmp_path / "run")
+  with workdir_lock.hold(workdir):
+    assert train_command.main(["--config", CONFIG, "--workdir", workdir]) == 75
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mt_flax train: error: workdir {workdir} is in use by another run")
+    assert train_command.main(["--config", CONFIG, "--workdir", workdir,
+                               "--config.model.num_heads=3"]) == 2
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
