@@ -4,11 +4,13 @@ Ids: 0 pad, 1 unknown, 2 begin (BOS), 3 end (EOS); the rest are pieces. One
 vocabulary shared by both languages (`data.shared_vocab=True`, file `spm.model`)
 or one per side (`src.model`, `tgt.model`), each of `data.vocab_size` pieces, of
 type `data.tokenizer_type` ("unigram" or "bpe"). `tokenizer.json` records what
-the models were trained for; a workdir whose tokenizer does not match the config
-is an error rather than a silent mix.
+the models were trained for and the SHA-256 of each model file; a workdir whose
+tokenizer does not match the config, or whose model files changed, is an error
+rather than a silent mix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,16 +45,19 @@ class Tokenizer:
 
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
-    """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://)."""
+    """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://),
+    each checked against the SHA-256 that `tokenizer.json` recorded when it was trained."""
     folder = as_path(directory)
+    info = folder / TOKENIZER_INFO
+    digests = json.loads(info.read_text()).get("sha256", {}) if info.exists() else {}
     if (folder / SHARED_MODEL).exists():
-      model = spm.SentencePieceProcessor(model_proto=(folder / SHARED_MODEL).read_bytes())
+      model = _read_model(folder / SHARED_MODEL, digests.get(SHARED_MODEL))
       return cls(model, model, str(folder))
     paths = [folder / name for name in (SRC_MODEL, TGT_MODEL)]
     if not all(p.exists() for p in paths):
       raise DataError(f"{folder}: no tokenizer model ({SHARED_MODEL}, or "
                       f"{SRC_MODEL} and {TGT_MODEL})")
-    src, tgt = (spm.SentencePieceProcessor(model_proto=p.read_bytes()) for p in paths)
+    src, tgt = (_read_model(p, digests.get(p.name)) for p in paths)
     return cls(src, tgt, str(folder))
 
   @property
@@ -88,6 +93,21 @@ class Tokenizer:
   def decode_tgt(self, ids: Iterable[int]) -> str:
     """Text of target ids; stops at the first EOS, skips padding and BOS."""
     return self._tgt.decode(_content_ids(ids))
+
+
+def _read_model(path, digest: str | None) -> spm.SentencePieceProcessor:
+  """The SentencePiece model in `path`, whose bytes must have the SHA-256 `digest` (if given)."""
+  raw = path.read_bytes()
+  actual = hashlib.sha256(raw).hexdigest()
+  if digest and actual != digest:
+    raise DataError(f"the tokenizer file changed since the run was created: {path} has SHA-256 "
+                    f"{actual}, expected {digest} (recorded in {TOKENIZER_INFO}); restore it "
+                    "from a copy of the run, or train a new run")
+  try:
+    return spm.SentencePieceProcessor(model_proto=raw)
+  except RuntimeError as e:
+    raise DataError(f"{path} is not a SentencePiece model ({str(e).strip()}); restore it from "
+                    "a copy of the run, or train a new run") from None
 
 
 def _content_ids(ids: Iterable[int]) -> list[int]:
@@ -164,8 +184,11 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
       train_model([s for s, _ in pairs], os.path.join(scratch, SRC_MODEL), **options)
       train_model([t for _, t in pairs], os.path.join(scratch, TGT_MODEL), **options)
     directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
     for name in sorted(os.listdir(scratch)):
       with open(os.path.join(scratch, name), "rb") as f:
-        paths.write_bytes(directory / name, f.read())
-  paths.write_text(info_path, json.dumps(expected, indent=2))
+        raw = f.read()
+      paths.write_bytes(directory / name, raw)
+      digests[name] = hashlib.sha256(raw).hexdigest()
+  paths.write_text(info_path, json.dumps({**expected, "sha256": digests}, indent=2))
   return Tokenizer.load(str(directory))

@@ -1,10 +1,15 @@
 """`mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from mt_flax import inference
 from mt_flax.commands import translate
+from mt_flax.data import DataError, Tokenizer
 
 LINES = ["The cat sees the dog.",
          "Red house.",
@@ -108,3 +113,34 @@ def test_split_to_fit_cuts_at_sentence_ends_then_words():
   assert inference.split_to_fit("One two. Three four five. Six", fits) == [
       "One two.", "Three four five. Six"]
   assert inference.split_to_fit("a b c d e f g", fits) == ["a b c d", "e f g"]
+
+
+def test_a_changed_tokenizer_file_is_refused_at_load(tmp_path, trained_run, call_main, capsys):
+  """The SentencePiece model's bytes are checked against the SHA-256 recorded when it was
+  trained: one line naming the file, whether the changed bytes still parse or not."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  model = workdir / "tokenizer" / "spm.model"
+  good = model.read_bytes()
+  recorded = json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+  assert recorded == {"spm.model": hashlib.sha256(good).hexdigest()}
+  still_parses = next(b for b in (good[:i] + bytes([good[i] ^ 1]) + good[i + 1:]
+                                  for i in range(len(good) - 1, 0, -1)) if parses(b))
+  for changed in (still_parses, good[:len(good) // 3]):
+    model.write_bytes(changed)
+    code = call_main(translate.main, ["--workdir", str(workdir), "--beam", "1"], b"Red house.\n")
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert (f"the tokenizer file changed since the run was created: {model} has SHA-256 "
+            f"{hashlib.sha256(changed).hexdigest()}, expected {recorded['spm.model']}") in err
+  (workdir / "tokenizer" / "tokenizer.json").unlink()       # a run without digests
+  with pytest.raises(DataError, match=f"{model} is not a SentencePiece model"):
+    Tokenizer.load(str(workdir / "tokenizer"))
+
+
+def parses(raw: bytes) -> bool:
+  try:
+    spm.SentencePieceProcessor(model_proto=raw)
+    return True
+  except RuntimeError:
+    return False
