@@ -1,7 +1,12 @@
 """`mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
 import hashlib
+import io
 import json
+import os
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +149,45 @@ def parses(raw: bytes) -> bool:
     return True
   except RuntimeError:
     return False
+
+
+def test_output_streams_window_by_window_and_equals_one_window(tmp_path, trained_run, loaded_run,
+                                                                monkeypatch, capsys):
+  """Input through a real pipe, two lines a window: the first window's translations are
+  written while the rest of the input has not been sent; the whole output is that of all
+  lines translated together."""
+  read_end, write_end = os.pipe()
+  out_path = tmp_path / "out.txt"
+  monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read_end, "rb")))
+  monkeypatch.setattr(sys, "stdout", open(out_path, "w", encoding="utf-8"))
+  seen_early = []
+
+  def feed() -> None:
+    with os.fdopen(write_end, "wb") as pipe:
+      pipe.write(("\n".join(LINES[:2]) + "\n").encode())
+      pipe.flush()
+      deadline = time.monotonic() + 120
+      while out_path.read_text().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+      seen_early.append(out_path.read_text().count("\n"))
+      pipe.write(("\n".join(LINES[2:]) + "\n").encode())
+
+  feeder = threading.Thread(target=feed)
+  feeder.start()
+  code = translate.main(["--workdir", trained_run, "--beam", "1", "--window", "2"])
+  feeder.join()
+  sys.stdout.close()
+  assert code == 0, capsys.readouterr().err[-2000:]
+  assert seen_early == [2]
+  assert out_path.read_text() == "".join(
+      t + "\n" for t in inference.translate_lines(loaded_run, LINES, beam_size=1))
+
+
+def test_invalid_utf8_after_the_first_window_stops_after_the_windows_before(trained_run,
+                                                                           call_main, capsys):
+  rc = call_main(translate.main, ["--workdir", trained_run, "--beam", "1", "--window", "2"],
+                 b"Red house.\nok\n\xff bad\nfine\n")
+  out, err = capsys.readouterr()
+  assert rc == 2 and out.count("\n") == 2
+  assert "error: line 3: invalid UTF-8 byte 0xff" in err
+  assert "lines 1-2 were translated, nothing from line 3 on" in err
