@@ -325,12 +325,15 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
-  pending, shapes, timer = [], set(), Throughput()
+  pending, shapes, timer, last = [], set(), Throughput(), {}
   preempted = sharding.any_process(bool(preemption.requested))   # signalled while setting up
   if preempted:
     log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
+  # a bar on a terminal; in a redirected log, a plain line every log_every_steps instead
+  lines = c.progress_bar and not sys.stderr.isatty()
   with tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-            disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0) as bar:
+            disable=not (sharding.is_primary() and c.progress_bar) or lines,
+            mininterval=1.0) as bar:
     while step < num_steps and not preempted:
       step += 1
       batch = _host_batch(next(run.train_iter))
@@ -345,14 +348,16 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
       bar.update(1)
       if compiles:
         shapes.add(shape)
-        _write_train_metrics(run, pending, timer, compiled=True)
+        last = _write_train_metrics(run, pending, timer, compiled=True)
       preempted = sharding.any_process(bool(preemption.requested))
       run.checkpoints.poll()
       do_eval = _due(step, c.eval_every_steps) or step == num_steps
       do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
       if pending and (_due(step, c.log_every_steps) or do_save):
-        bar.set_postfix(loss=f"{_write_train_metrics(run, pending, timer)['loss']:.3f}",
-                        refresh=False)
+        last = _write_train_metrics(run, pending, timer)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+      if lines and last and _due(step, c.log_every_steps):
+        log(f"step {step}/{num_steps}: loss={last['loss']:.3f}")
       if do_eval:
         last_eval = run.validate(run.partitioner.params_of(state))
         run.writer.write(step, last_eval, split="validation")

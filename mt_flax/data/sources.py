@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -110,6 +111,8 @@ def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
   except ValueError as e:
     raise DataError(f"data.name={name!r}: {_first_line(e)}") from None
   if prepare and not builder.is_prepared():
+    if not sys.stderr.isatty():        # no progress-bar frames in logs
+      tfds.disable_progress_bar()
     try:
       builder.download_and_prepare(
           file_format="array_record",

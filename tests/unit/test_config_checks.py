@@ -1,6 +1,8 @@
 """Configs are checked before anything is written: a refused command leaves the workdir as it
 was, so the corrected command then works on the same workdir."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +71,26 @@ def test_a_busy_workdir_exits_75_a_config_error_2(tmp_path, capsys):
     assert train_command.main(["--config", CONFIG, "--workdir", workdir,
                                "--config.model.num_heads=3"]) == 2
   assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_warnings_are_one_line_each_and_third_party_ones_hidden(tmp_path):
+  """Importing Orbax puts a plain stderr handler on the root logger; a command replaces it:
+  mt_flax's warnings in one format, gcsfs's and absl's only with --verbose."""
+  script = (
+      "import logging, sys, orbax.checkpoint\n"
+      "from mt_flax import cli\n"
+      "def run(args):\n"
+      "  logging.getLogger('gcsfs').warning('gcsfs noise')\n"
+      "  logging.getLogger('absl').warning('absl noise')\n"
+      "  logging.getLogger('mt_flax.data.pipeline').warning('dropped 3 pairs')\n"
+      "main = cli.entry('demo', lambda: cli.new_parser('demo'), run)\n"
+      "main([])\n"
+      "print('--', file=sys.stderr)\n"
+      "main(['--verbose'])\n")
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                        timeout=120)
+  quiet, loud = done.stderr.split("--\n")
+  assert done.returncode == 0 and quiet == "mt_flax.data.pipeline: warning: dropped 3 pairs\n"
+  assert "gcsfs: warning: gcsfs noise" in loud and "absl noise" in loud
+  assert loud.count("dropped 3 pairs") == 1

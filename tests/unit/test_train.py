@@ -88,11 +88,13 @@ def test_restart_from_scratch_logs_each_step_once(tmp_path, trained_run, tiny_tr
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):
+  """Also: with stderr not a terminal, the progress bar is a plain line per logged step."""
   workdir = tiny_training.new_workdir(tmp_path, "diverges")
   code = train_command.main(["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
       num_train_steps=20, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
-      checkpoint_every_steps=1, eval_every_steps=1000)])
+      checkpoint_every_steps=1, eval_every_steps=1000, progress_bar=True)])
   err = capsys.readouterr().err
+  assert "\r" not in err and "[train] step 1/20: loss=" in err, err[-2000:]
   assert code == 1
   line = [l for l in err.splitlines() if "not finite" in l]
   assert line and "last good checkpoint (step 1)" in line[0], err[-2000:]
