@@ -80,6 +80,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   try:
     TransformerConfig.from_config(config.model, vocab, vocab)
     if config.parallelism == "jit":
+      sharding.maybe_initialize_distributed()      # before the first look at the devices
       sharding.mesh_shape(config.mesh, jax.device_count())
   except ValueError as e:
     raise ConfigError(str(e)) from None
