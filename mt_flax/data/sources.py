@@ -16,6 +16,7 @@ import difflib
 import fcntl
 import hashlib
 import os
+import sys
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -142,6 +143,8 @@ def _one_preparer(builder: tfds.core.DatasetBuilder):
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, name: str, config) -> None:
+  if not sys.stderr.isatty():        # no progress-bar frames in logs
+    tfds.disable_progress_bar()
   try:
     builder.download_and_prepare(
         file_format="array_record",
@@ -250,11 +253,39 @@ def load_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str,
 
 
 def read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
-  """Records [start, stop) of a data source, read in one call when it can (much faster)."""
+  """Records [start, stop) of a data source, read in one call when it can (much faster).
+
+  Raises:
+    DataError: a prepared file is damaged (named, with the folder to delete).
+  """
   indices = list(range(start, min(stop, len(source))))
-  if hasattr(source, "__getitems__"):
-    return source.__getitems__(indices)
-  return [source[i] for i in indices]
+  try:
+    if hasattr(source, "__getitems__"):
+      return source.__getitems__(indices)
+    return [source[i] for i in indices]
+  except RuntimeError as e:
+    path = _damaged_file(source, indices)
+    if path is None:
+      raise
+    raise DataError(f"{path} is damaged ({_first_line(e)}); delete the prepared dataset folder "
+                    f"{os.path.dirname(path)} and run again to prepare it again") from None
+
+
+def _damaged_file(source: Any, indices: Sequence[int]) -> str | None:
+  """The first file holding some of ``indices`` of a TFDS data source that cannot be read."""
+  info = getattr(source, "dataset_info", None)
+  if info is None:
+    return None
+  end = 0
+  for instruction in info.splits[source.split].file_instructions:
+    begin, end = end, end + instruction.take
+    inside = [i for i in indices if begin <= i < end]
+    try:
+      if inside:
+        source.__getitems__(inside)
+    except RuntimeError:
+      return instruction.filename
+  return None
 
 
 def _first_line(error: BaseException) -> str:
