@@ -3,8 +3,8 @@
 #   ./launch.sh [--config.key=value ...]   the default experiment end to end: train
 #                                          experiments/bible_en_es_tiny.py into runs/bible_en_es_tiny,
 #                                          eval report on test, sample translations
-#   ./launch.sh test [--all|--perf] [pytest args]  tests/unit, in-process (--all: and tests/e2e,
-#                                          subprocesses and pods, as CI; --perf: tests/perf, probes)
+#   ./launch.sh test [--all|--perf] [pytest args]  tests/unit, fast (--all: and tests/integration
+#                                          and tests/e2e, as CI; --perf: tests/perf, probes)
 #   ./launch.sh train|eval|translate|data-stats|audit|average|export|compare|compile ...
 #                                          python -m mt_flax ...
 #   ./launch.sh sweep CONFIG SWEEP [--workdir DIR] [--config.key=value ...]
@@ -163,17 +163,23 @@ case "$cmd" in
   test)
     setup
     preload_tcmalloc
-    # Tiers by folder: tests/unit by default (in-process, fast); --all adds tests/e2e
-    # (subprocesses, signals, pods; what CI runs); --perf runs tests/perf (performance
-    # probes, opt-in). Test paths among the pytest args replace the tier's folders.
+    # Tiers by folder: tests/unit by default (pure functions and small compiles); --all adds
+    # tests/integration (in-process: models, steps, training, checkpoints, commands) and
+    # tests/e2e (subprocesses, signals, pods), what CI runs; --perf runs tests/perf
+    # (performance probes, opt-in). Test paths among the pytest args replace the tier's
+    # folders. Tests run on min(cores, 4) pytest-xdist workers (MT_FLAX_TEST_WORKERS=N;
+    # 0 runs them in this process).
     tier=(tests/unit)
     case "${1:-}" in
-      --all) tier=(tests/unit tests/e2e); shift ;;
+      --all) tier=(tests/unit tests/integration tests/e2e); shift ;;
       --perf) tier=(tests/perf); shift ;;
     esac
     for arg in "$@"; do
       case "$arg" in -*) ;; *) if [ -e "${arg%%::*}" ]; then tier=(); break; fi ;; esac
     done
+    workers=${MT_FLAX_TEST_WORKERS:-$(nproc)}
+    [ "$workers" -gt 4 ] && workers=4
+    [ "$workers" -gt 1 ] && tier+=(-n "$workers" --dist loadgroup)
     set +e
     MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "${tier[@]}" "$@"
     rc=$?

@@ -1,6 +1,8 @@
 r"""Transformer base and big on WMT14 English->German, the settings of Vaswani et al. (2017).
 
-Variants: ``base`` (the default) and ``big``.
+Variants: ``base`` (the default), ``big``, and ``fp32``: base computing in float32, for
+a CPU, where bfloat16 saves nothing (XLA's CPU compiler computes bfloat16 matmuls in
+float32, with conversions around them).
 
     ./launch.sh tpu run --name mt-wmt --zone ZONE --accelerator v4-8 \
         --data-dir gs://BUCKET/tensorflow_datasets -- \
@@ -16,9 +18,11 @@ step * 4000**-1.5) (our "rsqrt" schedule, warmup 4000), about 25000 source and
 8 heads, 2048 MLP (about 63M parameters here), 100k updates. big: d_model 1024,
 16 heads, 4096 MLP (about 214M), 300k updates; --config.mesh.fsdp=4 shards
 parameters and optimizer state when memory is short. Data: TFDS
-wmt14_translate/de-en (validation newstest2013, test newstest2014), bfloat16
-compute, float32 parameters. batch_tokens is the whole update over all devices;
-where a batch does not fit in memory, raise grad_accum_steps.
+wmt14_translate/de-en (validation newstest2013, test newstest2014). bfloat16
+compute (matmuls; layer norm, softmax, the loss and the logits that beam search
+ranks stay float32), float32 parameters and AdamW moments. batch_tokens is the
+whole update over all devices; where a batch does not fit in memory, raise
+grad_accum_steps.
 
 Expected: the paper reports newstest2014 BLEU 27.3 (base) and 28.4 (big), with the
 last 5 / 20 checkpoints averaged, beam 4, alpha 0.6. Not run in this repository.
@@ -35,12 +39,14 @@ def get_config(variant: str = "base"):
                 eval_max_examples=0)                   # all of newstest2013
   c.model.update(pre_ln=False, dtype="bfloat16")
   c.decode.update(max_len_a=1.0, max_len_b=50)         # input length + 50, as in the paper
-  if variant == "base":
+  if variant in ("base", "fp32"):
     c.num_train_steps = 100000
+    if variant == "fp32":
+      c.model.dtype = "float32"
   elif variant == "big":
     c.num_train_steps = 300000
     c.model.update(d_model=1024, num_heads=16, mlp_dim=4096, dropout_rate=0.3)
   else:
-    raise ValueError(f"unknown variant {variant!r}; expected base or big")
+    raise ValueError(f"unknown variant {variant!r}; expected base, big or fp32")
   c.learning_rate = c.model.d_model**-0.5 * c.warmup_steps**-0.5
   return c

@@ -7,7 +7,8 @@ Parsers are plain argparse; a command that reads an experiment takes
 ``--config FILE[:VARIANT]`` and any number of ``--config.KEY=VALUE`` overrides
 (collected into ``args.overrides``). :func:`entry` is the one error handler: a
 :class:`UserError` (bad config, data, checkpoint, command line) is printed as
-one line, ``mt_flax COMMAND: error: ...``, and turned into its exit code.
+one line, ``mt_flax COMMAND: error: ...``, and turned into its exit code. Warnings
+are one line each, mt_flax's only unless ``--verbose``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from typing import Callable, Sequence
 
 from mt_flax.errors import UserError
+from mt_flax.runlog import terminal_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +36,9 @@ def new_parser(command: str, *docs: str | None, config: str = "") -> argparse.Ar
   text = "\n\n".join(doc.strip() for doc in docs if doc and doc.strip())
   parser = _Parser(prog=f"mt_flax {command}", description=text or None,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--verbose", action="store_true",
+                      help="also show third-party log output (absl, Orbax, gcsfs), hidden by "
+                           "default")
   if config:
     parser.add_argument("--config", required=config == "required", metavar="FILE[:VARIANT]",
                         help="experiment config file, e.g. experiments/bible_en_es_tiny.py or "
@@ -92,6 +97,7 @@ def entry(command: str, build_parser: Callable[[], argparse.ArgumentParser],
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
       args = parse_with(build_parser(), argv)
+      terminal_logging(getattr(args, "verbose", False))
       return int(run(args) or 0)
     except SystemExit as e:               # --help (0) or a usage error (2), already printed
       return e.code if isinstance(e.code, int) else 2

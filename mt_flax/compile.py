@@ -34,7 +34,6 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mt_flax import sharding, steps

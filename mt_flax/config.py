@@ -5,6 +5,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import traceback
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -99,6 +100,13 @@ def with_defaults(cfg: ml_collections.ConfigDict | dict, where: str = "config"
   return full
 
 
+def _line_in(path: str, error: BaseException) -> str:
+  """`` line N`` of the last frame of ``error``'s traceback in the file ``path``, or ""."""
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f" line {lines[-1]}" if lines else ""
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads ``get_config()`` (or ``get_config(variant)`` for ``FILE:variant``) and applies
   ``overrides``; every key must be one of the default config's."""
@@ -112,14 +120,19 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f"config file {path!r} line {e.lineno}: syntax error ({e.msg})") from None
+  except Exception as e:  # pylint: disable=broad-except  (the user's code: one line naming it)
+    raise ConfigError(f"config file {path!r}{_line_in(path, e)}: loading it raised "
+                      f"{type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config()")
   try:
     cfg = module.get_config(variant) if variant else module.get_config()
-  except TypeError as e:
-    raise ConfigError(f"config file {path!r}: get_config({variant!r}) failed: {e}") from None
-  except ValueError as e:
-    raise ConfigError(f"config file {path!r}: {e}") from None
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    call = f"get_config({variant!r})" if variant else "get_config()"
+    raise ConfigError(f"config file {path!r}{_line_in(path, e)}: {call} raised "
+                      f"{type(e).__name__}: {e}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path!r} returned {type(cfg).__name__}, "
                       "expected an ml_collections.ConfigDict")

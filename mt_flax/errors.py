@@ -1,5 +1,7 @@
 """The errors every layer raises. Each message is one line naming what was wrong and what was
-expected; the command layer prints it and exits with the class's ``exit_code``."""
+expected; the command layer prints it and exits with the class's ``exit_code``: 2 for what
+the user must fix, 75 (``EX_TEMPFAIL``) for a busy workdir (try again later), 1 for a run
+that stopped (divergence, failed save)."""
 from __future__ import annotations
 
 
@@ -25,7 +27,8 @@ class VerificationError(CheckpointError):
 
 
 class WorkdirBusy(UserError, RuntimeError):
-  """Another run holds the workdir's lock."""
+  """Another run holds the workdir's lock: retry later."""
+  exit_code = 75
 
 
 class TrainingDiverged(UserError, RuntimeError):

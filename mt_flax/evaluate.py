@@ -18,26 +18,37 @@ gives tokenized BLEU with compound splitting, the metric of Vaswani et al.
 :func:`evaluate_run` writes into its ``out_dir`` (the command's default:
 ``DIR/eval/<split>``): ``report.md``, ``report.json``, ``bleu_by_slice.png``,
 and one line per segment:
-``<split>.hyp.txt`` / ``<split>.ref.txt`` (every pair) and
+``<split>.src.txt`` / ``<split>.hyp.txt`` / ``<split>.ref.txt`` (every pair) and
 ``<split>.multi.hyp.txt`` / ``<split>.multi.ref.<j>.txt`` (each source once;
 file j holds each source's j-th reference, or its first one again where it has
 fewer, which changes neither BLEU nor chrF). ``report.md`` lists the
-``sacrebleu`` commands that recompute both from these files.
+``sacrebleu`` commands that recompute both from these files; ``report.json`` holds the
+SHA-256 of each text file it scores. A local report folder is written beside ``out_dir``
+and renamed into place when complete, so evals of one run at once never mix their files
+(the last to finish wins).
 
 Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training loop.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Optional, Sequence
 
+from etils import epath
 from sacrebleu.metrics import BLEU
 
 from mt_flax import paths
+from mt_flax.errors import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, one_line, stream_scores,
                                translate_examples)
 from mt_flax.paths import REPORT_JSON, REPORT_MD, SLICE_CHART
@@ -127,9 +138,10 @@ def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_siz
       hyps[i] = hyp
   refs = [one_line(ex["ref_text"]) for ex in examples]
   multi_hyps, streams = multi_reference(examples, hyps)
-  files = {"hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt",
+  files = {"src": f"{stem}.src.txt", "hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt",
            "multi_hyp": f"{stem}.multi.hyp.txt",
            "multi_refs": [f"{stem}.multi.ref.{j}.txt" for j in range(len(streams))]}
+  _write_lines(paths.as_path(out_dir) / files["src"], [one_line(ex["src_text"]) for ex in examples])
   _write_lines(paths.as_path(out_dir) / files["hyp"], hyps)
   _write_lines(paths.as_path(out_dir) / files["ref"], refs)
   _write_lines(paths.as_path(out_dir) / files["multi_hyp"], multi_hyps)
@@ -285,7 +297,55 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   examples = data.eval_examples(config, trained.tokenizer, split)
   if not examples:
     raise data.DataError(f"split {split!r} of {config.data.name} has no examples")
-  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  out = paths.as_path(out_dir)
+  staged = _staging_folder(out)
+  try:
+    report = _evaluate_into(trained, split, examples, settings, staged, long_stress, cached)
+    _install(staged, out)
+  except BaseException:
+    if staged != out:
+      shutil.rmtree(staged, ignore_errors=True)
+    raise
+  return report
+
+
+def _staging_folder(out) -> epath.Path:
+  """A new empty folder beside ``out`` that replaces it whole when the eval is done (local
+  folders); ``out`` itself on gs://, where folders cannot be renamed."""
+  if paths.is_remote(out):
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+  if out.is_dir() and any(out.iterdir()) and not (out / REPORT_JSON).exists():
+    raise ConfigError(f"{out} holds files that are not an eval report; expected a new or empty "
+                      "folder, or one an earlier eval wrote (it is replaced)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staged = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  os.chmod(staged, 0o755)
+  return staged
+
+
+def _install(staged, out) -> None:
+  """Renames ``staged`` to ``out``, moving an older ``out`` aside first: readers see one eval's
+  files, whole; of evals that finish together, the last to rename wins."""
+  while staged != out:
+    try:
+      os.rename(staged, out)
+      return
+    except OSError as e:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        raise
+    old = tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)
+    with contextlib.suppress(FileNotFoundError):    # another eval moved it first
+      os.rename(out, os.path.join(old, out.name))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _evaluate_into(trained: Trained, split: str, examples: Sequence[dict], settings: dict,
+                   out_dir, long_stress: bool, cached: bool) -> dict:
+  """Decodes, scores and writes every file of the report into ``out_dir``."""
+  from mt_flax import data
+
+  config = trained.config
   main = evaluate_set(config, trained, examples, beam_size=settings["beam_size"],
                       out_dir=out_dir, stem=split, cached=cached)
   table = [_row("all", main)] + main["slices"]
@@ -309,6 +369,8 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   if "tokenized_bleu" in main:
     report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
   out = paths.as_path(out_dir)
+  report["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in sorted(out.glob("*.txt"))}
   paths.write_text(out / REPORT_JSON, json.dumps(report, indent=2))
   paths.write_text(out / REPORT_MD, _markdown(report))
   plot_slices(out / SLICE_CHART, table,

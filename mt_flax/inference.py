@@ -163,16 +163,16 @@ def _words_if_needed(sentence: str, fits: Callable[[str], bool]) -> list[str]:
 
 
 def prepare_sources(lines: Sequence[str], tokenizer, max_len: int, *, split_long: bool,
-                    warn: Callable[[str], None]) -> list[list[list[int]]]:
+                    warn: Callable[[str], None], first_line: int = 1) -> list[list[list[int]]]:
   """Encoder inputs (tokens + EOS) of each line: one per line, several when split.
 
   Blank lines give no input. Over-long inputs are truncated to ``max_len``
-  (EOS included) with a warning naming the line.
+  (EOS included) with a warning naming the line (``first_line`` is the number of the first).
   """
   eos = EOS_ID
   fits = lambda text: len(tokenizer.encode_src(text)) + 1 <= max_len
   out = []
-  for number, line in enumerate(lines, 1):
+  for number, line in enumerate(lines, first_line):
     text = line.strip()
     if not text:
       out.append([])
@@ -198,11 +198,14 @@ def prepare_sources(lines: Sequence[str], tokenizer, max_len: int, *, split_long
 
 def translate_lines(trained: Trained, lines: Sequence[str], *, beam_size: Optional[int] = None,
                     split_long: bool = False, cached: bool = True,
-                    warn: Callable[[str], None] = lambda m: None) -> list[str]:
-  """Translations of ``lines``, one per line, in order."""
+                    warn: Callable[[str], None] = lambda m: None, first_line: int = 1
+                    ) -> list[str]:
+  """Translations of ``lines`` (numbered from ``first_line`` in warnings), one per line, in
+  order."""
   settings = decode_settings(trained.config, beam_size)
   max_len = int(trained.config.data.max_len)
-  per_line = prepare_sources(lines, trained.tokenizer, max_len, split_long=split_long, warn=warn)
+  per_line = prepare_sources(lines, trained.tokenizer, max_len, split_long=split_long, warn=warn,
+                             first_line=first_line)
   flat = [src for sources in per_line for src in sources]
   outputs = iter(decode.decode_ids(trained.model, trained.params, flat, cached=cached,
                                    **settings))

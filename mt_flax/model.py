@@ -145,6 +145,12 @@ def _matrix_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=Non
   return out.reshape(lhs.shape[:lhs.ndim - k] + rhs.shape[k:])
 
 
+def _float32_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None) -> Array:
+  """``lax.dot_general`` summing in float32 whatever the operands' dtype: the logits."""
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
 def _dense_init(axes):
   init = nn.initializers.xavier_uniform()
   return lambda key, shape, dtype=jnp.float32: _LogicalKernel(init(key, shape, dtype), axes)
@@ -358,8 +364,11 @@ class Embedder(nn.Module):
     return x + pos
 
   def attend(self, x: Array) -> Array:
-    """Tied output projection: ``[B, T, D]`` -> ``[B, T, V]``."""
-    return self.embedding.attend(x)
+    """Tied output projection: ``[B, T, D]`` -> float32 logits ``[B, T, V]``, the products
+    in the compute dtype and their sums in float32."""
+    dtype = self.config.compute_dtype
+    table = jnp.asarray(self.embedding.embedding, dtype)
+    return jnp.dot(jnp.asarray(x, dtype), table.T, preferred_element_type=jnp.float32)
 
 
 class DecodeIndex(nn.Module):
@@ -407,7 +416,7 @@ class Transformer(nn.Module):
     if not cfg.tie_output:
       self.logits_dense = nn.Dense(
           cfg.tgt_vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-          kernel_init=_dense_init(("embed", "vocab")),
+          kernel_init=_dense_init(("embed", "vocab")), dot_general=_float32_dot_general,
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
 
   def encode(self, src: Array, *, train: bool = False, src_segments: Optional[Array] = None,
@@ -427,7 +436,8 @@ class Transformer(nn.Module):
              project: bool = True) -> Array:
     """Decoder. encoded ``[B, S, D]``, src ``[B, S]`` (gives the cross mask), tgt_in ``[B, T]``.
 
-    Returns float32 logits ``[B, T, V_tgt]``, or with ``project=False`` the
+    Returns float32 logits ``[B, T, V_tgt]`` (the output layer's products in the compute
+    dtype, summed in float32, as the loss makes them), or with ``project=False`` the
     states the output layer reads ``[B, T, D]`` (compute dtype). With
     ``decode=True`` see the module docstring: the first call allocates the
     cache, later calls take one token ``[B, 1]`` each (``encoded`` may then be None).

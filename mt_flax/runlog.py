@@ -46,6 +46,34 @@ class _OneLine(logging.Formatter):
     return f"{record.name}: {record.levelname.lower()}: {' '.join(record.getMessage().split())}"
 
 
+class _Terminal(logging.Handler):
+  """Warnings of mt_flax's loggers on ``sys.stderr`` (as it is when each is written), one line
+  each; other loggers' (gcsfs, absl, Orbax) only when ``verbose``."""
+
+  def __init__(self, verbose: bool):
+    super().__init__(logging.INFO if verbose else logging.WARNING)
+    self.verbose = verbose
+    self.setFormatter(_OneLine())
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if self.verbose or record.name.partition(".")[0] == "mt_flax":
+      try:
+        sys.stderr.write(self.format(record) + "\n")
+      except (ValueError, OSError):
+        pass
+
+
+def terminal_logging(verbose: bool = False) -> None:
+  """Log output of a command on the terminal: see :class:`_Terminal`. Replaces the plain stderr
+  handler that importing Orbax puts on the root logger (every library's records, bare)."""
+  root = logging.getLogger()
+  root.handlers = [h for h in root.handlers
+                   if type(h) is not logging.StreamHandler and not isinstance(h, _Terminal)]
+  root.addHandler(_Terminal(verbose))
+  if verbose:
+    root.setLevel(logging.INFO)
+
+
 class LogRouting:
   """Sends third-party output to ``path`` so the terminal shows one-line errors.
 

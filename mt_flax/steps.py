@@ -174,6 +174,7 @@ def _time_chunk(batch: int, length: int, vocab: int) -> int:
   return -(-length // chunks)
 
 
+@jax.named_scope("output_loss")   # names its ops in the HLO (see mt_flax.precision)
 def _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing: float,
                         with_grads: bool):
   """:func:`output_loss_sums` a few positions at a time (the batch axis whole, so its

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -55,8 +56,9 @@ MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the training keys' values (every key exists: see :func:`config.with_defaults`);
-  returns a complete copy."""
+  """Checks the training keys' values (every key exists: see :func:`config.with_defaults`),
+  the model's shape, the mesh against the devices and the data limits, all before anything
+  is written; returns a complete copy."""
   config = with_defaults(config)
   checks = [
       (config.parallelism in ("jit", "pmap"), "parallelism", "'jit' or 'pmap'"),
@@ -74,7 +76,31 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for ok, key, expected in checks:
     if not ok:
       raise ConfigError(f"{key}={config[key]!r}: expected {expected}")
+  _check_param_dtype(config)
+  data.pipeline.check_data_config(config)
+  vocab = int(config.data.vocab_size)
+  try:
+    TransformerConfig.from_config(config.model, vocab, vocab)
+    if config.parallelism == "jit":
+      sharding.maybe_initialize_distributed()      # before the first look at the devices
+      sharding.mesh_shape(config.mesh, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   return config
+
+
+def _check_param_dtype(config: ml_collections.ConfigDict) -> None:
+  """AdamW keeps its moments in the parameters' dtype; in bfloat16 both lose the small updates."""
+  name = config.model.param_dtype
+  try:
+    narrow = jnp.finfo(name).bits < 32
+  except (TypeError, ValueError):   # not a float dtype: TransformerConfig names the problem
+    return
+  if narrow and not config.allow_low_precision_params:
+    raise ConfigError(
+        f"model.param_dtype={name!r} trains {name} parameters and AdamW moments, which round "
+        "small updates away; expected 'float32' (model.dtype='bfloat16' already computes in "
+        "bfloat16), or set allow_low_precision_params=True to train them anyway")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -90,9 +116,10 @@ def _run_devices() -> dict:
   return {"process_count": jax.process_count(), "device_count": jax.device_count()}
 
 
-def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_run_info(workdir: str, config: ml_collections.ConfigDict, write: bool = True) -> None:
   """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
-  other settings (one line naming each changed key with its old and new value)."""
+  other settings (one line naming each changed key with its old and new value). With
+  ``write=False`` it only checks."""
   path = paths.as_path(workdir) / CONFIG_FILE
   run_path = paths.as_path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
@@ -107,7 +134,7 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
     if diffs:
       raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
                         f"({'; '.join(diffs[:4])}); use a new --workdir or the same settings")
-  if sharding.is_primary():
+  if write and sharding.is_primary():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
@@ -255,7 +282,7 @@ class _Run:
 def _train_locked(config: ml_collections.ConfigDict, workdir: str,
                   preemption: "_Preemption") -> dict:
   """:func:`train_and_evaluate` once the workdir is locked: set up, restore, loop."""
-  write_run_info(workdir, config)
+  write_run_info(workdir, config, write=False)     # config.json once the data checks passed
   tokenizer = _tokenizer(config, workdir)
   try:
     model_cfg = TransformerConfig.from_config(config.model, tokenizer.src_vocab_size,
@@ -265,14 +292,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(str(e)) from None
   model, optimizer = Transformer(model_cfg), steps.make_optimizer(config)
   accum, seed = int(config.grad_accum_steps), int(config.seed)
+  train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                   process_count=jax.process_count(),
+                                   batch_multiple=partitioner.local_batch_multiple * accum)
+  write_run_info(workdir, config)
   partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
                     jax.random.key(seed))
   with checkpoint.Checkpointer(workdir, config) as checkpoints:
     if checkpoints.removed:
       log(f"removed the temporary folders of unfinished saves: {', '.join(checkpoints.removed)}")
-    train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count(),
-                                     batch_multiple=partitioner.local_batch_multiple * accum)
     restored = checkpoints.restore(partitioner.abstract_state())
     if restored is None:
       state, start = partitioner.init_state(jax.random.key(seed)), 0
@@ -318,12 +346,15 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
-  pending, shapes, timer = [], set(), Throughput()
+  pending, shapes, timer, last = [], set(), Throughput(), {}
   preempted = sharding.any_process(bool(preemption.requested))   # signalled while setting up
   if preempted:
     log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
+  # a bar on a terminal; in a redirected log, a plain line every log_every_steps instead
+  lines = c.progress_bar and not sys.stderr.isatty()
   with tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-            disable=not (sharding.is_primary() and c.progress_bar), mininterval=1.0) as bar:
+            disable=not (sharding.is_primary() and c.progress_bar) or lines,
+            mininterval=1.0) as bar:
     while step < num_steps and not preempted:
       step += 1
       batch = _host_batch(next(run.train_iter))
@@ -338,14 +369,16 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
       bar.update(1)
       if compiles:
         shapes.add(shape)
-        _write_train_metrics(run, pending, timer, compiled=True)
+        last = _write_train_metrics(run, pending, timer, compiled=True)
       preempted = sharding.any_process(bool(preemption.requested))
       run.checkpoints.poll()
       do_eval = _due(step, c.eval_every_steps) or step == num_steps
       do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
       if pending and (_due(step, c.log_every_steps) or do_save):
-        bar.set_postfix(loss=f"{_write_train_metrics(run, pending, timer)['loss']:.3f}",
-                        refresh=False)
+        last = _write_train_metrics(run, pending, timer)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+      if lines and last and _due(step, c.log_every_steps):
+        log(f"step {step}/{num_steps}: loss={last['loss']:.3f}")
       if do_eval:
         last_eval = run.validate(run.partitioner.params_of(state))
         run.writer.write(step, last_eval, split="validation")

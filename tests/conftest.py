@@ -122,6 +122,15 @@ def variant_flags() -> list[str]:
   return [f"--config.{key}={value}" for key, value in test.items() if plain[key] != value]
 
 
+def pytest_collection_modifyitems(config, items):
+  """On pytest-xdist workers (``--dist loadgroup``, as ``./launch.sh test`` runs them) each
+  in-process module runs on one worker, so its module fixtures train or compile once; the
+  e2e tests, each in its own subprocesses, are spread one by one."""
+  for item in items:
+    if "e2e" not in item.path.parts:
+      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 # ----------------------------------------------------------------------------- tiny training runs
 
 class TinyTraining:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from mt_flax import cli
 from mt_flax.config import load_config
@@ -24,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   figures = stats.collect(load_config(args.config, args.overrides), args.workdir)
   print(stats.render(figures))
   if args.json:

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="evaluate the first N examples of the split (default 0: all)")
   parser.add_argument("--long-examples", type=int, default=None,
                       help="size of the long stress set (0: none; default: data.eval_long_examples)")
-  parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/SPLIT)")
+  parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/SPLIT, "
+                      "or WORKDIR/eval/SPLIT-CHECKPOINT for --checkpoint latest|averaged)")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
   return parser
@@ -60,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
   check_counts(args)
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
+  folder = args.split if args.checkpoint == "best" else f"{args.split}-{args.checkpoint}"
   out_dir = os.fspath(paths.as_path(
-      args.out or paths.as_path(args.workdir) / paths.EVAL_DIR / args.split))
+      args.out or paths.as_path(args.workdir) / paths.EVAL_DIR / folder))
   report = evaluate.evaluate_run(trained, args.split, out_dir=out_dir, beam_size=args.beam,
                                  max_examples=args.max_examples,
                                  long_examples=args.long_examples,

@@ -6,7 +6,7 @@ finished run it returns at once. SIGTERM (e.g. TPU preemption) saves a
 checkpoint and exits with status 143; Ctrl-C does the same and exits with 130,
 and a second Ctrl-C stops at once without saving. A non-finite loss or a failed
 checkpoint save stops the run with status 1, the last good checkpoint intact.
-A second run on the same workdir stops at once (``train.lock``).
+A second run on the same workdir stops at once with status 75 (``train.lock``; retry later).
 
 Errors reach the terminal as one line; tracebacks and third-party log output
 (absl, Orbax, XLA) go to ``train.log`` in the workdir. Compiled programs are
@@ -48,7 +48,7 @@ def build_parser():
 
 
 def run(args) -> int:
-  config = load_config(args.config, args.overrides)
+  config = train.resolve_config(load_config(args.config, args.overrides))  # before any write
   try:
     routing = LogRouting(log_path(args.workdir))
   except OSError as e:

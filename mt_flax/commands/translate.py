@@ -9,20 +9,27 @@ empty line. A line longer than ``data.max_len`` tokens (EOS included) is
 truncated with a warning naming the line, or with ``--long split`` translated
 in pieces (cut at sentence ends, else between words) that are joined with a
 space. Input must be UTF-8: invalid lines are reported with their numbers and
-nothing is translated, unless ``--invalid replace`` (U+FFFD, with a warning).
-Lines are batched by length internally. ``--beam`` defaults to
-``decode.beam_size`` of the run's config; 1 is greedy search.
+stop the command before their window is translated, unless ``--invalid replace``
+(U+FFFD, with a warning). Input is read ``--window`` lines at a time (default
+1024), each window batched by length and written as soon as it is translated, so
+output starts before the input ends; on a terminal stderr shows lines/s.
+``--beam`` defaults to ``decode.beam_size`` of the run's config; 1 is greedy search.
 
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+import time
+from typing import BinaryIO, Iterator
 
 from mt_flax import cli
 from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained, read_lines, translate_lines
+
+WINDOW = 1024          # lines read, sorted by length, translated and written at a time
 
 MAX_ERRORS_SHOWN = 10
 
@@ -36,40 +43,68 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what to do with lines longer than data.max_len tokens")
   parser.add_argument("--invalid", choices=("error", "replace"), default="error",
                       help="what to do with input lines that are not UTF-8")
+  parser.add_argument("--window", type=int, default=WINDOW,
+                      help="lines translated (batched by length) and written at a time "
+                           f"(default {WINDOW})")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
   return parser
 
 
-def read_stdin(invalid: str) -> list[str]:
-  """The lines of stdin; lines that are not UTF-8 are reported (at most MAX_ERRORS_SHOWN), and
-  with ``--invalid error`` stop the command."""
-  lines, problems = read_lines(sys.stdin.buffer.read(), replace=invalid == "replace")
-  for number, reason in problems[:MAX_ERRORS_SHOWN]:
+def read_windows(stream: BinaryIO, invalid: str, size: int) -> Iterator[tuple[int, list[str]]]:
+  """(number of the first line, lines) of the binary ``stream``, ``size`` lines at a time, as
+  they arrive. Lines that are not UTF-8 are reported (at most MAX_ERRORS_SHOWN); with
+  ``--invalid error`` they stop the command before their window is translated."""
+  first, raw, shown = 1, [], 0
+  for chunk in itertools.chain(stream, [None]):
+    if chunk is not None:
+      raw.append(chunk)
+      if len(raw) < size:
+        continue
+    if not raw:
+      return
+    lines, problems = read_lines(b"".join(raw), replace=True)
+    raw = []
     level = "warning" if invalid == "replace" else "error"
-    print(f"mt_flax translate: {level}: line {number}: {reason}", file=sys.stderr)
-  if problems and invalid == "error":
-    more = len(problems) - MAX_ERRORS_SHOWN
-    raise ConfigError(f"{len(problems)} line(s) of the input are not UTF-8"
-                      + (f" ({more} more not shown)" if more > 0 else "")
-                      + "; nothing translated (fix the input, or pass --invalid replace)")
-  return lines
+    for number, reason in problems[:max(MAX_ERRORS_SHOWN - shown, 0)]:
+      print(f"mt_flax translate: {level}: line {first + number - 1}: {reason}", file=sys.stderr)
+    shown += len(problems)
+    if problems and invalid == "error":
+      done = f"lines 1-{first - 1} were translated, " if first > 1 else ""
+      raise ConfigError(f"{len(problems)} line(s) of lines {first}-{first + len(lines) - 1} "
+                        f"are not UTF-8; {done}nothing from line {first} on (fix the input, "
+                        "or pass --invalid replace)")
+    yield first, lines
+    first += len(lines)
 
 
 def run(args: argparse.Namespace) -> int:
   warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
   if args.beam is not None and args.beam < 1:
     raise ConfigError(f"--beam {args.beam}: expected an integer >= 1")
-  lines = read_stdin(args.invalid)
+  if args.window < 1:
+    raise ConfigError(f"--window {args.window}: expected an integer >= 1")
+  windows = read_windows(sys.stdin.buffer, args.invalid, args.window)
+  head = list(itertools.islice(windows, 1))          # bad input is reported before loading
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
-  outputs = translate_lines(trained, lines, beam_size=args.beam, split_long=args.long == "split",
-                            cached=not args.full_recompute, warn=warn)
-  try:
-    sys.stdout.write("".join(line + "\n" for line in outputs))
-    sys.stdout.flush()
-  except BrokenPipeError:            # the reader went away (e.g. `| head`): not an error here
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  progress, t0, done = sys.stderr.isatty(), time.time(), 0
+  for first, lines in itertools.chain(head, windows):
+    outputs = translate_lines(trained, lines, beam_size=args.beam,
+                              split_long=args.long == "split", cached=not args.full_recompute,
+                              warn=warn, first_line=first)
+    try:
+      sys.stdout.write("".join(line + "\n" for line in outputs))
+      sys.stdout.flush()
+    except BrokenPipeError:          # the reader went away (e.g. `| head`): not an error here
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      return 0
+    done += len(lines)
+    if progress:
+      print(f"\rmt_flax translate: {done} lines, {done / (time.time() - t0):.1f} lines/s",
+            end="", file=sys.stderr, flush=True)
+  if progress and done:
+    print(file=sys.stderr)
   return 0
 
 

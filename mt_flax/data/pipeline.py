@@ -44,6 +44,7 @@ from mt_flax import paths
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mt_flax.special_ids import FIRST_WORD_ID
 
 BATCHING_MODES = ("bucket", "pack", "pad")
 OVERLONG_MODES = ("drop", "truncate")
@@ -52,6 +53,7 @@ _READ_CHUNK = 8192
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -226,12 +228,28 @@ def training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tra
   return _TRAINING_SETS[key]
 
 
+def _warn_once(message: str) -> None:
+  """Logs ``message`` as a warning the first time this process sees it."""
+  if message not in _WARNED:
+    _WARNED.add(message)
+    log.warning("%s", message)
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """``data.overlong``, ``data.max_len`` and ``data.vocab_size`` (checks that need no data)."""
+  d = config.data
+  if d.overlong not in OVERLONG_MODES:
+    raise DataError(f"data.overlong={d.overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
+  if int(d.max_len) < 2:
+    raise DataError(f"data.max_len={d.max_len}: expected at least 2 (a token and EOS)")
+  if int(d.vocab_size) <= FIRST_WORD_ID:
+    raise DataError(f"data.vocab_size={d.vocab_size}: expected more than {FIRST_WORD_ID} (ids "
+                    f"0-{FIRST_WORD_ID - 1} are padding, unknown, BOS and EOS)")
+
+
 def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TrainingSet:
+  check_data_config(config)
   name, max_len, overlong = config.data.name, int(config.data.max_len), config.data.overlong
-  if overlong not in OVERLONG_MODES:
-    raise DataError(f"data.overlong={overlong!r}: expected one of {', '.join(OVERLONG_MODES)}")
-  if max_len < 2:
-    raise DataError(f"data.max_len={max_len}: expected at least 2 (a token and EOS)")
   records = sources.data_source(config, "train")
   store = _load_or_tokenize(config, tokenizer, records)
   src_raw, tgt_raw = store.src_counts + 1, store.tgt_counts + 1
@@ -247,12 +265,12 @@ def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tr
     dropped_src = dropped_tgt = 0
     truncated = int(over.sum())
   if dropped_src + dropped_tgt:
-    log.warning("%s train: dropped %d of %d pairs longer than data.max_len=%d tokens "
-                "(%d by the source side, %d by the target side only)", name,
-                dropped_src + dropped_tgt, len(store), max_len, dropped_src, dropped_tgt)
+    _warn_once(f"{name} train: dropped {dropped_src + dropped_tgt} of {len(store)} pairs longer "
+               f"than data.max_len={max_len} tokens ({dropped_src} by the source side, "
+               f"{dropped_tgt} by the target side only)")
   if truncated:
-    log.warning("%s train: truncated %d of %d pairs to data.max_len=%d tokens", name,
-                truncated, len(store), max_len)
+    _warn_once(f"{name} train: truncated {truncated} of {len(store)} pairs to "
+               f"data.max_len={max_len} tokens")
   if len(kept) == 0:
     raise DataError(f"{name} train: all {len(store)} pairs are longer than "
                     f"data.max_len={max_len}; raise data.max_len or set data.overlong=truncate")

@@ -11,8 +11,12 @@ named by `config.data.manual_dir` or the environment variable
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
+import hashlib
 import os
+import sys
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -99,8 +103,19 @@ def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
   """
   _register_builders()
   name = config.data.name
+  builder = _builder(name, config)
+  if prepare and not builder.is_prepared():
+    with _one_preparer(builder):
+      if not builder.is_prepared():
+        _prepare(builder, name, config)
+        return builder
+    builder = _builder(name, config)   # prepared by another process while this one waited
+  return builder
+
+
+def _builder(name: str, config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   try:
-    builder = tfds.builder(name, data_dir=tfds_data_dir(config), file_format="array_record")
+    return tfds.builder(name, data_dir=tfds_data_dir(config), file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError:
     base = name.split("/")[0]
     near = difflib.get_close_matches(base, _known_names(), n=3, cutoff=0.6)
@@ -109,20 +124,39 @@ def get_builder(config: ml_collections.ConfigDict, *, prepare: bool = True
     raise DataError(f"unknown dataset data.name={name!r}; {hint}") from None
   except ValueError as e:
     raise DataError(f"data.name={name!r}: {_first_line(e)}") from None
-  if prepare and not builder.is_prepared():
-    try:
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
-    except DataError:
-      raise
-    except ModuleNotFoundError as e:
-      raise DataError(f"{name}: preparing the dataset needs the Python package {e.name!r}, "
-                      f"which is not installed (pip install {e.name})") from e
-    except Exception as e:  # a third-party builder failing deep inside TFDS
-      raise DataError(f"{name}: preparing the dataset in {builder.data_dir} failed: "
-                      f"{type(e).__name__}: {_first_line(e)}") from e
-  return builder
+
+
+@contextlib.contextmanager
+def _one_preparer(builder: tfds.core.DatasetBuilder):
+  """Holds a lock per local data dir so that runs started together (sweep trials, test
+  workers) prepare a dataset once: the others wait, then find it prepared."""
+  folder = os.fspath(builder.data_dir)
+  if paths.is_remote(folder):
+    yield
+    return
+  locks = os.path.join(os.path.dirname(LOCAL_TFDS_COPIES), "locks")
+  os.makedirs(locks, exist_ok=True)
+  key = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:16]
+  with open(os.path.join(locks, f"prepare-{key}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, name: str, config) -> None:
+  if not sys.stderr.isatty():        # no progress-bar frames in logs
+    tfds.disable_progress_bar()
+  try:
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+  except DataError:
+    raise
+  except ModuleNotFoundError as e:
+    raise DataError(f"{name}: preparing the dataset needs the Python package {e.name!r}, "
+                    f"which is not installed (pip install {e.name})") from e
+  except Exception as e:  # a third-party builder failing deep inside TFDS
+    raise DataError(f"{name}: preparing the dataset in {builder.data_dir} failed: "
+                    f"{type(e).__name__}: {_first_line(e)}") from e
 
 
 def languages(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
@@ -219,11 +253,39 @@ def load_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str,
 
 
 def read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
-  """Records [start, stop) of a data source, read in one call when it can (much faster)."""
+  """Records [start, stop) of a data source, read in one call when it can (much faster).
+
+  Raises:
+    DataError: a prepared file is damaged (named, with the folder to delete).
+  """
   indices = list(range(start, min(stop, len(source))))
-  if hasattr(source, "__getitems__"):
-    return source.__getitems__(indices)
-  return [source[i] for i in indices]
+  try:
+    if hasattr(source, "__getitems__"):
+      return source.__getitems__(indices)
+    return [source[i] for i in indices]
+  except RuntimeError as e:
+    path = _damaged_file(source, indices)
+    if path is None:
+      raise
+    raise DataError(f"{path} is damaged ({_first_line(e)}); delete the prepared dataset folder "
+                    f"{os.path.dirname(path)} and run again to prepare it again") from None
+
+
+def _damaged_file(source: Any, indices: Sequence[int]) -> str | None:
+  """The first file holding some of ``indices`` of a TFDS data source that cannot be read."""
+  info = getattr(source, "dataset_info", None)
+  if info is None:
+    return None
+  end = 0
+  for instruction in info.splits[source.split].file_instructions:
+    begin, end = end, end + instruction.take
+    inside = [i for i in indices if begin <= i < end]
+    try:
+      if inside:
+        source.__getitems__(inside)
+    except RuntimeError:
+      return instruction.filename
+  return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -4,14 +4,17 @@ Ids: 0 pad, 1 unknown, 2 begin (BOS), 3 end (EOS); the rest are pieces. One
 vocabulary shared by both languages (`data.shared_vocab=True`, file `spm.model`)
 or one per side (`src.model`, `tgt.model`), each of `data.vocab_size` pieces, of
 type `data.tokenizer_type` ("unigram" or "bpe"). `tokenizer.json` records what
-the models were trained for; a workdir whose tokenizer does not match the config
-is an error rather than a silent mix.
+the models were trained for and the SHA-256 of each model file; a workdir whose
+tokenizer does not match the config, or whose model files changed, is an error
+rather than a silent mix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -42,16 +45,19 @@ class Tokenizer:
 
   @classmethod
   def load(cls, directory: str) -> "Tokenizer":
-    """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://)."""
+    """Loads the models in `directory` (a `workdir/tokenizer/` folder, local or gs://),
+    each checked against the SHA-256 that `tokenizer.json` recorded when it was trained."""
     folder = as_path(directory)
+    info = folder / TOKENIZER_INFO
+    digests = json.loads(info.read_text()).get("sha256", {}) if info.exists() else {}
     if (folder / SHARED_MODEL).exists():
-      model = spm.SentencePieceProcessor(model_proto=(folder / SHARED_MODEL).read_bytes())
+      model = _read_model(folder / SHARED_MODEL, digests.get(SHARED_MODEL))
       return cls(model, model, str(folder))
     paths = [folder / name for name in (SRC_MODEL, TGT_MODEL)]
     if not all(p.exists() for p in paths):
       raise DataError(f"{folder}: no tokenizer model ({SHARED_MODEL}, or "
                       f"{SRC_MODEL} and {TGT_MODEL})")
-    src, tgt = (spm.SentencePieceProcessor(model_proto=p.read_bytes()) for p in paths)
+    src, tgt = (_read_model(p, digests.get(p.name)) for p in paths)
     return cls(src, tgt, str(folder))
 
   @property
@@ -89,6 +95,21 @@ class Tokenizer:
     return self._tgt.decode(_content_ids(ids))
 
 
+def _read_model(path, digest: str | None) -> spm.SentencePieceProcessor:
+  """The SentencePiece model in `path`, whose bytes must have the SHA-256 `digest` (if given)."""
+  raw = path.read_bytes()
+  actual = hashlib.sha256(raw).hexdigest()
+  if digest and actual != digest:
+    raise DataError(f"the tokenizer file changed since the run was created: {path} has SHA-256 "
+                    f"{actual}, expected {digest} (recorded in {TOKENIZER_INFO}); restore it "
+                    "from a copy of the run, or train a new run")
+  try:
+    return spm.SentencePieceProcessor(model_proto=raw)
+  except RuntimeError as e:
+    raise DataError(f"{path} is not a SentencePiece model ({str(e).strip()}); restore it from "
+                    "a copy of the run, or train a new run") from None
+
+
 def _content_ids(ids: Iterable[int]) -> list[int]:
   out = []
   for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1):
@@ -103,13 +124,21 @@ def _content_ids(ids: Iterable[int]) -> list[int]:
 def train_model(texts: Iterable[str], path: str, *, vocab_size: int, model_type: str) -> None:
   """Trains one SentencePiece model on `texts` and writes it to `path` (`….model`)."""
   with open(path, "wb") as out:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=out, vocab_size=int(vocab_size),
-        model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        character_coverage=0.9999, hard_vocab_limit=False,
-        input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_writer=out, vocab_size=int(vocab_size),
+          model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+          pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+          character_coverage=0.9999, hard_vocab_limit=False,
+          input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
+          num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+      need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+      if need:
+        raise DataError(f"data.vocab_size={vocab_size}: expected at least {need.group(1)} for "
+                        "this data (its characters and the special ids)") from None
+      raise DataError(f"SentencePiece cannot train a tokenizer with data.vocab_size="
+                      f"{vocab_size}: {str(e).strip()}") from None
 
 
 def _expected_info(config: ml_collections.ConfigDict) -> dict:
@@ -155,8 +184,11 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
       train_model([s for s, _ in pairs], os.path.join(scratch, SRC_MODEL), **options)
       train_model([t for _, t in pairs], os.path.join(scratch, TGT_MODEL), **options)
     directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
     for name in sorted(os.listdir(scratch)):
       with open(os.path.join(scratch, name), "rb") as f:
-        paths.write_bytes(directory / name, f.read())
-  paths.write_text(info_path, json.dumps(expected, indent=2))
+        raw = f.read()
+      paths.write_bytes(directory / name, raw)
+      digests[name] = hashlib.sha256(raw).hexdigest()
+  paths.write_text(info_path, json.dumps({**expected, "sha256": digests}, indent=2))
   return Tokenizer.load(str(directory))

@@ -4,8 +4,8 @@ Each process runs this file as a worker: it joins ``jax.distributed`` through
 :func:`mt_flax.sharding.maybe_initialize_distributed`, feeds only its own rows
 of each global batch (trimmed to its own lengths, so the processes' shapes
 differ and are made common), trains with ``jit`` on a mesh spanning both
-processes or with ``pmap`` over each process's devices (collectives over all
-four), then saves and restores an Orbax checkpoint in a shared directory.
+processes, then saves and restores an Orbax checkpoint in a shared directory.
+``pmap`` across processes is run by ``test_pod.py``.
 """
 import functools
 import json
@@ -80,16 +80,13 @@ def _same_params(restored, state, partitioner) -> bool:
   return all(np.array_equal(first(a), first(b)) for a, b in zip(got, want))
 
 
-def worker(out_dir: str, mode: str) -> None:
+def worker(out_dir: str) -> None:
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
   sharding.maybe_initialize_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 4
-  if mode == "jit":
-    part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
-  else:
-    part = sharding.PmapPartitioner()
+  part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
   losses, metrics, state = train_run(part, per_process_rows=True)
   # a checkpoint written by both processes into one directory, read back by both
   manager = checkpoint.make_manager(os.path.join(out_dir, "run"))
@@ -105,7 +102,7 @@ def worker(out_dir: str, mode: str) -> None:
     json.dump(result, f)
 
 
-def run_two_processes(out_dir, mode: str) -> list[dict]:
+def run_two_processes(out_dir) -> list[dict]:
   """Starts two workers (2 CPU devices each) on loopback; returns their JSON results."""
   import portpicker
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -113,7 +110,7 @@ def run_two_processes(out_dir, mode: str) -> list[dict]:
              MT_FLAX_NUM_PROCESSES="2")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   logs = [open(out_dir / f"process_{i}.log", "w") for i in range(2)]   # files: a pipe can fill
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), mode],
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir)],
                             env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=root,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
@@ -134,26 +131,10 @@ def run_two_processes(out_dir, mode: str) -> list[dict]:
 def test_two_processes_match_one(tmp_path):
   import jax
   from mt_flax import sharding
-  results = run_two_processes(tmp_path, "jit")
+  results = run_two_processes(tmp_path)
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
-  check_results(results, losses, metrics)
-
-
-def test_pmap_two_processes_reduce_over_all_devices(tmp_path):
-  """pmap on 2 processes x 2 devices equals pmap on 4 devices of one process.
-
-  Dropout is drawn per device from the global device index, and every device
-  gets the same rows in both runs, so the losses agree with dropout on. A
-  reduction over one process's devices only would give each process its own
-  loss and update.
-  """
-  import jax
-  from mt_flax import sharding
-  results = run_two_processes(tmp_path, "pmap")
-  losses, metrics, _ = train_run(sharding.PmapPartitioner(jax.devices()[:4]),
-                                 per_process_rows=False)
   check_results(results, losses, metrics)
 
 
@@ -167,4 +148,4 @@ def check_results(results: list[dict], losses: list[float], metrics: dict) -> No
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(sys.argv[1], sys.argv[2])
+  worker(sys.argv[1])

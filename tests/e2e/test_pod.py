@@ -3,8 +3,8 @@
 This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a pod
 (every host runs the same command, JAX connects them, all write one gs://
 checkpoint): both processes get SIGTERM mid-run, save and exit 143; the same
-command resumes; the per-step losses equal one uninterrupted run on the 8 devices of
-this process (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
+command resumes; the per-step losses and validation losses equal one uninterrupted run on
+the 8 devices of this process (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
 ``translate`` and ``audit`` read the gs:// workdir, in this process. The subprocesses
 only see ``STORAGE_EMULATOR_HOST``: ``TENSORSTORE_GCS_HTTP_URL`` (for Orbax) is derived
 by mt_flax, and every other file goes through mt_flax.paths.
@@ -96,6 +96,11 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-4)
+  # validation sums span every device of both processes (a per-process reduction differs)
+  evals = lambda w: {r["step"]: r["eval_loss"] for r in read_metrics(w) if "eval_loss" in r}
+  assert sorted(evals(workdir)) == [6, 12]
+  np.testing.assert_allclose([evals(workdir)[s] for s in (6, 12)],
+                             [evals(single)[s] for s in (6, 12)], rtol=1e-4)
   for name in ("config.json", "run.json", "DONE", "tokenizer/tokenizer.json"):
     assert (root / name).exists(), name
   assert any(p.name.startswith("events.out.tfevents") for p in (root / "tensorboard").iterdir())

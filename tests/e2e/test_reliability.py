@@ -106,9 +106,9 @@ def test_damaged_checkpoint_is_caught_by_every_command(tmp_path, trained_run):
 
 
 def test_second_run_stops_at_once_and_ctrl_c_saves_then_twice_stops(tmp_path, tiny_training):
-  """A second train on a running workdir stops with one line naming the holder; the
-  first, interrupted with SIGINT, saves and exits 130; the resumed run, interrupted with
-  SIGINT twice, stops at once with 130 too."""
+  """A second train on a running workdir stops with one line naming the holder (status 75:
+  retry later); the first, interrupted with SIGINT, saves and exits 130; the resumed run,
+  interrupted with SIGINT twice, stops at once with 130 too."""
   workdir = tiny_training.new_workdir(tmp_path, "shared")
   environ = env(tmp_path)
   args = tiny_training.overrides(num_train_steps=400, checkpoint_every_steps=10,
@@ -117,7 +117,7 @@ def test_second_run_stops_at_once_and_ctrl_c_saves_then_twice_stops(tmp_path, ti
   tiny_training.wait(tiny_training.has_checkpoint(workdir, 10), first, "checkpoint 10")
 
   code, _, err = run("train", workdir, args, environ)
-  assert code == 2 and len(err) == 1, err
+  assert code == 75 and len(err) == 1, err
   assert err[0].startswith(f"mt_flax train: error: workdir {workdir} is in use by another run")
   assert f"pid {first.pid}" in err[0]
 

@@ -40,7 +40,7 @@ def test_syntax_errors_and_bad_variants_are_one_line_config_errors(tmp_path):
   with pytest.raises(ConfigError, match="line 5: syntax error"):
     load_config(write_config(tmp_path, "  c.seed = = 1\n"))
   wmt = os.path.join(ROOT, "experiments", "wmt14_en_de.py")
-  with pytest.raises(ConfigError, match="unknown variant 'huge'; expected base or big"):
+  with pytest.raises(ConfigError, match="unknown variant 'huge'; expected base, big or fp32"):
     load_config(wmt + ":huge")
   with pytest.raises(ConfigError, match="not found"):
     load_config(os.path.join(ROOT, "experiments", "nope.py"))
@@ -54,6 +54,10 @@ def test_variants_share_one_file_and_differ_only_where_they_say():
   assert base.learning_rate == pytest.approx(6.99e-4, rel=1e-3)   # Vaswani et al. (2017)
   assert big.learning_rate == pytest.approx(4.94e-4, rel=1e-3)
   assert base.data.to_dict() == big.data.to_dict()
+  fp32 = load_config(wmt + ":fp32")
+  assert (base.model.dtype, big.model.dtype, fp32.model.dtype) == ("bfloat16",) * 2 + ("float32",)
+  fp32.model.dtype = "bfloat16"
+  assert fp32.to_dict() == base.to_dict()
 
 
 def test_the_test_variant_is_the_default_experiment_made_small():

@@ -5,6 +5,7 @@ import collections
 import io
 import os
 import re
+import shutil
 import zipfile
 
 import ml_collections
@@ -119,6 +120,26 @@ def test_spa_eng_fixture_keeps_every_well_formed_line(fixture_build):
   assert got[(11, "Go.", "Vete.")] == 1 and got[(2, "Go.", "Vete.")] == 1
   assert sorted(line for line, _, _ in got) == sorted(
       set(range(1, len(lines) + 1)) - {4, 5, 6, 7, 9})
+
+
+def test_a_damaged_prepared_shard_is_named_with_the_folder_to_delete(fixture_build, tmp_path):
+  """Real array_record bytes changed on disk: one line naming the file and the fix, which
+  works (the deleted folder is prepared again)."""
+  pairs = sources.load_pairs(fixture_build[0], "train")
+  config = make_config("spa_eng", tmp_path / "data", fixture_build[0].data.manual_dir)
+  shutil.copytree(fixture_build[0].data.tfds_data_dir, tmp_path / "data")
+  shard, = (tmp_path / "data").glob("spa_eng/*/spa_eng-train.array_record-*")
+  raw = bytearray(shard.read_bytes())
+  for i in range(1000, 1200):              # inside the first chunk of records
+    raw[i] ^= 0xFF
+  shard.write_bytes(bytes(raw))
+  with pytest.raises(DataError) as error:
+    sources.load_pairs(config, "train")
+  assert str(error.value).startswith(f"{shard} is damaged (Corrupted Riegeli/records file")
+  assert str(error.value).endswith(f"delete the prepared dataset folder {shard.parent} and run "
+                                   "again to prepare it again")
+  shutil.rmtree(shard.parent)
+  assert sources.load_pairs(config, "train") == pairs
 
 
 def test_spa_eng_fixture_groups_translations_of_one_sentence(fixture_build):
@@ -415,3 +436,19 @@ def test_spa_eng_downloads_from_its_url(tmp_path, monkeypatch):
   finally:
     server.shutdown()
     thread.join()
+
+
+def test_runs_started_together_prepare_a_dataset_once(tmp_path):
+  """Two preparations of one fresh data dir at once (sweep trials, test workers): one
+  prepares, the other waits and reads the same prepared files."""
+  import concurrent.futures
+  lines = [f"{en}\tFrase {i}.\n".encode() for i, en in enumerate(
+      english_sentences(30, "train") + english_sentences(5, "validation")
+      + english_sentences(5, "test"))]
+  write_spa_zip(tmp_path / "manual", lines)
+  config = make_config("spa_eng", tmp_path / "data", tmp_path / "manual")
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    builders = list(pool.map(lambda _: sources.get_builder(config), range(2)))
+  sizes = [{k: v.num_examples for k, v in b.info.splits.items()} for b in builders]
+  assert sizes[0] == sizes[1] == {"train": 30, "validation": 5, "test": 5}
+  assert all(len(all_records(config, s)) == n for s, n in sizes[0].items())

@@ -287,6 +287,10 @@ def test_overlong_pairs_are_dropped_or_truncated_and_counted(setup, caplog):
   batches = list(pipeline.train_iterator(short, tokenizer, num_epochs=1))
   assert sum(len(rows_of(b)) for b in batches) + data.dropped == data.num_pairs
   assert "dropped" in caplog.text and "data.max_len=12" in caplog.text
+  caplog.clear()
+  pipeline._TRAINING_SETS.clear()                  # made again: the warning is not repeated
+  assert pipeline.training_set(short, tokenizer).dropped == data.dropped
+  assert "dropped" not in caplog.text
   cut = with_overrides(config, max_len=12, overlong="truncate")
   data = pipeline.training_set(cut, tokenizer)
   assert data.dropped == 0 and data.truncated == over

@@ -1,10 +1,20 @@
 """`mt_flax translate` on a real trained run: line alignment, long lines, bad input."""
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from mt_flax import inference
 from mt_flax.commands import translate
+from mt_flax.data import DataError, Tokenizer
 
 LINES = ["The cat sees the dog.",
          "Red house.",
@@ -108,3 +118,76 @@ def test_split_to_fit_cuts_at_sentence_ends_then_words():
   assert inference.split_to_fit("One two. Three four five. Six", fits) == [
       "One two.", "Three four five. Six"]
   assert inference.split_to_fit("a b c d e f g", fits) == ["a b c d", "e f g"]
+
+
+def test_a_changed_tokenizer_file_is_refused_at_load(tmp_path, trained_run, call_main, capsys):
+  """The SentencePiece model's bytes are checked against the SHA-256 recorded when it was
+  trained: one line naming the file, whether the changed bytes still parse or not."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  model = workdir / "tokenizer" / "spm.model"
+  good = model.read_bytes()
+  recorded = json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+  assert recorded == {"spm.model": hashlib.sha256(good).hexdigest()}
+  still_parses = next(b for b in (good[:i] + bytes([good[i] ^ 1]) + good[i + 1:]
+                                  for i in range(len(good) - 1, 0, -1)) if parses(b))
+  for changed in (still_parses, good[:len(good) // 3]):
+    model.write_bytes(changed)
+    code = call_main(translate.main, ["--workdir", str(workdir), "--beam", "1"], b"Red house.\n")
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert (f"the tokenizer file changed since the run was created: {model} has SHA-256 "
+            f"{hashlib.sha256(changed).hexdigest()}, expected {recorded['spm.model']}") in err
+  (workdir / "tokenizer" / "tokenizer.json").unlink()       # a run without digests
+  with pytest.raises(DataError, match=f"{model} is not a SentencePiece model"):
+    Tokenizer.load(str(workdir / "tokenizer"))
+
+
+def parses(raw: bytes) -> bool:
+  try:
+    spm.SentencePieceProcessor(model_proto=raw)
+    return True
+  except RuntimeError:
+    return False
+
+
+def test_output_streams_window_by_window_and_equals_one_window(tmp_path, trained_run, loaded_run,
+                                                                monkeypatch, capsys):
+  """Input through a real pipe, two lines a window: the first window's translations are
+  written while the rest of the input has not been sent; the whole output is that of all
+  lines translated together."""
+  read_end, write_end = os.pipe()
+  out_path = tmp_path / "out.txt"
+  monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read_end, "rb")))
+  monkeypatch.setattr(sys, "stdout", open(out_path, "w", encoding="utf-8"))
+  seen_early = []
+
+  def feed() -> None:
+    with os.fdopen(write_end, "wb") as pipe:
+      pipe.write(("\n".join(LINES[:2]) + "\n").encode())
+      pipe.flush()
+      deadline = time.monotonic() + 120
+      while out_path.read_text().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+      seen_early.append(out_path.read_text().count("\n"))
+      pipe.write(("\n".join(LINES[2:]) + "\n").encode())
+
+  feeder = threading.Thread(target=feed)
+  feeder.start()
+  code = translate.main(["--workdir", trained_run, "--beam", "1", "--window", "2"])
+  feeder.join()
+  sys.stdout.close()
+  assert code == 0, capsys.readouterr().err[-2000:]
+  assert seen_early == [2]
+  assert out_path.read_text() == "".join(
+      t + "\n" for t in inference.translate_lines(loaded_run, LINES, beam_size=1))
+
+
+def test_invalid_utf8_after_the_first_window_stops_after_the_windows_before(trained_run,
+                                                                           call_main, capsys):
+  rc = call_main(translate.main, ["--workdir", trained_run, "--beam", "1", "--window", "2"],
+                 b"Red house.\nok\n\xff bad\nfine\n")
+  out, err = capsys.readouterr()
+  assert rc == 2 and out.count("\n") == 2
+  assert "error: line 3: invalid UTF-8 byte 0xff" in err
+  assert "lines 1-2 were translated, nothing from line 3 on" in err

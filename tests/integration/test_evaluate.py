@@ -1,5 +1,9 @@
 """`mt_flax eval` and `validation_bleu` on a real trained run; scoring and slicing."""
+import dataclasses
+import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -199,3 +203,62 @@ def test_tokenized_bleu_counts_compound_parts_and_ignores_detokenization():
   assert got["bleu"] != pytest.approx(unsplit.score, abs=0.1)
   assert got["detail"].split()[3].startswith("92.3/")           # unigram precision 12/13
   assert "tok:none" in got["signature"]
+
+
+def evaluate_copy(loaded_run, out: Path, **kw) -> dict:
+  """``evaluate_run`` of the loaded run with a config of its own (it sets a few keys)."""
+  trained = dataclasses.replace(loaded_run, config=loaded_run.config.copy_and_resolve_references())
+  return evaluate.evaluate_run(trained, "test", out_dir=str(out), **kw)
+
+
+def assert_consistent(out: Path) -> dict:
+  """The report in ``out`` scores exactly the hypothesis files beside it."""
+  report = json.loads((out / "report.json").read_text())
+  hyps = (out / "test.hyp.txt").read_text().splitlines()
+  assert len(hyps) == report["table"][0]["examples"] == len(
+      (out / "test.src.txt").read_text().splitlines())
+  assert sacrebleu_scores(out, "test.ref.txt", "test.hyp.txt")["bleu"] == pytest.approx(
+      report["bleu"], abs=0.01)
+  assert report["sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                              for p in out.glob("*.txt")}
+  assert sorted(os.listdir(out.parent)) == [out.name]        # no staging folder left behind
+  return report
+
+
+def test_an_eval_that_fails_midway_leaves_the_previous_report_whole(tmp_path, loaded_run):
+  out = tmp_path / "eval" / "test"
+  evaluate_copy(loaded_run, out, beam_size=1, max_examples=4, long_examples=0)
+  before = assert_consistent(out)
+  trained = dataclasses.replace(loaded_run, config=loaded_run.config.copy_and_resolve_references())
+  trained.config.data.max_len = 10**6    # the long stress set, made after the split's files, fails
+  with pytest.raises(data.DataError, match="no long stress example"):
+    evaluate.evaluate_run(trained, "test", out_dir=str(out), beam_size=1, max_examples=2,
+                          long_examples=1)
+  assert assert_consistent(out) == before
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(evaluate.ConfigError, match="not an eval report"):
+    evaluate_copy(loaded_run, tmp_path / "mine", max_examples=2, long_examples=0)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_two_evals_at_once_leave_one_eval_s_files(tmp_path, loaded_run):
+  """Two evals of one checkpoint into one folder, started together: the folder holds one of
+  them whole (its report scores the hypotheses beside it)."""
+  out = tmp_path / "eval" / "test"
+  start, errors = threading.Barrier(2), []
+
+  def run(examples: int, beam: int) -> None:
+    start.wait()
+    try:
+      evaluate_copy(loaded_run, out, beam_size=beam, max_examples=examples, long_examples=0)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=run, args=args) for args in ((2, 1), (4, 1))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors
+  assert assert_consistent(out)["table"][0]["examples"] in (2, 4)

@@ -88,11 +88,20 @@ def test_restart_from_scratch_logs_each_step_once(tmp_path, trained_run, tiny_tr
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_training, capsys):
+  """Before the first save there is nothing to resume from, and the line says so; after it,
+  the last good checkpoint is kept. Also: with stderr not a terminal, the progress bar is a
+  plain line per logged step."""
   workdir = tiny_training.new_workdir(tmp_path, "diverges")
-  code = train_command.main(["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
+  argv = ["--config", CONFIG, "--workdir", workdir, *tiny_training.overrides(
       num_train_steps=20, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
-      checkpoint_every_steps=1, eval_every_steps=1000)])
+      eval_every_steps=1000, progress_bar=True)]
+  assert train_command.main([*argv, "--config.checkpoint_every_steps=1000"]) == 1
+  line = [l for l in capsys.readouterr().err.splitlines() if "not finite" in l]
+  assert "No checkpoint was saved: the run diverged at step 2;" in line[0]
+  assert "re-run to resume" not in line[0] and not os.listdir(os.path.join(workdir, "checkpoints"))
+  code = train_command.main([*argv, "--config.checkpoint_every_steps=1"])
   err = capsys.readouterr().err
+  assert "\r" not in err and "[train] step 1/20: loss=" in err, err[-2000:]
   assert code == 1
   line = [l for l in err.splitlines() if "not finite" in l]
   assert line and "last good checkpoint (step 1)" in line[0], err[-2000:]
