@@ -27,7 +27,14 @@ import time
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA ends a process whose CPU collective has waited 40 s for its device threads; with 8
+# simulated devices on 2 busy cores (two xdist workers, subprocess runs beside them) that
+# happens. This process and every one the tests start wait longer.
+os.environ["MT_FLAX_TEST_XLA_FLAGS"] = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      + os.environ["MT_FLAX_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)

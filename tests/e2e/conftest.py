@@ -50,7 +50,8 @@ class GcsEmulator:
     (mt_flax derives ``TENSORSTORE_GCS_HTTP_URL`` itself) and ``devices`` CPU devices."""
     from mt_flax import paths
     env = {k: v for k, v in os.environ.items() if k != paths.TENSORSTORE_GCS_ENV}
-    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               + os.environ["MT_FLAX_TEST_XLA_FLAGS"])
     return env
 
 

@@ -105,7 +105,8 @@ def worker(out_dir: str) -> None:
 def run_two_processes(out_dir) -> list[dict]:
   """Starts two workers (2 CPU devices each) on loopback; returns their JSON results."""
   import portpicker
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+             + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
              JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
              MT_FLAX_NUM_PROCESSES="2")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -24,7 +24,8 @@ def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
 def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
   """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140 with steps logged
   past it, resume: same losses, and each step logged once."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+             + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
              JAX_PLATFORMS="cpu")
   args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=20,
                                  eval_every_steps=1000)

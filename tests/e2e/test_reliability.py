@@ -28,7 +28,8 @@ SENTENCES = "In the beginning God created the heaven and the earth.\nAnd God sai
 
 def env(tmp_path, devices: int = 1) -> dict:
   """One CPU device; ``devices=8`` to resume the session's trained run (made with 8)."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+              + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
               JAX_PLATFORMS="cpu")
 
 
