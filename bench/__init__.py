@@ -19,8 +19,11 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
-import jax
-from jax import monitoring
+from mt_flax.__main__ import cpu_if_no_tpu
+
+cpu_if_no_tpu()      # before JAX starts: a CPU host with libtpu installed runs on the CPU
+import jax  # noqa: E402
+from jax import monitoring  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
