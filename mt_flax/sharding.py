@@ -32,8 +32,6 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mt_flax import steps
-
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -273,14 +271,13 @@ class JitPartitioner:
     """``step_fn(state, batch) -> (state, metrics)`` jitted with the state shardings."""
     return jax.jit(self.in_context(step_fn),
                    in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0,
-                   compiler_options=steps.compiler_options())
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def compile_eval_step(self, eval_fn: Callable) -> Callable:
     """``eval_fn(params, batch) -> sums`` jitted with the parameter shardings."""
     return jax.jit(self.in_context(eval_fn),
                    in_shardings=(self.state_shardings.params, self.batch_sharding),
-                   out_shardings=self.replicated, compiler_options=steps.compiler_options())
+                   out_shardings=self.replicated)
 
   def params_of(self, state: Any) -> Any:
     return state.params

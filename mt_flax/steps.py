@@ -371,15 +371,6 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
           "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(sums["tokens"])}
 
 
-def compiler_options() -> Optional[dict]:
-  """XLA options for the jitted steps: on CPU, temporaries split into heaps of at most
-  30 MiB, which malloc reuses from step to step instead of mapping one large block anew
-  (``docs/performance.md``); None elsewhere."""
-  if jax.default_backend() != "cpu":
-    return None
-  return {"xla_multiheap_size_constraint_per_heap": 30 << 20}
-
-
 def make_train_step(model: Transformer, optimizer: optax.GradientTransformation, *,
                     label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                     learning_rate_fn: Optional[optax.Schedule] = None,
@@ -392,10 +383,10 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
   fn = functools.partial(train_step, model=model, optimizer=optimizer,
                          label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
                          learning_rate_fn=learning_rate_fn)
-  return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options()) if jit else fn
+  return jax.jit(fn, donate_argnums=0) if jit else fn
 
 
 def make_eval_step(model: Transformer, *, jit: bool = True) -> Callable[[Any, Batch], dict]:
   """``(params, batch) -> sums`` (see :func:`eval_step`); jitted unless ``jit=False``."""
   fn = functools.partial(eval_step, model=model)
-  return jax.jit(fn, compiler_options=compiler_options()) if jit else fn
+  return jax.jit(fn) if jit else fn

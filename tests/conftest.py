@@ -14,6 +14,7 @@ in ``tests/<tier>/conftest.py``):
   ``loaded_run``      that run loaded for inference in this process
   ``variant_flags``   the ``:test`` variant as ``--config.KEY=VALUE`` flags
   ``tmpfs``, ``small_disk``, ``fill_disk``  small file systems to fill up (root only)
+  ``shared_compilation_cache`` (automatic) one JAX compilation cache per session
   ``synthetic_corpus`` factory writing a spa-eng.zip of a toy English->Spanish lexicon
 """
 import contextlib
@@ -129,6 +130,7 @@ def variant_flags() -> list[str]:
   return [f"--config.{key}={value}" for key, value in test.items() if plain[key] != value]
 
 
+@pytest.hookimpl(tryfirst=True)       # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   """On pytest-xdist workers (``--dist loadgroup``, as ``./launch.sh test`` runs them) each
   in-process module runs on one worker, so its module fixtures train or compile once; the
@@ -136,6 +138,26 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "e2e" not in item.path.parts:
       item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """The processes the tests start, and the train commands run in this process, share one
+  JAX compilation cache in the session's temporary folder (each xdist worker its own; never
+  the user's ``~/.cache``): a program compiled by one run, such as the ``:test`` variant's
+  train step, is loaded by the next."""
+  saved = {k: os.environ.get(k) for k in CACHE_ENV}
+  os.environ.update(zip(CACHE_ENV, (str(tmp_path_factory.mktemp("jax_cache")), "0")))
+  yield
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+
 
 
 # ----------------------------------------------------------------------------- tiny training runs

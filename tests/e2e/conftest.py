@@ -1,7 +1,5 @@
 """Fixtures of the end-to-end tier.
 
-  ``shared_compilation_cache`` (automatic) one JAX compilation cache for every process the
-                      tests start
   ``gcs_emulator``    a GCS emulator on 127.0.0.1 (tools/gcs_emulator.py) for gs:// workdirs
 """
 import dataclasses
@@ -15,23 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-  """The processes the tests start share one JAX compilation cache, in the session's
-  temporary folder (not the user's ``~/.cache``): a program compiled by one run, such as
-  the ``:test`` variant's train step, is loaded by the next. This process keeps compiling
-  on its own (its jax was configured at import)."""
-  saved = {k: os.environ.get(k) for k in CACHE_ENV}
-  os.environ.update(zip(CACHE_ENV, (str(tmp_path_factory.mktemp("jax_cache")), "0")))
-  yield
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
 
 
 @dataclasses.dataclass(frozen=True)
