@@ -130,14 +130,11 @@ def variant_flags() -> list[str]:
   return [f"--config.{key}={value}" for key, value in test.items() if plain[key] != value]
 
 
-@pytest.hookimpl(tryfirst=True)       # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-  """On pytest-xdist workers (``--dist loadgroup``, as ``./launch.sh test`` runs them) each
-  in-process module runs on one worker, so its module fixtures train or compile once; the
-  e2e tests, each in its own subprocesses, are spread one by one."""
-  for item in items:
-    if "e2e" not in item.path.parts:
-      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+  """The subprocess tier (tests/e2e) first: on pytest-xdist workers (``--dist loadfile``, as
+  ``./launch.sh test`` runs them: each file on one worker, its module fixtures built once)
+  its long files start early instead of ending the run alone."""
+  items.sort(key=lambda item: "e2e" not in item.path.parts)
 
 
 CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
