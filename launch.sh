@@ -179,7 +179,7 @@ case "$cmd" in
     done
     workers=${MT_FLAX_TEST_WORKERS:-$(nproc)}
     [ "$workers" -gt 4 ] && workers=4
-    [ "$workers" -gt 1 ] && tier+=(-n "$workers" --dist loadfile --max-worker-restart 0)
+    [ "$workers" -gt 1 ] && tier+=(-n "$workers" --dist loadfile --no-loadscope-reorder --max-worker-restart 0)
     set +e
     MT_FLAX_NO_SETUP=1 "$VENV/bin/python" -m pytest "${tier[@]}" "$@"
     rc=$?
