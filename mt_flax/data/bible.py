@@ -11,8 +11,9 @@ is taken from `<module>.zip` in the manual folder (`data.manual_dir` /
 Verses are aligned by (book, chapter, verse); OSIS markup is turned into plain
 text by `mt_flax.data.osis.to_text`; a verse empty on either side or present in
 one module only is skipped and counted (`builder.info.metadata`). The split is
-deterministic: the verses whose reference ("John.3.16") hashes lowest form the
-validation (1,000) and next the test (1,000) split.
+deterministic and leak-free: verses that share an English or a Spanish text are
+kept together, and the groups whose references ("John.3.16") hash lowest form the
+validation (1,000 verses) and next the test (1,000) split.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from pysword.modules import SwordModules
 
-from mt_flax.data import osis
+from mt_flax.data import osis, overlap
 from mt_flax.data.downloads import locate
 from mt_flax.errors import DataError
 
@@ -127,20 +128,34 @@ def align(english: dict[Ref, str], spanish: dict[Ref, str]
   return pairs, counts
 
 
-def assign_splits(refs: list[str], num_validation: int = NUM_VALIDATION,
+def assign_splits(pairs: list[tuple[str, str, str]], num_validation: int = NUM_VALIDATION,
                   num_test: int = NUM_TEST) -> dict[str, str]:
-  """Reference -> split; the lowest hashes are validation, the next ones test.
+  """Reference -> split for ``(ref, english, spanish)`` pairs, leak-free.
 
-  With fewer than ten times that many verses, a tenth each goes to validation and test.
+  Verses sharing an English or a Spanish text (:func:`mt_flax.data.overlap.components`:
+  "And God said, ...", repeated psalm lines) form one group, and a group goes to one
+  split. Groups are taken in the order of their lowest reference hash: validation
+  takes those that fit until it has ``num_validation`` verses, test the next
+  ``num_test``, train the rest. With fewer than ten times that many verses, a tenth
+  each goes to validation and test.
   """
-  num_validation = min(num_validation, len(refs) // 10)
-  num_test = min(num_test, len(refs) // 10)
-  ranked = sorted(refs, key=lambda r: hashlib.blake2b(r.encode(), digest_size=8).digest())
-  splits = {ref: "train" for ref in refs}
-  for ref in ranked[:num_validation]:
-    splits[ref] = "validation"
-  for ref in ranked[num_validation:num_validation + num_test]:
-    splits[ref] = "test"
+  targets = {"validation": min(num_validation, len(pairs) // 10),
+             "test": min(num_test, len(pairs) // 10)}
+  groups: dict[str, list[str]] = {}
+  for (ref, _, _), group in zip(pairs, overlap.components([(en, es) for _, en, es in pairs])):
+    groups.setdefault(group, []).append(ref)
+  digest = lambda ref: hashlib.blake2b(ref.encode(), digest_size=8).digest()
+  order = sorted(groups.values(), key=lambda refs: min(map(digest, refs)))
+  splits = {ref: "train" for ref, _, _ in pairs}
+  filled = dict.fromkeys(targets, 0)
+  for refs in order:
+    split = next((s for s in targets if filled[s] + len(refs) <= targets[s]), None)
+    if split is None:
+      if all(filled[s] == targets[s] for s in targets):
+        break
+      continue
+    filled[split] += len(refs)
+    splits.update(dict.fromkeys(refs, split))
   return splits
 
 
@@ -154,8 +169,9 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
     # `importlib_resources` backport on some installs.
     return epath.Path(__file__)
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "WEB 2020 text / RV1909 2.60; 1,000 validation and test verses."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "WEB 2020 text / RV1909 2.60; 1,000 validation and test verses.",
+                   "1.1.0": "Verses sharing an English or Spanish text stay in one split."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Install the SWORD modules (Debian: sword-text-web sword-text-sparv), or put "
       "engWEB2015eb.zip and spaRV1909eb.zip (SWORD module zips) into the manual folder "
@@ -193,7 +209,7 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
     pairs, skipped = align(english, spanish)
     if not pairs:
       raise DataError(f"bible_en_es: no verse has text in both {en_source} and {es_source}")
-    splits = assign_splits([ref for ref, _, _ in pairs])
+    splits = assign_splits(pairs)
     log.info("bible_en_es: %d aligned verses; skipped %s", len(pairs), skipped)
     self.info.metadata.update({"sources": {"en": en_source, "es": es_source},
                                "num_pairs": len(pairs), "skipped": skipped})

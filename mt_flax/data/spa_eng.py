@@ -32,7 +32,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mt_flax.data import overlap
 from mt_flax.data.downloads import locate
+from mt_flax.data.overlap import sentence_key
 from mt_flax.errors import DataError
 
 URL = "http://storage.googleapis.com/download.tensorflow.org/data/spa-eng.zip"
@@ -90,11 +92,6 @@ def parse(data: bytes) -> tuple[list[Pair], list[Malformed]]:
   return pairs, malformed
 
 
-def sentence_key(text: str) -> str:
-  """The comparison key of a sentence: case-folded, whitespace runs made one space."""
-  return " ".join(text.casefold().split())
-
-
 def split_of(en: str) -> str:
   """"train", "validation" or "test" of a component whose smallest English key is ``en``'s."""
   digest = hashlib.blake2b(sentence_key(en).encode("utf-8"), digest_size=8).digest()
@@ -107,29 +104,8 @@ def split_of(en: str) -> str:
 
 
 def components(pairs: Sequence[Pair]) -> list[str]:
-  """The component of every pair, named by its smallest English key.
-
-  Two pairs are in one component when they share an English or a Spanish
-  sentence (up to :func:`sentence_key`), directly or through other pairs.
-  """
-  parent: dict[tuple[str, str], tuple[str, str]] = {}
-
-  def root(node: tuple[str, str]) -> tuple[str, str]:
-    while parent.setdefault(node, node) != node:
-      parent[node] = parent[parent[node]]
-      node = parent[node]
-    return node
-
-  for pair in pairs:
-    a, b = root(("en", sentence_key(pair.en))), root(("es", sentence_key(pair.es)))
-    if a != b:
-      parent[max(a, b)] = min(a, b)
-  name: dict[tuple[str, str], str] = {}
-  for pair in pairs:
-    key = sentence_key(pair.en)
-    top = root(("en", key))
-    name[top] = min(name.get(top, key), key)
-  return [name[root(("en", sentence_key(pair.en)))] for pair in pairs]
+  """The component of every pair (:func:`mt_flax.data.overlap.components`)."""
+  return overlap.components([(pair.en, pair.es) for pair in pairs])
 
 
 def assign_splits(pairs: Sequence[Pair]) -> list[str]:

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from mt_flax.data import bucketing, pipeline, sources
-from mt_flax.data.spa_eng import sentence_key
+from mt_flax.data.overlap import sentence_key
 from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mt_flax.special_ids import PAD_ID
 
@@ -70,7 +70,7 @@ def batching_stats(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 def held_out_overlap(config: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
   """Per held-out split: pairs, distinct sources and pairs whose source is a training source.
 
-  Sources are compared by :func:`mt_flax.data.spa_eng.sentence_key`.
+  Sources are compared by :func:`mt_flax.data.overlap.sentence_key`.
   """
   sizes = sources.split_sizes(config)
   if not sizes.get("train"):

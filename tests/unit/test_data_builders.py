@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mt_flax.config import with_defaults
-from mt_flax.data import bible, downloads, osis, sources, spa_eng
+from mt_flax.data import bible, downloads, osis, sources, spa_eng, stats
 from mt_flax.data.sources import DataError
 
 tfds.disable_progress_bar()
@@ -341,6 +341,25 @@ def test_bible_alignment_and_split(real_bible):
   assert skipped["only_en"] > 0                                # deuterocanon: WEB only
   assert all(en and es for en, es, _ in verses.values())
   assert verses["Rev.22.21"][1].startswith("La gracia de nuestro Señor Jesucristo")
+  for side in (0, 1):           # no English or Spanish text in two splits
+    splits_of = collections.defaultdict(set)
+    for verse in verses.values():
+      splits_of[spa_eng.sentence_key(verse[side])].add(verse[2])
+    assert sum(len(s) > 1 for s in splits_of.values()) == 0
+  held_out = stats.held_out_overlap(config)
+  assert {split: (h["pairs"], h["sources_in_train"]) for split, h in held_out.items()} == {
+      "validation": (1000, 0), "test": (1000, 0)}
+
+
+def test_bible_split_keeps_verses_with_one_text_together():
+  repeated = "And God said, let there be light."
+  pairs = [(f"Gen.1.{i}", f"verse {i}", f"versículo {i}") for i in range(200)]
+  pairs += [("Gen.2.1", repeated, "uno"), ("Gen.2.2", repeated, "dos"),
+            ("Gen.2.3", "other", "DOS")]                    # joined through the Spanish side
+  splits = bible.assign_splits(pairs, num_validation=15, num_test=15)
+  assert collections.Counter(splits.values()) == {"validation": 15, "test": 15, "train": 173}
+  assert len({splits[r] for r in ("Gen.2.1", "Gen.2.2", "Gen.2.3")}) == 1
+  assert bible.assign_splits(pairs[::-1], 15, 15) == splits      # order of the verses: no matter
 
 
 def _module_zip(folder: str, module: str, out: str) -> None:
