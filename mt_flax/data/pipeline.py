@@ -196,6 +196,7 @@ class TrainingSet:
   dropped_tgt: int                 # dropped: only the target longer than max_len
   truncated: int                   # pairs cut to max_len
   max_len: int
+  held_out: int = 0                # left out: the source is also a validation or test source
 
   @property
   def dropped(self) -> int:
@@ -252,18 +253,22 @@ def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tr
   name, max_len, overlong = config.data.name, int(config.data.max_len), config.data.overlong
   records = sources.data_source(config, "train")
   store = _load_or_tokenize(config, tokenizer, records)
+  held_out = _held_out_in_train(config, tokenizer, records)
   src_raw, tgt_raw = store.src_counts + 1, store.tgt_counts + 1
-  src_over, tgt_over = src_raw > max_len, tgt_raw > max_len
+  src_over, tgt_over = (src_raw > max_len) & ~held_out, (tgt_raw > max_len) & ~held_out
   over = src_over | tgt_over
   if overlong == "drop":
-    kept = np.flatnonzero(~over)
+    kept = np.flatnonzero(~over & ~held_out)
     src_lens, tgt_lens = src_raw[kept], tgt_raw[kept]
     dropped_src, dropped_tgt, truncated = int(src_over.sum()), int((tgt_over & ~src_over).sum()), 0
   else:
-    kept = np.arange(len(store))
-    src_lens, tgt_lens = np.minimum(src_raw, max_len), np.minimum(tgt_raw, max_len)
+    kept = np.flatnonzero(~held_out)
+    src_lens, tgt_lens = np.minimum(src_raw, max_len)[kept], np.minimum(tgt_raw, max_len)[kept]
     dropped_src = dropped_tgt = 0
     truncated = int(over.sum())
+  if held_out.any():
+    _warn_once(f"{name} train: left out {int(held_out.sum())} of {len(store)} pairs whose "
+               "source sentence is also a validation or test source")
   if dropped_src + dropped_tgt:
     _warn_once(f"{name} train: dropped {dropped_src + dropped_tgt} of {len(store)} pairs longer "
                f"than data.max_len={max_len} tokens ({dropped_src} by the source side, "
@@ -277,7 +282,25 @@ def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tr
   return TrainingSet(examples=grain.MapDataset.source(_Examples(store, max_len)), kept=kept,
                      src_lens=src_lens, tgt_lens=tgt_lens, num_pairs=len(store),
                      dropped_src=dropped_src, dropped_tgt=dropped_tgt, truncated=truncated,
-                     max_len=max_len)
+                     max_len=max_len, held_out=int(held_out.sum()))
+
+
+def _held_out_in_train(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                       records: Sequence[Any]) -> np.ndarray:
+  """:func:`sources.train_sources_held_out`, cached beside the token store."""
+  store_path = _store_cache_path(config, tokenizer, sources.get_builder(config))
+  path = store_path and store_path.with_name(store_path.stem + "-held-out.npy")
+  if path is not None and path.exists():
+    mask = np.load(io.BytesIO(path.read_bytes()))
+    if len(mask) == len(records):
+      return mask
+  mask = sources.train_sources_held_out(config, records)
+  if path is not None:
+    buffer = io.BytesIO()
+    np.save(buffer, mask)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_bytes(path, buffer.getvalue())
+  return mask
 
 
 # ----------------------------------------------------------------------------- batches

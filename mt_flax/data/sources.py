@@ -252,6 +252,31 @@ def load_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str,
   return pairs
 
 
+def train_sources_held_out(config: ml_collections.ConfigDict,
+                           records: Sequence[Any]) -> "np.ndarray":
+  """[len(records)] bool over the train split: pairs whose source sentence is also a
+  validation or test source (compared by :func:`mt_flax.data.overlap.sentence_key`).
+
+  Our builders split leak-free by construction (all False, nothing read); for any other
+  TFDS dataset the training pipeline leaves these pairs out, so that no held-out source
+  was seen in training.
+  """
+  import numpy as np
+  from mt_flax.data.overlap import sentence_key
+
+  out = np.zeros(len(records), bool)
+  if config.data.name.split("/")[0].split(":")[0] in OUR_BUILDERS:
+    return out
+  sizes = split_sizes(config)
+  held_out = {sentence_key(src) for split in ("validation", "test") if sizes.get(split)
+              for src, _ in load_pairs(config, split)}
+  src, tgt = config.data.src_lang, config.data.tgt_lang
+  for start in range(0, len(records), 8192):
+    texts = read_texts(read_records(records, start, start + 8192), src, tgt)
+    out[start:start + len(texts)] = [sentence_key(s) in held_out for s, _ in texts]
+  return out
+
+
 def read_records(source: Sequence[Any], start: int, stop: int) -> list[Any]:
   """Records [start, stop) of a data source, read in one call when it can (much faster).
 

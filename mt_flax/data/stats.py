@@ -68,14 +68,17 @@ def batching_stats(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 
 def held_out_overlap(config: ml_collections.ConfigDict) -> dict[str, dict[str, int]]:
-  """Per held-out split: pairs, distinct sources and pairs whose source is a training source.
+  """Per held-out split: pairs, distinct sources and pairs whose source is a source of the
+  training pairs used (the pipeline leaves out training pairs with a held-out source).
 
   Sources are compared by :func:`mt_flax.data.overlap.sentence_key`.
   """
   sizes = sources.split_sizes(config)
   if not sizes.get("train"):
     return {}
-  train = {sentence_key(src) for src, _ in sources.load_pairs(config, "train")}
+  left_out = sources.train_sources_held_out(config, sources.data_source(config, "train"))
+  train = {sentence_key(src) for (src, _), out in zip(sources.load_pairs(config, "train"),
+                                                      left_out) if not out}
   out = {}
   for split in (s for s in ("validation", "test") if sizes.get(s)):
     keys = [sentence_key(src) for src, _ in sources.load_pairs(config, split)]
@@ -101,6 +104,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str,
       "skipped": built.get("skipped", {}),
       "max_len": data.max_len,
       "dropped": data.dropped,
+      "train_left_out_as_held_out": data.held_out,
       "truncated": data.truncated,
       "vocab": {"src": tokenizer.src_vocab_size, "tgt": tokenizer.tgt_vocab_size},
       "histograms": {"src": np.bincount(data.src_lens).tolist(),
@@ -131,6 +135,7 @@ def render(stats: dict[str, Any]) -> str:
   lines.append(f"malformed lines: {stats['malformed']}"
                + (f"   skipped by the builder: {skipped}" if skipped else "")
                + f"   train pairs dropped (> max_len {stats['max_len']}): {stats['dropped']}"
+               + f"   left out (source held out): {stats['train_left_out_as_held_out']}"
                + f"   truncated: {stats['truncated']}")
   lines.append(f"vocabulary: src {stats['vocab']['src']}, tgt {stats['vocab']['tgt']}")
   for side in ("src", "tgt"):

@@ -493,3 +493,67 @@ def test_encode_pair_drops_or_truncates(setup):
   assert cut["src"].tolist() == tokenizer.encode_src(tgt) + [EOS_ID]
   assert cut["tgt_in"].tolist() == [BOS_ID] + tokenizer.encode_tgt(src)[:m - 2]
   assert cut["tgt_out"].tolist() == tokenizer.encode_tgt(src)[:m - 1]     # no EOS
+
+
+class MtFlaxTestLeakyPairs(tfds.core.GeneratorBasedBuilder):
+  """A third-party-style dataset whose splits share sources: `split<TAB>en<TAB>es` lines
+  of `pairs.tsv` in the manual folder."""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "pairs.tsv"
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return tfds.core.Path(__file__)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(
+            {"en": tfds.features.Text(), "es": tfds.features.Text()}),
+        supervised_keys=("en", "es"))
+
+  def _split_generators(self, dl_manager):
+    lines = (dl_manager.manual_dir / "pairs.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in lines]
+    return {split: self._generate_examples([(i, en, es) for i, (s, en, es) in enumerate(rows)
+                                            if s == split])
+            for split in ("train", "validation", "test")}
+
+  def _generate_examples(self, rows):
+    for i, en, es in rows:
+      yield i, {"en": en, "es": es}
+
+
+def test_training_leaves_out_pairs_whose_source_is_held_out(tmp_path):
+  rng = random.Random(5)
+  lines = [line.decode().rstrip("\n") for line in synthetic_lines(600, seed=9)]
+  held = {"validation": lines[:40], "test": lines[40:80]}
+  train = lines[80:]
+  # 7 training pairs repeat a held-out source, up to case and spaces, with other targets
+  leaks = [held["validation"][i].split("\t")[0].upper() + "  \tOtra cosa." for i in range(4)]
+  leaks += ["  " + held["test"][i].split("\t")[0] + "\tAlgo." for i in range(3)]
+  train = train + leaks
+  rng.shuffle(train)
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "pairs.tsv").write_text("\n".join(
+      f"{split}\t{line}" for split, rows in [("train", train), *held.items()]
+      for line in rows) + "\n")
+  config = load_config(CONFIG_FILE, [
+      "data.name=mt_flax_test_leaky_pairs", f"data.manual_dir={tmp_path / 'manual'}",
+      f"data.tfds_data_dir={tmp_path / 'data'}", "data.vocab_size=200", "data.overlong=truncate",
+      "batch_tokens=640"])
+  tokenizer = tok_lib.load_or_train_tokenizer(config, str(tmp_path / "work"))
+  data = pipeline.training_set(config, tokenizer)
+  assert data.held_out == 7 and len(data.kept) == len(train) - 7
+  used = {spa_eng.sentence_key(src) for src, _ in
+          sources.read_texts(sources.read_records(sources.data_source(config, "train"), 0,
+                                                  len(train)), "en", "es")}
+  kept_sources = {spa_eng.sentence_key(sources.read_texts(
+      [sources.data_source(config, "train")[int(i)]], "en", "es")[0][0]) for i in data.kept}
+  assert len(used - kept_sources) == 7
+  from mt_flax.data import stats
+  overlap = stats.held_out_overlap(config)
+  assert {s: h["sources_in_train"] for s, h in overlap.items()} == {"validation": 0, "test": 0}
+  # a second load reads the cached mask: same answer
+  pipeline._TRAINING_SETS.clear()
+  assert pipeline.training_set(config, tokenizer).held_out == 7
