@@ -29,6 +29,8 @@ from etils import epath
 CONFIG_FILE = "config.json"         # the resolved config of the run
 RUN_FILE = "run.json"               # the devices the run was made on
 GIT_FILE = "git_commit.txt"         # the commit of the code that trained
+COMMIT_FILE = "GIT_COMMIT"          # in a source tree without .git (the TPU archive): its commit
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE_FILE = "DONE"                  # written when training reaches num_train_steps
 METRICS_FILE = "metrics.jsonl"      # one JSON object per logged step
 TENSORBOARD_DIR = "tensorboard"
@@ -98,3 +100,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes ``text`` (UTF-8) to ``path`` atomically."""
   write_bytes(path, text.encode("utf-8"))
+
+
+def source_commit(root: str = SOURCE_ROOT) -> str:
+  """The source tree's commit (``-dirty`` with uncommitted changes); without ``.git``, what
+  its ``GIT_COMMIT`` file says (the TPU archive carries one); else ``unknown``."""
+  import subprocess
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  try:
+    with open(os.path.join(root, COMMIT_FILE)) as f:
+      return f.read().strip() or "unknown"
+  except OSError:
+    return "unknown"

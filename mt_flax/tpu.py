@@ -22,7 +22,7 @@ import shlex
 import tempfile
 from typing import Sequence
 
-from mt_flax import sweep
+from mt_flax import paths, sweep
 from mt_flax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout to copy
@@ -110,10 +110,21 @@ def ssh_command(tpu: Tpu, remote: str, workers: Sequence[str] | None = None) -> 
 
 
 def archive_command(root: str, archive: str) -> list[str]:
-  """Local: packs the working tree (no .git, .venv, runs) for copying to the VMs."""
+  """Local: packs the working tree (no .git, .venv, runs) for copying to the VMs, with a
+  ``GIT_COMMIT`` file naming its commit (what a run there records in ``git_commit.txt``)."""
   excludes = ["--exclude-vcs", "--exclude=./.venv", "--exclude=./runs", "--exclude=__pycache__",
-              "--exclude=*.egg-info", "--exclude=.pytest_cache"]
-  return ["tar", "-czf", archive, *excludes, "-C", root, "."]
+              "--exclude=*.egg-info", "--exclude=.pytest_cache", f"--exclude=./{paths.COMMIT_FILE}"]
+  return ["tar", "-czf", archive, *excludes, "-C", root, ".", "-C", _commit_folder(root, archive),
+          paths.COMMIT_FILE]
+
+
+def _commit_folder(root: str, archive: str) -> str:
+  """A folder beside ``archive`` holding ``GIT_COMMIT`` with ``root``'s commit."""
+  folder = archive + ".commit"
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, paths.COMMIT_FILE), "w") as f:
+    f.write(paths.source_commit(root) + "\n")
+  return folder
 
 
 def setup_commands(tpu: Tpu, root: str, archive: str) -> list[list[str]]:

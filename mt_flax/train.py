@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -138,20 +137,7 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, write: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
-    (paths.as_path(workdir) / GIT_FILE).write_text(git_commit() + "\n")
-
-
-def git_commit() -> str:
-  """The source tree's commit (``-dirty`` with uncommitted changes), or ``unknown``."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                         text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
+    (paths.as_path(workdir) / GIT_FILE).write_text(paths.source_commit() + "\n")
 
 
 # ----------------------------------------------------------------------------- helpers

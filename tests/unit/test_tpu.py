@@ -1,11 +1,12 @@
 """TPU VM command lines: exact dry-run output for a single host, a pod, and a sweep over VMs."""
 import os
 import shlex
+import subprocess
 import tempfile
 
 import pytest
 
-from mt_flax import sweep, tpu
+from mt_flax import paths, sweep, tpu
 from mt_flax.commands import tpu as tpu_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +38,8 @@ def test_single_host_lifecycle(capsys):
       f"{GCLOUD} create mt-a --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot --zone={ZONE}"]
   setup = dry_run(capsys, "setup", *base, "--project", "my-proj")
   archive = os.path.join(tempfile.gettempdir(), tpu.ARCHIVE)
-  assert setup[0].startswith(f"tar -czf {archive} --exclude-vcs ") and setup[0].endswith(f"-C {ROOT} .")
+  assert setup[0].startswith(f"tar -czf {archive} --exclude-vcs ")
+  assert setup[0].endswith(f"-C {ROOT} . -C {archive}.commit GIT_COMMIT")
   assert setup[1] == (f"{GCLOUD} scp {archive} mt-a:mt_flax-src.tar.gz --zone={ZONE} --project=my-proj")
   ssh = shlex.split(setup[2])
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mt-a"]
@@ -200,3 +202,27 @@ def test_launch_sh_refuses_python_3_10_in_one_line(tmp_path):
   assert run.stderr == (f"launch.sh: {python310} is Python 3.10; mt_flax needs Python >= 3.11 "
                         "(set PYTHON=python3.11, or install one with: uv python install 3.11)\n")
   assert not venv.exists()
+
+
+def test_the_archive_carries_the_commit_of_the_tree(tmp_path):
+  tree = tmp_path / "tree"
+  (tree / "mt_flax").mkdir(parents=True)
+  (tree / "mt_flax" / "a.py").write_text("x = 1\n")
+  git = lambda *a: subprocess.run(["git", "-C", str(tree), *a], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+  git("init", "-q")
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+  head = git("rev-parse", "HEAD")
+  archive = str(tmp_path / "src.tar.gz")
+  subprocess.run(tpu.archive_command(str(tree), archive), check=True)
+  out = tmp_path / "out"
+  out.mkdir()
+  subprocess.run(["tar", "-xzf", archive, "-C", str(out)], check=True)
+  assert not (out / ".git").exists() and (out / "mt_flax" / "a.py").exists()
+  assert (out / "GIT_COMMIT").read_text() == head + "\n"
+  assert paths.source_commit(str(out)) == head              # what a run there records
+  (tree / "mt_flax" / "a.py").write_text("x = 2\n")
+  subprocess.run(tpu.archive_command(str(tree), archive), check=True)
+  subprocess.run(["tar", "-xzf", archive, "-C", str(out)], check=True)
+  assert paths.source_commit(str(out)) == head + "-dirty"
