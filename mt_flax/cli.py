@@ -13,6 +13,7 @@ are one line each, mt_flax's only unless ``--verbose``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -33,7 +34,7 @@ def new_parser(command: str, *docs: str | None, config: str = "") -> argparse.Ar
 
   ``config``: "" (no experiment), "required" or "optional" (``--config FILE[:VARIANT]``).
   """
-  text = "\n\n".join(doc.strip() for doc in docs if doc and doc.strip())
+  text = plain_text("\n\n".join(doc.strip() for doc in docs if doc and doc.strip()))
   parser = _Parser(prog=f"mt_flax {command}", description=text or None,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--verbose", action="store_true",
@@ -49,6 +50,12 @@ def new_parser(command: str, *docs: str | None, config: str = "") -> argparse.Ar
   return parser
 
 
+def plain_text(doc: str) -> str:
+  """A docstring as a terminal shows it: ``:func:`x```, ````x```` and ```x``` become ``x``."""
+  doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+  return re.sub(r"``([^`]+)``|`([^`]+)`", lambda m: m.group(1) or m.group(2), doc)
+
+
 def add_workdir_args(parser: argparse.ArgumentParser) -> None:
   """``--workdir`` of a trained run and ``--checkpoint best|latest|averaged`` (eval, translate,
   audit)."""
@@ -56,7 +63,7 @@ def add_workdir_args(parser: argparse.ArgumentParser) -> None:
                       "(local or gs://)")
   parser.add_argument("--checkpoint", choices=("best", "latest", "averaged"), default="best",
                       help="best (by validation), latest, or averaged (made by "
-                           "`python -m mt_flax average`); default best")
+                           "python -m mt_flax average); default best")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -12,9 +12,13 @@ apply to every trial (trial overrides win). Shard ``(I, N)`` runs trials
 ``I, I+N, I+2N, ...`` only, to fan a sweep out over N machines sharing one
 (``gs://``) sweep directory.
 
-The results table (``results.csv``, ``results.md``) is sorted by the best
-validation BLEU in each trial's ``metrics.jsonl``, or by the best validation
-loss while no trial has BLEU (the table says which).
+When a trial finishes, the sweep scores its best checkpoint with ``eval --split
+validation`` on the whole validation split (``--rank-examples N``: its first N
+pairs), with the run's own decoding settings. The results table (``results.csv``,
+``results.md``) is sorted by that BLEU (``--rank-by bleu``, the default; trials not
+yet scored go last) or by the best validation loss in each trial's
+``metrics.jsonl`` (``--rank-by loss``; on ``data.eval_max_examples`` pairs, all by
+default).
 """
 from __future__ import annotations
 
@@ -150,13 +154,20 @@ def read_trial_file(workdir: epath.Path) -> dict[str, Any]:
 
 
 def wall_seconds(workdir: epath.Path, info: Mapping[str, Any]) -> float:
-  """Summed wall time of the trial's attempts; a killed attempt counts up to its last metrics write."""
+  """Summed wall time of the trial's attempts, each counted once.
+
+  An attempt whose sweep was killed has no end: it counts up to the last metrics
+  write, but never past the start of the next attempt (whose writes those may be).
+  """
   total = 0.0
   metrics = workdir / paths.METRICS_FILE
-  for attempt in info.get("attempts", []):
+  attempts = info.get("attempts", [])
+  for attempt, following in zip(attempts, [*attempts[1:], None]):
     end = attempt.get("end")
     if end is None and metrics.exists():
       end = metrics.stat().mtime
+    if end is not None and following is not None:
+      end = min(end, following["start"])
     if end is not None:
       total += max(0.0, end - attempt["start"])
   return total
@@ -181,25 +192,46 @@ def trial_summary(workdir: epath.Path, num_train_steps: int) -> dict[str, Any]:
     status = "partial"
   else:
     status = "pending"
+  report = ranking_report(workdir)
   return {
       "status": status,
       "steps": steps,
       "wall_s": wall_seconds(workdir, info),
       "best_bleu": _best(rows, "bleu", "max"),
       "best_eval_loss": _best(rows, "eval_loss", "min"),
+      "val_bleu": report.get("bleu"),
+      "val_pairs": report["table"][0]["examples"] if report else None,
   }
+
+
+def ranking_report(workdir: epath.Path) -> dict[str, Any]:
+  """``eval/validation/report.json`` of the trial, if ``eval`` scored its finished run."""
+  path = workdir / paths.EVAL_DIR / "validation" / paths.REPORT_JSON
+  done = workdir / paths.DONE_FILE
+  if not path.exists() or not done.exists() or path.stat().mtime < done.stat().mtime:
+    return {}                    # none, or older than the run's last training
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    return {}
 
 
 # ----------------------------------------------------------------------------- results table
 
 
-def rank_rows(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-  """Sorts rows by best BLEU (descending), or by best eval loss when no row has BLEU.
+RANK_BY = {"bleu": "val_bleu", "loss": "best_eval_loss"}
+
+
+def rank_rows(rows: list[dict[str, Any]], rank_by: str = "bleu"
+              ) -> tuple[str, list[dict[str, Any]]]:
+  """Sorts rows by validation BLEU (descending) or best eval loss (ascending).
 
   Returns (the metric used, sorted rows); rows without the metric go last, in trial order.
   """
-  metric = "best_bleu" if any(r.get("best_bleu") is not None for r in rows) else "best_eval_loss"
-  sign = -1.0 if metric == "best_bleu" else 1.0
+  if rank_by not in RANK_BY:
+    raise SweepError(f"--rank-by {rank_by}: expected one of {', '.join(RANK_BY)}")
+  metric = RANK_BY[rank_by]
+  sign = -1.0 if metric == "val_bleu" else 1.0
 
   def key(row):
     value = row.get(metric)
@@ -217,8 +249,8 @@ def _fmt_wall(seconds: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-COLUMNS = ["rank", "trial", "overrides", "status", "steps", "wall_s", "best_bleu", "best_eval_loss",
-           "vs_best", "workdir"]
+COLUMNS = ["rank", "trial", "overrides", "status", "steps", "wall_s", "val_bleu", "val_pairs",
+           "best_eval_loss", "vs_best", "workdir"]
 
 
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -229,25 +261,28 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     writer.writerow({**{c: row.get(c) for c in COLUMNS}, "rank": rank,
                      "overrides": json.dumps(row["overrides"]),
                      "wall_s": f"{row['wall_s']:.1f}",
-                     "best_bleu": _fmt(row["best_bleu"], 2),
+                     "val_bleu": _fmt(row.get("val_bleu"), 2),
                      "best_eval_loss": _fmt(row["best_eval_loss"], 4),
                      "vs_best": row.get("vs_best", "")})
   return out.getvalue()
 
 
 def table_markdown(metric: str, rows: Sequence[Mapping[str, Any]], base: Sequence[str] = ()) -> str:
-  by = ("best validation BLEU (higher is better)" if metric == "best_bleu" else
-        "best validation loss (lower is better; no trial has validation BLEU yet)")
+  by = ("validation BLEU of the best checkpoint (higher is better)" if metric == "val_bleu"
+        else "best validation loss during training (lower is better)")
   common = [f"Every trial also had: `{' '.join(base)}`.", ""] if base else []
-  lines = [f"Sweep results, sorted by {by}. vs best: among the trials that `eval --split "
-           "validation` scored, `best` has the highest BLEU and `tie` marks those not "
-           "significantly different from it (paired bootstrap, p >= 0.05).", "", *common,
-           "| rank | trial | overrides | status | steps | wall time | best BLEU | best eval loss "
-           "| vs best |", "|---:|---|---|---|---:|---:|---:|---:|---|"]
+  lines = [f"Sweep results, sorted by {by}. val BLEU: `eval --split validation` of the best "
+           "checkpoint on the pairs counted. vs best: among the trials it scored, `best` has "
+           "the highest BLEU and `tie` marks those not significantly different from it "
+           "(paired bootstrap, p >= 0.05).", "", *common,
+           "| rank | trial | overrides | status | steps | wall time | val BLEU (pairs) "
+           "| best eval loss | vs best |", "|---:|---|---|---|---:|---:|---:|---:|---|"]
   for rank, row in enumerate(rows, 1):
     overrides = ", ".join(f"{k}={format_value(v)}" for k, v in row["overrides"].items())
+    bleu = (f"{row['val_bleu']:.2f} ({row['val_pairs']})" if row.get("val_bleu") is not None
+            else "-")
     lines.append(f"| {rank} | {row['trial']} | {overrides} | {row['status']} | {row['steps']} | "
-                 f"{_fmt_wall(row['wall_s'])} | {_fmt(row['best_bleu'], 2) or '-'} | "
+                 f"{_fmt_wall(row['wall_s'])} | {bleu} | "
                  f"{_fmt(row['best_eval_loss'], 4) or '-'} | {row.get('vs_best') or '-'} |")
   return "\n".join(lines) + "\n"
 
@@ -310,9 +345,10 @@ def collect(sweep_dir: epath.Path, trials: Sequence[Mapping[str, Any]],
   return rows
 
 
-def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]], base: Sequence[str] = ()) -> str:
+def write_table(sweep_dir: epath.Path, rows: list[dict[str, Any]], base: Sequence[str] = (),
+                rank_by: str = "bleu") -> str:
   """Writes ``results.csv`` and ``results.md``; returns the markdown."""
-  metric, ranked = rank_rows(rows)
+  metric, ranked = rank_rows(rows, rank_by)
   try:
     marks = compare.run_tie_marks({r["trial"]: r["workdir"] for r in ranked}, "validation")
   except compare.CompareError as e:
@@ -349,11 +385,13 @@ def check_same_config(sweep_dir: epath.Path, config_path: str, digest: str) -> N
 
 def run_trials(config_path: str, base: Sequence[str], trials: Sequence[Mapping[str, Any]],
                steps: Sequence[int], sweep_dir: epath.Path, digest: str, *,
-               shard: tuple[int, int] = (0, 1), writer: bool = True) -> list[str]:
+               shard: tuple[int, int] = (0, 1), writer: bool = True,
+               rank_examples: int | None = 0) -> list[str]:
   """Runs shard ``shard``'s unfinished trials in order; returns the names of those that failed.
 
-  ``writer``: whether this process keeps the books (trial files); on a TPU pod
-  only host 0 does, the other hosts just run the trainer.
+  ``writer``: whether this process keeps the books (trial files) and scores finished
+  trials on ``rank_examples`` validation pairs (0 = all; None = no scoring); on a TPU
+  pod only host 0 does, the other hosts just run the trainer.
   """
   failed = []
   mine = shard_indices(len(trials), shard)
@@ -366,6 +404,8 @@ def run_trials(config_path: str, base: Sequence[str], trials: Sequence[Mapping[s
     if summary["status"] == "finished":
       print(f"[sweep] ({n}/{len(mine)}) {name}: finished at step {summary['steps']}, skipped",
             flush=True)
+      if writer and rank_examples is not None and not ranking_report(workdir):
+        failed += score_trial(workdir, name, rank_examples)
       continue
     if config_digest(config_path) != digest:
       raise SweepError(f"{config_path} changed while the sweep was running; stopped before "
@@ -381,7 +421,22 @@ def run_trials(config_path: str, base: Sequence[str], trials: Sequence[Mapping[s
       print(f"[sweep] {name} failed (exit code {rc}); continuing with the next trial",
             file=sys.stderr)
       failed.append(name)
+    elif writer and rank_examples is not None:
+      failed += score_trial(workdir, name, rank_examples)
   return failed
+
+
+def score_trial(workdir: epath.Path, name: str, examples: int) -> list[str]:
+  """``eval --split validation`` of a finished trial (its first ``examples`` pairs; 0 = all),
+  for the ranking; returns ``[name]`` when it failed."""
+  cmd = [sys.executable, "-m", "mt_flax", "eval", "--workdir", os.fspath(workdir),
+         "--split", "validation", "--max-examples", str(examples), "--long-examples", "0"]
+  print("[sweep] $ " + shlex.join(cmd), flush=True)
+  rc = subprocess.call(cmd, stdout=subprocess.DEVNULL)
+  if rc != 0:
+    print(f"[sweep] scoring {name} failed (exit code {rc})", file=sys.stderr)
+    return [name]
+  return []
 
 
 def trial_steps(config_path: str, sweep_path: str, trials: Sequence[Mapping[str, Any]],
@@ -408,7 +463,8 @@ def _write_sweep_file(sweep_dir: epath.Path, config_path: str, digest: str, swee
 
 def run_sweep(config_path: str, sweep_path: str, *, sweep_dir: str | None = None,
               base: Sequence[str] = (), shard: tuple[int, int] = (0, 1),
-              table_only: bool = False, writer: bool = True) -> list[str]:
+              table_only: bool = False, writer: bool = True, rank_by: str = "bleu",
+              rank_examples: int = 0) -> list[str]:
   """Runs (or, with ``table_only``, only tabulates) a sweep; returns the names of failed trials.
 
   ``sweep_dir`` defaults to :func:`default_sweep_dir`; ``base`` are
@@ -416,6 +472,9 @@ def run_sweep(config_path: str, sweep_path: str, *, sweep_dir: str | None = None
   writes the results table at the end. A SIGTERM or Ctrl-C while a trial
   runs raises KeyboardInterrupt once the trainer has exited.
   """
+  rank_rows([], rank_by)                      # a wrong --rank-by stops before anything runs
+  if rank_examples < 0:
+    raise SweepError(f"--rank-examples {rank_examples}: expected an integer >= 0 (0 = all)")
   trials = load_sweep(sweep_path)
   steps = trial_steps(config_path, sweep_path, trials, base)
   folder = paths.as_path(sweep_dir or default_sweep_dir(config_path, sweep_path))
@@ -427,9 +486,9 @@ def run_sweep(config_path: str, sweep_path: str, *, sweep_dir: str | None = None
     if writer:
       _write_sweep_file(folder, config_path, digest, sweep_path, base, trials)
     failed = run_trials(config_path, base, trials, steps, folder, digest, shard=shard,
-                        writer=writer)
+                        writer=writer, rank_examples=rank_examples if rank_by == "bleu" else None)
   if writer:
     folder.mkdir(parents=True, exist_ok=True)
-    print(write_table(folder, collect(folder, trials, steps), base), end="")
+    print(write_table(folder, collect(folder, trials, steps), base, rank_by), end="")
     print(f"[sweep] table written to {folder / paths.RESULTS_MD} and {folder / paths.RESULTS_CSV}")
   return failed

@@ -1,7 +1,8 @@
 r"""``python -m mt_flax sweep``: the command line of :func:`mt_flax.sweep.run_sweep`.
 
     python -m mt_flax sweep experiments/bible_en_es_tiny.py experiments/sweeps/bible_tiny_lr.py \
-        [--workdir runs/sweeps/NAME] [--shard I/N] [--table-only] [--config.key=value ...]
+        [--workdir runs/sweeps/NAME] [--shard I/N] [--table-only] [--rank-by bleu|loss] \
+        [--rank-examples N] [--config.key=value ...]
 
 ``--config.x=y`` flags apply to every trial (trial overrides win). ``--shard I/N``
 runs trials ``I, I+N, I+2N, ...`` only.
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "local or gs://)")
   parser.add_argument("--shard", default="0/1", help="run trials I, I+N, ... only (I/N)")
   parser.add_argument("--table-only", action="store_true", help="write and print the table, run nothing")
+  parser.add_argument("--rank-by", choices=sorted(sweep.RANK_BY), default="bleu",
+                      help="bleu: eval --split validation of each finished trial's best "
+                           "checkpoint (default); loss: best validation loss during training")
+  parser.add_argument("--rank-examples", type=int, default=0,
+                      help="validation pairs scored for --rank-by bleu (default 0: all)")
   return parser
 
 
@@ -43,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
   shard = sweep.parse_shard(args.shard)
   try:
     failed = sweep.run_sweep(args.config, args.sweep, sweep_dir=args.workdir, base=args.overrides,
-                             shard=shard, table_only=args.table_only, writer=writer)
+                             shard=shard, table_only=args.table_only, writer=writer,
+                             rank_by=args.rank_by, rank_examples=args.rank_examples)
   except KeyboardInterrupt:
     print("[sweep] interrupted; re-run the same command to resume", file=sys.stderr)
     return 130

@@ -1,4 +1,5 @@
 """A real sweep: two tiny trials through the training CLI, killed mid-trial, re-run, resumed."""
+import csv
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from mt_flax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py")
 STEPS = 16      # trial 0; trial 1 runs 48
+RANK_EXAMPLES = 12   # validation pairs each finished trial is scored on
 SETTINGS = [f"--config.num_train_steps={STEPS}", "--config.warmup_steps=4",
             "--config.checkpoint_every_steps=8", "--config.eval_every_steps=8"]
 # Same programs in both trials (compiled once); the second runs longer, to be killed midway.
@@ -22,7 +24,7 @@ SWEEP = "def get_sweep():\n  return [{'seed': 1}, {'seed': 2, 'num_train_steps':
 def sweep_command(sweep_file: str, sweep_dir: str, flags: list[str]) -> list[str]:
   """The sweep of the experiment file with the ``:test`` variant's settings as flags."""
   return [sys.executable, "-m", "mt_flax", "sweep", CONFIG, sweep_file, "--workdir", sweep_dir,
-          *flags, *SETTINGS]
+          "--rank-examples", str(RANK_EXAMPLES), *flags, *SETTINGS]
 
 
 def one_device_env() -> dict[str, str]:
@@ -87,6 +89,15 @@ def test_killed_sweep_skips_finished_trials_and_resumes_the_interrupted_one(tmp_
   assert steps == sorted(set(steps)) and steps[-1] == 48 and steps[0] == 1
   attempts = json.loads((second / paths.TRIAL_FILE).read_text())["attempts"]
   assert len(attempts) == 2 and attempts[0]["end"] is None and attempts[1]["rc"] == 0
-  rows = list((sweep_dir / "results.csv").read_text().splitlines())
-  assert len(rows) == 3 and all(",finished," in r for r in rows[1:])
+  for name in names:      # scored by eval --split validation on RANK_EXAMPLES pairs
+    report = json.loads((sweep_dir / name / "eval" / "validation" / "report.json").read_text())
+    assert report["table"][0]["examples"] == RANK_EXAMPLES and report["split"] == "validation"
+  rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+  assert [r["status"] for r in rows] == ["finished", "finished"]
+  assert all(r["val_bleu"] != "" and r["val_pairs"] == str(RANK_EXAMPLES) for r in rows)
+  bleus = [float(r["val_bleu"]) for r in rows]
+  assert bleus == sorted(bleus, reverse=True)
+  # the killed attempt counts once: up to the second attempt's start at the latest
+  wall = {r["trial"]: float(r["wall_s"]) for r in rows}
+  assert wall[names[1]] <= attempts[1]["end"] - attempts[0]["start"] + 1
   assert "| rank | trial |" in out and names[0] in out and names[1] in out

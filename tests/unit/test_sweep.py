@@ -138,36 +138,63 @@ def test_best_metrics_and_wall_time(tmp_path):
   s = sweep.trial_summary(wd, 30)
   assert s["best_bleu"] == 4.0 and s["best_eval_loss"] == 2.5
   assert s["wall_s"] == pytest.approx(90.5)
+  # the sweep was killed during the first attempt (no end), then re-run: the metrics file
+  # was last written by the second attempt, which the first must not count again
+  os.utime(wd / paths.METRICS_FILE, (250.0, 250.0))
+  (wd / paths.TRIAL_FILE).write_text(json.dumps({"attempts": [
+      {"start": 100.0, "end": None, "rc": None}, {"start": 200.0, "end": 250.0, "rc": 0}]}))
+  assert sweep.trial_summary(wd, 30)["wall_s"] == pytest.approx(150.0)
+  (wd / paths.TRIAL_FILE).write_text(json.dumps({"attempts": [
+      {"start": 200.0, "end": None, "rc": None}]}))                 # still running or killed
+  assert sweep.trial_summary(wd, 30)["wall_s"] == pytest.approx(50.0)
 
 
 def rows_for_table():
   def row(name, bleu, loss, status="finished"):
     return {"trial": name, "overrides": {"learning_rate": 0.001}, "status": status, "steps": 30,
-            "wall_s": 61.0, "best_bleu": bleu, "best_eval_loss": loss, "workdir": "/x/" + name}
+            "wall_s": 61.0, "best_bleu": None, "val_bleu": bleu, "val_pairs": 1000,
+            "best_eval_loss": loss, "workdir": "/x/" + name}
   return [row("trial_000", 3.0, 2.0), row("trial_001", None, None, "pending"),
           row("trial_002", 7.5, 2.4), row("trial_003", 5.0, 1.9)]
 
 
-def test_table_is_sorted_by_bleu_then_falls_back_to_eval_loss():
+def test_table_is_sorted_by_validation_bleu_or_by_loss():
   metric, ranked = sweep.rank_rows(rows_for_table())
-  assert metric == "best_bleu"
+  assert metric == "val_bleu"
   assert [r["trial"] for r in ranked] == ["trial_002", "trial_003", "trial_000", "trial_001"]
-  no_bleu = [{**r, "best_bleu": None} for r in rows_for_table()]
-  metric, ranked = sweep.rank_rows(no_bleu)
+  assert "| 7.50 (1000) |" in sweep.table_markdown(metric, ranked)
+  metric, ranked = sweep.rank_rows(rows_for_table(), "loss")
   assert metric == "best_eval_loss"
   assert [r["trial"] for r in ranked] == ["trial_003", "trial_000", "trial_002", "trial_001"]
   md = sweep.table_markdown(metric, ranked)
-  assert "sorted by best validation loss" in md and "no trial has validation BLEU" in md
+  assert "sorted by best validation loss" in md
   assert md.splitlines()[4].startswith("| 1 | trial_003 | learning_rate=0.001 | finished | 30 | 0:01:01 |")
+  with pytest.raises(sweep.SweepError, match="--rank-by chrf: expected one of bleu, loss"):
+    sweep.rank_rows(rows_for_table(), "chrf")
 
 
 def test_csv_has_every_trial_with_its_overrides():
   metric, ranked = sweep.rank_rows(rows_for_table())
   rows = list(csv.DictReader(io.StringIO(sweep.table_csv(ranked))))
   assert [r["trial"] for r in rows] == ["trial_002", "trial_003", "trial_000", "trial_001"]
-  assert rows[0]["rank"] == "1" and rows[0]["best_bleu"] == "7.50"
+  assert rows[0]["rank"] == "1" and rows[0]["val_bleu"] == "7.50"
   assert json.loads(rows[0]["overrides"]) == {"learning_rate": 0.001}
-  assert rows[3]["best_bleu"] == "" and rows[3]["status"] == "pending"
+  assert rows[3]["val_bleu"] == "" and rows[3]["status"] == "pending"
+
+
+def test_ranking_reads_the_validation_report_of_the_finished_run(tmp_path):
+  wd = epath.Path(tmp_path / "t")
+  write_metrics(wd, [{"step": 30, "split": "validation", "eval_loss": 2.0, "bleu": 9.0}])
+  report = wd / paths.EVAL_DIR / "validation" / paths.REPORT_JSON
+  report.parent.mkdir(parents=True)
+  report.write_text(json.dumps({"bleu": 12.5, "table": [{"name": "all", "examples": 1000}]}))
+  (wd / paths.DONE_FILE).write_text("")
+  os.utime(report, (100.0, 100.0))
+  os.utime(wd / paths.DONE_FILE, (200.0, 200.0))      # trained again after the report
+  assert sweep.trial_summary(wd, 30)["val_bleu"] is None
+  os.utime(report, (300.0, 300.0))
+  s = sweep.trial_summary(wd, 30)
+  assert (s["val_bleu"], s["val_pairs"], s["best_bleu"]) == (12.5, 1000, 9.0)
 
 
 def test_config_typo_in_a_trial_stops_the_sweep_before_anything_runs(tmp_path, capsys):
@@ -191,7 +218,8 @@ def test_finished_trials_are_skipped_and_the_table_written(tmp_path, capsys):
     write_metrics(workdir, [{"step": 20, "loss": 1.0},
                             {"step": 20, "split": "validation", "eval_loss": 3.0 - i / 10}])
     (workdir / paths.DONE_FILE).write_text("")
-  rc = sweep_command.main([CONFIG, path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"])
+  rc = sweep_command.main([CONFIG, path, "--workdir", str(sweep_dir), "--rank-by", "loss",
+                           "--config.num_train_steps=20"])
   out = capsys.readouterr().out
   assert rc == 0
   assert out.count("finished at step 20, skipped") == 4 and "$ " not in out
@@ -218,7 +246,8 @@ def test_a_sweep_refuses_a_config_file_changed_since_it_started(tmp_path, capsys
   workdir = sweep_dir / sweep.trial_name(0, {"seed": 1})
   write_metrics(workdir, [{"step": 20, "loss": 1.0}])
   (workdir / paths.DONE_FILE).write_text("")
-  argv = [str(config), path, "--workdir", str(sweep_dir), "--config.num_train_steps=20"]
+  argv = [str(config), path, "--workdir", str(sweep_dir), "--rank-by", "loss",
+          "--config.num_train_steps=20"]
   assert sweep_command.main(argv) == 0
   changed = re.sub(r"warmup_steps=(\d+)", lambda m: f"warmup_steps={int(m.group(1)) + 1}",
                    config.read_text(), count=1)
@@ -254,7 +283,7 @@ def test_table_marks_trials_not_significantly_worse_than_the_best(tmp_path):
       (folder / "validation.hyp.txt").write_text("\n".join(hyps) + "\n")
       (folder / "validation.ref.txt").write_text("\n".join(refs) + "\n")
     rows.append({"trial": name, "overrides": {"seed": len(rows)}, "status": "finished",
-                 "steps": 30, "wall_s": 10.0, "best_bleu": 10.0 - len(rows),
+                 "steps": 30, "wall_s": 10.0, "val_bleu": 10.0 - len(rows), "val_pairs": 80,
                  "best_eval_loss": 2.0, "workdir": str(tmp_path / name)})
   md = sweep.write_table(epath.Path(tmp_path), rows)
   marks = {line.split(" | ")[1]: line.rstrip(" |").split(" | ")[-1]
