@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 from mt_flax import paths
 from mt_flax.data.downloads import manual_dir
+from mt_flax.data.overlap import sentence_key
 from mt_flax.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -253,7 +255,7 @@ def load_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str,
 
 
 def train_sources_held_out(config: ml_collections.ConfigDict,
-                           records: Sequence[Any]) -> "np.ndarray":
+                           records: Sequence[Any]) -> np.ndarray:
   """[len(records)] bool over the train split: pairs whose source sentence is also a
   validation or test source (compared by :func:`mt_flax.data.overlap.sentence_key`).
 
@@ -261,9 +263,6 @@ def train_sources_held_out(config: ml_collections.ConfigDict,
   TFDS dataset the training pipeline leaves these pairs out, so that no held-out source
   was seen in training.
   """
-  import numpy as np
-  from mt_flax.data.overlap import sentence_key
-
   out = np.zeros(len(records), bool)
   if config.data.name.split("/")[0].split(":")[0] in OUR_BUILDERS:
     return out
