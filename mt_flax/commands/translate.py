@@ -10,9 +10,10 @@ truncated with a warning naming the line, or with ``--long split`` translated
 in pieces (cut at sentence ends, else between words) that are joined with a
 space. Input must be UTF-8: invalid lines are reported with their numbers and
 stop the command before their window is translated, unless ``--invalid replace``
-(U+FFFD, with a warning). Input is read ``--window`` lines at a time (default
-1024), each window batched by length and written as soon as it is translated, so
-output starts before the input ends; on a terminal stderr shows lines/s.
+(U+FFFD, with a warning). Input is read in windows of 64 lines, doubling up to
+``--window`` (default 1024); each window is batched by length and written as soon as
+it is translated, so output starts early and before the input ends; on a terminal
+stderr shows lines/s.
 ``--beam`` defaults to ``decode.beam_size`` of the run's config; 1 is greedy search.
 
 """
@@ -29,7 +30,8 @@ from mt_flax import cli
 from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained, read_lines, translate_lines
 
-WINDOW = 1024          # lines read, sorted by length, translated and written at a time
+WINDOW = 1024          # lines read, sorted by length, translated and written at a time (at most)
+FIRST_WINDOW = 64      # the first window; each next one doubles, up to --window
 
 MAX_ERRORS_SHOWN = 10
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--invalid", choices=("error", "replace"), default="error",
                       help="what to do with input lines that are not UTF-8")
   parser.add_argument("--window", type=int, default=WINDOW,
-                      help="lines translated (batched by length) and written at a time "
+                      help="most lines translated (batched by length) and written at a "
+                           f"time; windows start at {FIRST_WINDOW} lines and double "
                            f"(default {WINDOW})")
   parser.add_argument("--full-recompute", action="store_true",
                       help="decode without the key/value cache (slow; for comparison)")
@@ -52,15 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_windows(stream: BinaryIO, invalid: str, size: int) -> Iterator[tuple[int, list[str]]]:
-  """(number of the first line, lines) of the binary ``stream``, ``size`` lines at a time, as
-  they arrive. Lines that are not UTF-8 are reported (at most MAX_ERRORS_SHOWN); with
-  ``--invalid error`` they stop the command before their window is translated."""
-  first, raw, shown = 1, [], 0
+  """(number of the first line, lines) of the binary ``stream`` as they arrive, in windows of
+  FIRST_WINDOW lines, then twice as many each time up to ``size`` (the first output comes
+  soon; later windows batch better). Lines that are not UTF-8 are reported (at most
+  MAX_ERRORS_SHOWN); with ``--invalid error`` they stop the command before their window
+  is translated."""
+  first, raw, shown, want = 1, [], 0, min(FIRST_WINDOW, size)
   for chunk in itertools.chain(stream, [None]):
     if chunk is not None:
       raw.append(chunk)
-      if len(raw) < size:
+      if len(raw) < want:
         continue
+    want = min(2 * want, size)
     if not raw:
       return
     lines, problems = read_lines(b"".join(raw), replace=True)

@@ -191,3 +191,12 @@ def test_invalid_utf8_after_the_first_window_stops_after_the_windows_before(trai
   assert rc == 2 and out.count("\n") == 2
   assert "error: line 3: invalid UTF-8 byte 0xff" in err
   assert "lines 1-2 were translated, nothing from line 3 on" in err
+
+
+def test_windows_start_small_and_double_up_to_the_limit():
+  lines = b"".join(f"line {i}\n".encode() for i in range(300))
+  sizes = [len(w) for _, w in translate.read_windows(io.BytesIO(lines), "error", 1024)]
+  assert sizes == [64, 128, 108]
+  firsts = [first for first, _ in translate.read_windows(io.BytesIO(lines), "error", 100)]
+  assert firsts == [1, 65, 165, 265]                  # 64, then 100 at a time
+  assert [len(w) for _, w in translate.read_windows(io.BytesIO(lines), "error", 2)][:3] == [2, 2, 2]
