@@ -14,6 +14,7 @@ import pytest
 from mt_flax import checkpoint, paths, train, workdir_lock
 from mt_flax.config import load_config
 from mt_flax.errors import WorkdirBusy, WorkdirLost
+from mt_flax.metrics import MetricWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
@@ -105,6 +106,14 @@ def test_restart_takes_over_a_dead_holder_and_the_old_holder_saves_nothing(
   run = types.SimpleNamespace(lost=lambda: old.lost_reason, workdir=gcs_emulator.path(name))
   with pytest.raises(WorkdirLost, match=r"^step 9: this run lost the lock .*do not restart"):
     train._interrupted(run, types.SimpleNamespace(requested=None), 9)
+  # ... and it leaves metrics.jsonl (rewritten whole on gs://) to the new holder
+  writer = MetricWriter(gcs_emulator.path(name), resume_step=0)
+  writer.write(9, {"loss": 1.0})                # written at once, the next one later
+  writer.write(10, {"loss": 1.0})
+  before = writer.path.read_text() if writer.path.exists() else None
+  writer.discard()
+  writer.close()
+  assert (writer.path.read_text() if writer.path.exists() else None) == before
   old.release()                                 # leaves the new holder's object alone
   assert new.beat() and not new.lost
   new.release()
