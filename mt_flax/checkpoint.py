@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mt_flax import paths, sharding
+from mt_flax import paths, sharding, workdir_lock
 from mt_flax.paths import (AVERAGED_DIR, AVERAGED_INFO, CHECKPOINT_DIR, CONFIG_FILE,
                            UNREADABLE_DIR)
 from mt_flax.config import with_defaults
@@ -399,12 +399,14 @@ class Checkpointer:
   writes from all of them). A save that fails, in its synchronous part or in the
   background, is raised as one :class:`SaveFailed` line by the next
   :meth:`save`, :meth:`poll` or :meth:`close`, after its temporary folder is
-  removed; the previous checkpoint stays intact. Used as a context manager, it
-  waits for the save in flight and closes on the way out.
+  removed; the previous checkpoint stays intact. A run that lost the workdir lock
+  (``lost``) saves nothing more. Used as a context manager, it waits for the save
+  in flight and closes on the way out.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.config = config
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+               lost: Callable[[], str] = lambda: ""):
+    self.config, self.workdir, self.lost = config, workdir, lost
     self.directory = _path(workdir) / CHECKPOINT_DIR
     # What a failed or killed save left; safe to remove: the caller holds the workdir lock.
     self.removed = remove_temporary(self.directory) if sharding.is_primary() else []
@@ -432,7 +434,14 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Optional[dict],
            metrics: Optional[dict] = None) -> None:
-    """Starts saving ``state`` at ``step`` once the previous save has finished."""
+    """Starts saving ``state`` at ``step`` once the previous save has finished.
+
+    Raises WorkdirLost, saving nothing, when ``lost()`` (the reason this run no longer
+    holds the workdir lock, or "") is not empty on any process.
+    """
+    reason = self.lost()
+    if sharding.any_process(bool(reason)):
+      raise workdir_lock.lost_error(self.workdir, reason, f"saving checkpoint step {step} refused")
     self.poll(wait=True)
     try:
       save(self.manager, step, state, data_state, self.config, metrics)

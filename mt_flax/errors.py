@@ -1,7 +1,8 @@
 """The errors every layer raises. Each message is one line naming what was wrong and what was
 expected; the command layer prints it and exits with the class's ``exit_code``: 2 for what
-the user must fix, 75 (``EX_TEMPFAIL``) for a busy workdir (try again later), 1 for a run
-that stopped (divergence, failed save)."""
+the user must fix, 75 (``EX_TEMPFAIL``) for a busy workdir (try again later), 77
+(``EX_NOPERM``) for a run whose workdir lock another run took over (do not restart it: the
+other run trains there now), 1 for a run that stopped (divergence, failed save)."""
 from __future__ import annotations
 
 
@@ -29,6 +30,12 @@ class VerificationError(CheckpointError):
 class WorkdirBusy(UserError, RuntimeError):
   """Another run holds the workdir's lock: retry later."""
   exit_code = 75
+
+
+class WorkdirLost(UserError, RuntimeError):
+  """Another run took over this run's workdir lock (its heartbeat stopped or could not be
+  written): this run stopped without saving."""
+  exit_code = 77
 
 
 class TrainingDiverged(UserError, RuntimeError):

@@ -194,6 +194,17 @@ class MetricWriter:
         self._tb.flush()
         self._copy_tensorboard()
 
+  def discard(self) -> None:
+    """Stops without writing anything more to the workdir (what was not written yet is
+    dropped): for a run that lost the workdir to another run, whose files these now are."""
+    if self.enabled and self._tb is not None:
+      self._tb.close()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+    if self.enabled and not isinstance(self._file, _RewrittenFile):
+      self._file.close()            # a local file: every line is written already
+    self.enabled = False
+
   def __enter__(self) -> "MetricWriter":
     return self
 

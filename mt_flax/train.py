@@ -7,7 +7,8 @@ on a finished run it returns at once. SIGTERM or a first Ctrl-C saves a
 checkpoint and stops between steps; a second Ctrl-C ends the process without
 saving. A non-finite loss stops the run (:class:`TrainingDiverged`) and keeps
 the last good checkpoint; a failed save stops it (:class:`SaveFailed`) with
-the previous checkpoint intact. One run per workdir (``train.lock``).
+the previous checkpoint intact. One run per workdir (``train.lock``); a run
+whose lock another run took over stops without saving (:class:`WorkdirLost`).
 
 The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
 device counts), ``git_commit.txt``, ``train.log``, ``tokenizer/``,
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from mt_flax import checkpoint, data, inference, paths, sharding, steps, workdir_lock
 from mt_flax.config import with_defaults
-from mt_flax.errors import ConfigError, TrainingDiverged
+from mt_flax.errors import ConfigError, TrainingDiverged, WorkdirLost
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 from mt_flax.paths import CONFIG_FILE, DONE_FILE, GIT_FILE, RUN_FILE
@@ -229,25 +230,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   config = resolve_config(config)
   sharding.maybe_initialize_distributed()
-  with _locked(workdir), _Preemption() as preemption:
-    summary = _train_locked(config, workdir, preemption)
+  with _locked(workdir) as lost, _Preemption() as preemption:
+    summary = _train_locked(config, workdir, preemption, lost)
   summary["wall_s"] = time.time() - t_start
   return summary
 
 
+@contextlib.contextmanager
 def _locked(workdir: str):
-  """The workdir lock, taken by process 0 (the others stop too if it is busy)."""
-  stack = contextlib.ExitStack()
-  busy = None
-  if sharding.is_primary():
-    try:
-      stack.enter_context(workdir_lock.hold(workdir))
-    except workdir_lock.WorkdirBusy as e:
-      busy = e
-  if sharding.any_process(busy is not None):
-    stack.close()
-    raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir} is in use by another run")
-  return stack
+  """The workdir lock, taken by process 0 (the others stop too if it is busy); yields
+  ``lost() -> str``: why this process no longer holds it ("" while it does, and always on
+  the other processes)."""
+  with contextlib.ExitStack() as stack:
+    busy, lock = None, None
+    if sharding.is_primary():
+      try:
+        lock = stack.enter_context(workdir_lock.hold(workdir))
+      except workdir_lock.WorkdirBusy as e:
+        busy = e
+    if sharding.any_process(busy is not None):
+      raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir} is in use by another run")
+    yield lambda: lock.lost_reason if lock is not None and lock.lost else ""
 
 
 @dataclasses.dataclass
@@ -263,10 +266,11 @@ class _Run:
   validate: Callable[[Any], dict]   # params -> validation metrics
   start: int
   verified: bool                    # the state trained from was initialized or verified
+  lost: Callable[[], str] = lambda: ""   # why the workdir lock was lost, "" while held
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str,
-                  preemption: "_Preemption") -> dict:
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "_Preemption",
+                  lost: Callable[[], str] = lambda: "") -> dict:
   """:func:`train_and_evaluate` once the workdir is locked: set up, restore, loop."""
   write_run_info(workdir, config, write=False)     # config.json once the data checks passed
   tokenizer = _tokenizer(config, workdir)
@@ -284,7 +288,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
   write_run_info(workdir, config)
   partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
                     jax.random.key(seed))
-  with checkpoint.Checkpointer(workdir, config) as checkpoints:
+  with checkpoint.Checkpointer(workdir, config, lost) as checkpoints:
     if checkpoints.removed:
       log(f"removed the temporary folders of unfinished saves: {', '.join(checkpoints.removed)}")
     restored = checkpoints.restore(partitioner.abstract_state())
@@ -318,8 +322,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
       run = _Run(config, workdir, partitioner, checkpoints, writer, train_iter, train_fn,
                  _make_validate(config, model, tokenizer, partitioner), start,
-                 verified=restored is None or checkpoints.verified(start))
-      summary = train_loop(run, state, preemption)
+                 verified=restored is None or checkpoints.verified(start), lost=lost)
+      try:
+        summary = train_loop(run, state, preemption)
+      except WorkdirLost:
+        writer.discard()            # metrics.jsonl and tensorboard/ are the other run's now
+        raise
   if not summary["preempted"]:
     _mark_done(workdir)
   return summary
@@ -328,12 +336,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
 def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   """Steps from ``run.start`` to ``num_train_steps``: train, log, validate, checkpoint.
 
-  Stops early, after saving, when a signal was received on any process.
+  Stops early, after saving, when a signal was received on any process, and without
+  saving (:class:`WorkdirLost`) when process 0 lost the workdir lock to another run.
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
   pending, shapes, timer, last = [], set(), Throughput(), {}
-  preempted = sharding.any_process(bool(preemption.requested))   # signalled while setting up
+  preempted = _interrupted(run, preemption, step)   # signalled while setting up
   if preempted:
     log(f"{preemption.requested or 'SIGTERM'} before the first step: nothing new to save")
   # a bar on a terminal; in a redirected log, a plain line every log_every_steps instead
@@ -356,7 +365,7 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
       if compiles:
         shapes.add(shape)
         last = _write_train_metrics(run, pending, timer, compiled=True)
-      preempted = sharding.any_process(bool(preemption.requested))
+      preempted = _interrupted(run, preemption, step)
       run.checkpoints.poll()
       do_eval = _due(step, c.eval_every_steps) or step == num_steps
       do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
@@ -381,6 +390,18 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
     log(f"{signal_name}: saved checkpoint step {step}; re-run the same command to resume")
   return {"step": step, "train_steps_run": step - run.start, "preempted": signal_name,
           "tokens_per_s": timer.mean(), **last_eval}
+
+
+def _interrupted(run: _Run, preemption: "_Preemption", step: int) -> bool:
+  """Whether a signal asks any process to save and stop (one gather with the lock's state).
+
+  Raises WorkdirLost when process 0 lost the workdir lock: another run trains there now.
+  """
+  reason = run.lost()
+  preempted, lost = sharding.any_of_processes([bool(preemption.requested), bool(reason)])
+  if lost:
+    raise workdir_lock.lost_error(run.workdir, reason, f"step {step}")
+  return preempted
 
 
 def _due(step: int, every: int) -> bool:

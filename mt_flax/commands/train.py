@@ -6,7 +6,10 @@ finished run it returns at once. SIGTERM (e.g. TPU preemption) saves a
 checkpoint and exits with status 143; Ctrl-C does the same and exits with 130,
 and a second Ctrl-C stops at once without saving. A non-finite loss or a failed
 checkpoint save stops the run with status 1, the last good checkpoint intact.
-A second run on the same workdir stops at once with status 75 (``train.lock``; retry later).
+A second run on the same workdir stops with status 75 (``train.lock``; retry later): at once
+on a local workdir; on gs:// once it saw the holder's heartbeat advance (it takes over a lock
+whose heartbeat stopped, see :mod:`mt_flax.workdir_lock`). A run whose lock was taken over
+stops without saving, with status 77.
 
 Errors reach the terminal as one line; tracebacks and third-party log output
 (absl, Orbax, XLA) go to ``train.log`` in the workdir. Compiled programs are

@@ -2,8 +2,11 @@
 
 This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a pod
 (every host runs the same command, JAX connects them, all write one gs://
-checkpoint): both processes get SIGTERM mid-run, save and exit 143; the same
-command resumes; the per-step losses and validation losses equal one uninterrupted run on
+checkpoint): both processes get SIGTERM mid-run, save and exit 143 (or, on the gs://
+workdir, SIGKILL after a checkpoint, as a preempted VM: the dead run's ``train.lock``
+stays and the restart takes it over once its heartbeat has not advanced for the bound,
+shortened to 3 s here); the same command resumes at once; the per-step losses and
+validation losses equal one uninterrupted run on
 the 8 devices of this process (whose workdir is on gs:// too for the jit mesh). Then ``eval``,
 ``translate`` and ``audit`` read the gs:// workdir, in this process. The subprocesses
 only see ``STORAGE_EMULATOR_HOST``: ``TENSORSTORE_GCS_HTTP_URL`` (for Orbax) is derived
@@ -15,12 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
 from etils import epath
 
-from mt_flax import train
+from mt_flax import train, workdir_lock
 from mt_flax.commands import audit, evaluate, translate
 from mt_flax.config import load_config
 
@@ -40,16 +46,29 @@ def overrides(mode: str) -> list[str]:
   return [f"--config.{key}={value}" for key, value in {**SETTINGS, **MODES[mode]}.items()]
 
 
+def gcs_has(gcs, path: str) -> bool:
+  """Whether object ``gs://BUCKET/path`` exists (asked of the emulator directly, no cache)."""
+  url = f"{gcs.url}/storage/v1/b/{gcs.bucket}/o/{urllib.parse.quote(path, safe='')}"
+  try:
+    urllib.request.urlopen(url, timeout=30).read()
+    return True
+  except urllib.error.HTTPError as e:
+    if e.code == 404:
+      return False
+    raise
+
+
 def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
-              sigterm_after: int | None) -> list[int]:
-  """Runs ``train`` as 2 processes x 4 devices; SIGTERMs both once ``sigterm_after`` is logged.
+              sigterm_after: int | None, kill: bool = False) -> list[int]:
+  """Runs ``train`` as 2 processes x 4 devices; SIGTERMs both once ``sigterm_after`` is logged
+  (``kill``: SIGKILLs both once checkpoint ``sigterm_after`` of a gs:// workdir is committed).
 
   Returns both exit statuses.
   """
   import portpicker
   env = dict(gcs.env(devices=4),
              MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
-             MT_FLAX_NUM_PROCESSES="2")
+             MT_FLAX_NUM_PROCESSES="2", **{workdir_lock.HEARTBEAT_ENV: "1"})
   logs = [open(log_dir / f"{name}_{sigterm_after}_{i}.log", "w") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir,
                              *argv], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
@@ -57,12 +76,15 @@ def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
            for i, log in enumerate(logs)]
   try:
     deadline = time.time() + 900
+    committed = (workdir.removeprefix(f"gs://{gcs.bucket}/")
+                 + f"/checkpoints/{sigterm_after}/commit_success.txt")
     while sigterm_after and time.time() < deadline and all(p.poll() is None for p in procs):
-      if any(r.get("step", 0) >= sigterm_after for r in read_metrics(workdir)):
+      if (gcs_has(gcs, committed) if kill
+          else any(r.get("step", 0) >= sigterm_after for r in read_metrics(workdir))):
         for p in procs:
-          p.send_signal(signal.SIGTERM)
+          p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         break
-      time.sleep(0.5)
+      time.sleep(0.2 if kill else 0.5)
     return [p.wait(timeout=900) for p in procs]
   finally:
     for p, log in zip(procs, logs):
@@ -83,15 +105,20 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   assert one["step"] == STEPS
 
   workdir = gcs_emulator.path(f"pod_{mode}")
-  status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=2)
+  status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode,
+                     sigterm_after=4 if on_gcs else 2, kill=on_gcs)
   log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
-  assert status == [143, 143], log()
+  assert status == ([-signal.SIGKILL] * 2 if on_gcs else [143, 143]), log()
   root = epath.Path(workdir)
   assert not (root / "DONE").exists()
   stopped = max(losses(workdir))
   assert stopped < STEPS
   assert pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=None) == [0, 0], log()
-  assert "resumed from checkpoint" in (tmp_path / f"{mode}_None_0.log").read_text()
+  resumed = (tmp_path / f"{mode}_None_0.log").read_text()
+  assert "resumed from checkpoint" in resumed
+  if on_gcs:     # the killed run's lock: watched for the bound (3 s), then taken over
+    assert resumed.count("is locked by another run") == 1, resumed[-3000:]
+    assert "waiting up to 3s" in resumed and "did not advance for 3s; taking its lock over" in resumed
   got, want = losses(workdir), losses(single)
   assert sorted(got) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],

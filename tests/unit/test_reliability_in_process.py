@@ -20,7 +20,7 @@ def test_generation_lock_conditional_writes(tmp_path):
   spec = {"driver": "file", "path": str(tmp_path / "bucket") + "/"}
   first = workdir_lock.GenerationLock(spec, heartbeat_s=0.05, stale_s=3600)
   first.acquire("gs://b/run")
-  second = workdir_lock.GenerationLock(spec, stale_s=3600)
+  second = workdir_lock.GenerationLock(spec, heartbeat_s=0.2, stale_s=3600)   # sees it beat
   with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {os.getpid()}"):
     second.acquire("gs://b/run")
   path = tmp_path / "bucket" / paths.LOCK_FILE
@@ -31,10 +31,14 @@ def test_generation_lock_conditional_writes(tmp_path):
   assert json.loads(path.read_text())["heartbeat"] > beat     # the holder refreshes it
   first.release()
   assert not path.exists()                                   # released: the object is gone
-  # a holder that died: its heartbeat is older than stale_s, so the next run takes over
+  # a holder that died: its object does not change while the next run watches it for
+  # stale_s (on the next run's clock, here a counter), so that run takes over
   path.write_text(json.dumps({"host": "gone", "pid": 1, "started": 0, "heartbeat": 0}))
-  third = workdir_lock.GenerationLock(spec, stale_s=60)
+  now = [0.0]
+  third = workdir_lock.GenerationLock(spec, stale_s=60, clock=lambda: now[0],
+                                      sleep=lambda s: now.__setitem__(0, now[0] + s))
   third.acquire("gs://b/run")
+  assert now[0] == 60
   assert json.loads(path.read_text())["pid"] == os.getpid()
   # the dead holder's conditional writes now fail: it cannot take the lock back
   third.release()
