@@ -42,6 +42,7 @@ URLS = (
 DEFAULT_SWORD_PATHS = ("/usr/share/sword", "/usr/local/share/sword", "~/.sword")
 NUM_VALIDATION = 1000
 NUM_TEST = 1000
+MAX_HELD_OUT_GROUP = 4       # verses sharing a text; larger groups are formulas, kept in train
 
 Ref = tuple[str, int, int]   # (OSIS book, chapter, verse)
 
@@ -136,8 +137,10 @@ def assign_splits(pairs: list[tuple[str, str, str]], num_validation: int = NUM_V
   "And God said, ...", repeated psalm lines) form one group, and a group goes to one
   split. Groups are taken in the order of their lowest reference hash: validation
   takes those that fit until it has ``num_validation`` verses, test the next
-  ``num_test``, train the rest. With fewer than ten times that many verses, a tenth
-  each goes to validation and test.
+  ``num_test``, train the rest. Groups of more than MAX_HELD_OUT_GROUP verses (formulas
+  such as "Yahweh spoke to Moses, saying," 74 times) stay in train, so that no formula
+  fills a held-out split. With fewer than ten times that many verses, a tenth each goes
+  to validation and test.
   """
   targets = {"validation": min(num_validation, len(pairs) // 10),
              "test": min(num_test, len(pairs) // 10)}
@@ -149,6 +152,8 @@ def assign_splits(pairs: list[tuple[str, str, str]], num_validation: int = NUM_V
   splits = {ref: "train" for ref, _, _ in pairs}
   filled = dict.fromkeys(targets, 0)
   for refs in order:
+    if len(refs) > MAX_HELD_OUT_GROUP:
+      continue
     split = next((s for s in targets if filled[s] + len(refs) <= targets[s]), None)
     if split is None:
       if all(filled[s] == targets[s] for s in targets):

@@ -211,8 +211,9 @@ def evaluate_copy(loaded_run, out: Path, **kw) -> dict:
   return evaluate.evaluate_run(trained, "test", out_dir=str(out), **kw)
 
 
-def assert_consistent(out: Path) -> dict:
-  """The report in ``out`` scores exactly the hypothesis files beside it."""
+def assert_consistent(out: Path, others_staging: bool = False) -> dict:
+  """The report in ``out`` scores exactly the hypothesis files beside it (and no staging
+  folder is left beside ``out``, unless another eval is still writing: ``others_staging``)."""
   report = json.loads((out / "report.json").read_text())
   hyps = (out / "test.hyp.txt").read_text().splitlines()
   assert len(hyps) == report["table"][0]["examples"] == len(
@@ -221,7 +222,8 @@ def assert_consistent(out: Path) -> dict:
       report["bleu"], abs=0.01)
   assert report["sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                               for p in out.glob("*.txt")}
-  assert sorted(os.listdir(out.parent)) == [out.name]        # no staging folder left behind
+  if not others_staging:
+    assert sorted(os.listdir(out.parent)) == [out.name]      # no staging folder left behind
   return report
 
 
@@ -262,3 +264,33 @@ def test_two_evals_at_once_leave_one_eval_s_files(tmp_path, loaded_run):
     t.join()
   assert not errors
   assert assert_consistent(out)["table"][0]["examples"] in (2, 4)
+
+
+def test_an_eval_that_overlaps_another_one_whole_still_writes_a_consistent_folder(
+    tmp_path, loaded_run, monkeypatch):
+  """Forced overlap: eval A has written its hypotheses and stops before its report while
+  eval B of the same checkpoint runs start to end into the same folder; then A goes on.
+  The folder ends up with one eval's files, whole (A's: it finished last)."""
+  out = tmp_path / "eval" / "test"
+  original, b_done, a_paused = evaluate.evaluate_set, threading.Event(), threading.Event()
+
+  def evaluate_set(*args, **kwargs):
+    result = original(*args, **kwargs)
+    if threading.current_thread().name == "eval-a":
+      a_paused.set()
+      assert b_done.wait(600)
+    return result
+
+  monkeypatch.setattr(evaluate, "evaluate_set", evaluate_set)
+
+  def eval_a():
+    evaluate_copy(loaded_run, out, beam_size=1, max_examples=2, long_examples=0)
+
+  a = threading.Thread(target=eval_a, name="eval-a")
+  a.start()
+  assert a_paused.wait(600)
+  evaluate_copy(loaded_run, out, beam_size=1, max_examples=4, long_examples=0)     # eval B
+  assert assert_consistent(out, others_staging=True)["table"][0]["examples"] == 4
+  b_done.set()
+  a.join()
+  assert assert_consistent(out)["table"][0]["examples"] == 2

@@ -356,9 +356,12 @@ def test_bible_split_keeps_verses_with_one_text_together():
   pairs = [(f"Gen.1.{i}", f"verse {i}", f"versículo {i}") for i in range(200)]
   pairs += [("Gen.2.1", repeated, "uno"), ("Gen.2.2", repeated, "dos"),
             ("Gen.2.3", "other", "DOS")]                    # joined through the Spanish side
+  formula = [(f"Num.7.{i}", "The LORD spoke to Moses, saying,", f"dijo {i}") for i in range(5)]
+  pairs += formula
   splits = bible.assign_splits(pairs, num_validation=15, num_test=15)
-  assert collections.Counter(splits.values()) == {"validation": 15, "test": 15, "train": 173}
+  assert collections.Counter(splits.values()) == {"validation": 15, "test": 15, "train": 178}
   assert len({splits[r] for r in ("Gen.2.1", "Gen.2.2", "Gen.2.3")}) == 1
+  assert {splits[ref] for ref, _, _ in formula} == {"train"}      # 5 > MAX_HELD_OUT_GROUP
   assert bible.assign_splits(pairs[::-1], 15, 15) == splits      # order of the verses: no matter
 
 
