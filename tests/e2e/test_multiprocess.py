@@ -14,6 +14,7 @@ is run by ``test_pod.py``.
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,10 +26,12 @@ NUM_STEPS = 3
 ROWS = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
-# 3 steps of the :test variant without dropout, validated at the last; 768 tokens make
-# 8 rows of (96, 96), so the global batches are alike for every mesh below
+# 3 steps of the :test variant without dropout, validated at the last on 4 pairs (4 batch
+# shapes to compile); 768 tokens make 8 rows of (96, 96), so the global batches are alike
+# for every mesh below
 TRAIN = dict(num_train_steps=3, warmup_steps=2, eval_every_steps=3, checkpoint_every_steps=3,
-             eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0)
+             eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0,
+             data__eval_max_examples=4)
 LAYOUTS = {"2x2": (2, 2, dict(mesh__tensor=4)), "4x1": (4, 1, dict(mesh__data=2, mesh__tensor=2))}
 
 
@@ -170,6 +173,13 @@ def one_process(tiny_training, tmp_path_factory) -> str:
   return workdir
 
 
+def layout_workdir(folder, one_process: str) -> str:
+  """A workdir with the reference run's tokenizer and its tokenized training split."""
+  workdir = os.path.join(folder, "pipeline")
+  shutil.copytree(os.path.join(one_process, "tokenizer"), os.path.join(workdir, "tokenizer"))
+  return workdir
+
+
 def check_pipeline_run(tiny_training, workdir: str, reference: str) -> None:
   """Per-step training losses and the validation loss of ``workdir`` equal ``reference``'s."""
   from mt_flax.metrics import read_metrics
@@ -185,7 +195,7 @@ def check_pipeline_run(tiny_training, workdir: str, reference: str) -> None:
 def test_two_processes_match_one(tmp_path, tiny_training, one_process):
   import jax
   from mt_flax import sharding
-  workdir = tiny_training.new_workdir(tmp_path, "pipeline")
+  workdir = layout_workdir(tmp_path, one_process)
   results = run_processes(tmp_path, "2x2", workdir)
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
@@ -197,7 +207,7 @@ def test_two_processes_match_one(tmp_path, tiny_training, one_process):
 def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training, one_process):
   """4 processes x 1 device, data=2 x tensor=2: processes 0, 1 load the first half of every
   global batch, 2, 3 the second; each pair feeds one batch shard."""
-  workdir = tiny_training.new_workdir(tmp_path, "pipeline")
+  workdir = layout_workdir(tmp_path, one_process)
   run_processes(tmp_path, "4x1", workdir)
   check_pipeline_run(tiny_training, workdir, one_process)
 
