@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import jax
 import numpy as np

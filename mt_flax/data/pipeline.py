@@ -43,10 +43,10 @@ import numpy as np
 from etils import epath
 
 from mt_flax import paths
-from mt_flax.sharding import RowShare
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mt_flax.sharding import RowShare
 from mt_flax.special_ids import FIRST_WORD_ID
 
 BATCHING_MODES = ("bucket", "pack", "pad")
