@@ -26,12 +26,13 @@ NUM_STEPS = 3
 ROWS = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
-# 3 steps of the :test variant without dropout, validated at the last on 4 pairs (4 batch
-# shapes to compile); 768 tokens make 8 rows of (96, 96), so the global batches are alike
-# for every mesh below
+# 3 steps of the :test variant without dropout, validated at the last on one pair (one
+# batch shape to compile); 768 tokens make 8 rows of (96, 96)
 TRAIN = dict(num_train_steps=3, warmup_steps=2, eval_every_steps=3, checkpoint_every_steps=3,
              eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0,
-             data__eval_max_examples=4)
+             data__eval_max_examples=1)
+# name: (processes, devices per process, mesh); each is compared with one process of all
+# the devices and the same mesh
 LAYOUTS = {"2x2": (2, 2, dict(mesh__tensor=4)), "4x1": (4, 1, dict(mesh__data=2, mesh__tensor=2))}
 
 
@@ -107,15 +108,18 @@ def train_pipeline(layout: str, workdir: str) -> None:
   assert summary["step"] == TRAIN["num_train_steps"]
 
 
-def worker(out_dir: str, layout: str, workdir: str) -> None:
+def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
+  """One process of ``layout``, or (``alone`` == "1") one process with all its devices."""
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
   sharding.maybe_initialize_distributed()
   processes, devices, _ = LAYOUTS[layout]
-  assert jax.process_count() == processes and jax.device_count() == processes * devices
+  assert jax.device_count() == processes * devices
+  processes = 1 if alone == "1" else processes
+  assert jax.process_count() == processes
   result = {}
-  if layout == "2x2":
+  if layout == "2x2" and processes == 2:
     part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
     losses, metrics, state = train_run(part, per_process_rows=True)
     # a checkpoint written by both processes into one directory, read back by both
@@ -133,18 +137,23 @@ def worker(out_dir: str, layout: str, workdir: str) -> None:
     json.dump(result, f)
 
 
-def run_processes(out_dir, layout: str, workdir: str) -> list[dict]:
-  """Starts the layout's workers (processes x CPU devices) on loopback; returns their JSON
-  results."""
+def run_processes(out_dir, layout: str, workdir: str, alone: bool = False) -> list[dict]:
+  """Starts the layout's workers (processes x CPU devices) on loopback, or with ``alone``
+  one process with as many devices; returns their JSON results."""
   import portpicker
   processes, devices, _ = LAYOUTS[layout]
+  if alone:
+    processes, devices = 1, processes * devices
+  out_dir.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-             + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
-             JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
-             MT_FLAX_NUM_PROCESSES=str(processes))
+             + os.environ["MT_FLAX_TEST_XLA_FLAGS"], JAX_PLATFORMS="cpu")
+  if processes > 1:
+    env.update(MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
+               MT_FLAX_NUM_PROCESSES=str(processes))
   logs = [open(out_dir / f"process_{i}.log", "w") for i in range(processes)]   # a pipe can fill
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), layout,
-                             workdir], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
+                             workdir, "1" if alone else "0"],
+                            env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
   try:
@@ -161,22 +170,18 @@ def run_processes(out_dir, layout: str, workdir: str) -> list[dict]:
   return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(processes)]
 
 
-@pytest.fixture(scope="module")
-def one_process(tiny_training, tmp_path_factory) -> str:
-  """The :test variant trained by this process on its 8 devices, ``data=2 x tensor=4``: the
-  layouts' global batches (tensor split as ``2x2``, data split as ``4x1``)."""
-  from mt_flax import train
-  from mt_flax.config import load_config
-  workdir = tiny_training.new_workdir(tmp_path_factory.mktemp("one_process"), "run")
-  train.train_and_evaluate(load_config(CONFIG, flags(**TRAIN, mesh__data=2, mesh__tensor=4)),
-                           workdir)
+def one_process(tiny_training, folder, layout: str) -> str:
+  """The workdir of the :test variant trained by one process with the layout's devices and
+  mesh (the reference)."""
+  workdir = tiny_training.new_workdir(folder, "one_process")
+  run_processes(folder / "one_process_out", layout, workdir, alone=True)
   return workdir
 
 
-def layout_workdir(folder, one_process: str) -> str:
+def layout_workdir(folder, reference: str) -> str:
   """A workdir with the reference run's tokenizer and its tokenized training split."""
   workdir = os.path.join(folder, "pipeline")
-  shutil.copytree(os.path.join(one_process, "tokenizer"), os.path.join(workdir, "tokenizer"))
+  shutil.copytree(os.path.join(reference, "tokenizer"), os.path.join(workdir, "tokenizer"))
   return workdir
 
 
@@ -192,24 +197,26 @@ def check_pipeline_run(tiny_training, workdir: str, reference: str) -> None:
   np.testing.assert_allclose(evals(workdir), evals(reference), rtol=1e-4)
 
 
-def test_two_processes_match_one(tmp_path, tiny_training, one_process):
+def test_two_processes_match_one(tmp_path, tiny_training):
   import jax
   from mt_flax import sharding
-  workdir = layout_workdir(tmp_path, one_process)
+  reference = one_process(tiny_training, tmp_path, "2x2")
+  workdir = layout_workdir(tmp_path, reference)
   results = run_processes(tmp_path, "2x2", workdir)
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
   check_results(results, losses, metrics)
-  check_pipeline_run(tiny_training, workdir, one_process)
+  check_pipeline_run(tiny_training, workdir, reference)
 
 
-def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training, one_process):
+def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training):
   """4 processes x 1 device, data=2 x tensor=2: processes 0, 1 load the first half of every
   global batch, 2, 3 the second; each pair feeds one batch shard."""
-  workdir = layout_workdir(tmp_path, one_process)
+  reference = one_process(tiny_training, tmp_path, "4x1")
+  workdir = layout_workdir(tmp_path, reference)
   run_processes(tmp_path, "4x1", workdir)
-  check_pipeline_run(tiny_training, workdir, one_process)
+  check_pipeline_run(tiny_training, workdir, reference)
 
 
 def check_results(results: list[dict], losses: list[float], metrics: dict) -> None:
@@ -222,4 +229,4 @@ def check_results(results: list[dict], losses: list[float], metrics: dict) -> No
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(*sys.argv[1:4])
+  worker(*sys.argv[1:5])
