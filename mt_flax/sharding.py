@@ -14,16 +14,19 @@ Steps are traced under the mesh (as an abstract mesh) and the logical axis
 rules, so the model's ``nn.with_logical_constraint`` calls pin activations to
 ``(batch, length, embed)`` shardings; XLA's propagation fills in the rest.
 
-On several hosts each process passes its own rows: :func:`common_batch_shape`
-pads them to one shape over all processes, then ``shard_batch`` assembles the
-global array.
+On several hosts each process loads only the rows its devices hold (its
+:class:`RowShare` of every global batch, derived from the batch sharding);
+processes whose devices hold the same rows load the same ones.
+:func:`common_batch_shape` pads the rows to one shape over all processes, then
+``shard_batch`` assembles the global array.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -189,16 +192,126 @@ def any_process(flag: bool) -> bool:
   return any_of_processes([flag])[0]
 
 
-def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's contiguous share of rows of a batch that every process holds whole."""
-  n, i = jax.process_count(), jax.process_index()
-  if n == 1:
-    return batch
-  rows = next(iter(batch.values())).shape[0]
-  if rows % n:
-    raise ValueError(f"a batch of {rows} rows does not split over {n} processes")
-  per = rows // n
-  return {k: v[i * per:(i + 1) * per] for k, v in batch.items()}
+@dataclasses.dataclass(frozen=True)
+class RowShare:
+  """The rows of every global batch one process loads.
+
+  The batch dimension is cut into ``num_shards`` equal blocks (block ``i`` is rows
+  ``[i * B / num_shards, (i + 1) * B / num_shards)`` of a batch of ``B`` rows);
+  this process's devices hold blocks ``shards`` (ascending), and its local batch
+  is those blocks' rows in that order. Processes holding the same blocks form
+  one of ``groups`` groups (``group`` is this one's index) and load the same rows.
+  """
+  shards: tuple[int, ...] = (0,)
+  num_shards: int = 1
+  group: int = 0
+
+  def __post_init__(self):
+    shards = tuple(int(s) for s in self.shards)
+    object.__setattr__(self, "shards", shards)
+    if (not shards or list(shards) != sorted(set(shards)) or shards[0] < 0
+        or shards[-1] >= self.num_shards or self.num_shards % len(shards)
+        or not 0 <= self.group < self.num_shards // len(shards)):
+      raise ValueError(f"RowShare(shards={shards}, num_shards={self.num_shards}, "
+                       f"group={self.group}): expected distinct ascending blocks in "
+                       "[0, num_shards), a divisor of num_shards of them, group < groups")
+
+  @classmethod
+  def of_process(cls, index: int, count: int) -> "RowShare":
+    """Block ``index`` of ``count``: one process in ``count``, each with its own rows."""
+    return cls((index,), count, index)
+
+  @property
+  def groups(self) -> int:
+    """Number of distinct row sets over all processes."""
+    return self.num_shards // len(self.shards)
+
+  @property
+  def whole(self) -> bool:
+    return len(self.shards) == self.num_shards
+
+  def local_rows(self, global_rows: int) -> int:
+    """Rows of this process's share of a global batch of ``global_rows`` rows."""
+    if global_rows % self.num_shards:
+      raise ValueError(f"a batch of {global_rows} rows does not split into "
+                       f"{self.num_shards} batch shards")
+    return global_rows // self.num_shards * len(self.shards)
+
+  def global_rows(self, local_rows: int) -> int:
+    """Rows of the global batch of which ``local_rows`` are this process's share."""
+    if local_rows % len(self.shards):
+      raise ValueError(f"a local batch of {local_rows} rows does not split into this "
+                       f"process's {len(self.shards)} batch shards")
+    return local_rows // len(self.shards) * self.num_shards
+
+  def indices(self, global_rows: int) -> np.ndarray:
+    """``[local_rows]`` global row indices of this process's rows, in local order."""
+    per = self.local_rows(global_rows) // len(self.shards)
+    return np.concatenate([np.arange(s * per, (s + 1) * per) for s in self.shards])
+
+  def take(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a batch that every process holds whole."""
+    if self.whole:
+      return batch
+    rows = self.indices(next(iter(batch.values())).shape[0])
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def row_shares(device_shards: Sequence[tuple[Hashable, int]], num_shards: int
+               ) -> dict[Hashable, RowShare]:
+  """Each process's :class:`RowShare`, from ``(process, block)`` of every device.
+
+  ``device_shards`` names, for each device of the mesh, its process and the
+  block of the batch dimension it holds (replicas of a block hold the same one).
+
+  Raises:
+    ValueError: (one line) a layout whose rows cannot be fed: processes holding
+      different numbers of blocks, or blocks shared by processes that do not hold
+      the same ones.
+  """
+  held: dict[Hashable, set[int]] = {}
+  for process, shard in device_shards:
+    held.setdefault(process, set()).add(int(shard))
+  sets = {p: tuple(sorted(s)) for p, s in held.items()}
+  sizes = {len(s) for s in sets.values()}
+  if len(sizes) > 1:
+    counts = ", ".join(f"process {p}: {len(s)}" for p, s in sorted(sets.items()))
+    raise ValueError(f"the mesh gives processes different numbers of batch shards ({counts}); "
+                     "expected every process to hold as many (order the mesh's devices by "
+                     "process)")
+  distinct = sorted(set(sets.values()))
+  owner = {}
+  for rows in distinct:
+    for shard in rows:
+      if shard in owner:
+        raise ValueError(f"batch shard {shard} is held by processes holding shards "
+                         f"{owner[shard]} and {rows}; expected processes to hold the same "
+                         "shards or none in common (order the mesh's devices by process)")
+      owner[shard] = rows
+  if set(owner) != set(range(num_shards)):
+    raise ValueError(f"the mesh's devices hold batch shards {sorted(owner)}; expected "
+                     f"0 to {num_shards - 1}")
+  return {p: RowShare(s, num_shards, distinct.index(s)) for p, s in sets.items()}
+
+
+def mesh_row_shares(sharding: NamedSharding,
+                    process_of: Callable[[jax.Device], Hashable] = lambda d: d.process_index
+                    ) -> dict[Hashable, RowShare]:
+  """Each process's :class:`RowShare` under the batch ``sharding`` (every device of its mesh).
+
+  ``process_of`` maps a device to its process (tests may pretend one process is several).
+  """
+  num = _row_blocks(sharding)
+  index = sharding.devices_indices_map((num,))
+  return row_shares([(process_of(d), idx[0].start or 0) for d, idx in index.items()], num)
+
+
+def _row_blocks(sharding: NamedSharding) -> int:
+  """Blocks the batch (first) dimension is cut into: the product of its mesh axes."""
+  spec = tuple(sharding.spec)
+  axes = spec[0] if spec else None
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(sharding.mesh.shape[n] for n in names)
 
 
 # ----------------------------------------------------------------------------- partitioners
@@ -216,15 +329,23 @@ class JitPartitioner:
     self.replicated = NamedSharding(mesh, P())
     self.state_shardings = None
 
-  @property
-  def local_batch_multiple(self) -> int:
-    """Rows of a per-process batch must be a multiple of this."""
-    return max(1, batch_shards(self.mesh) // jax.process_count())
+  @functools.cached_property
+  def rows(self) -> RowShare:
+    """The rows of every global batch this process loads: those its devices hold.
+
+    Raises:
+      ValueError: (one line) a mesh whose batch rows cannot be fed process by process.
+    """
+    shares = mesh_row_shares(self.batch_sharding)
+    if jax.process_index() not in shares:
+      raise ValueError(f"process {jax.process_index()} has no device in the mesh; expected "
+                       "a mesh over every process's devices")
+    return shares[jax.process_index()]
 
   @property
   def global_batch_multiple(self) -> int:
-    """Rows of a batch that every process holds whole must be a multiple of this."""
-    return max(batch_shards(self.mesh), jax.process_count())
+    """Rows of a global batch must be a multiple of this (the batch shards)."""
+    return batch_shards(self.mesh)
 
   def setup(self, boxed_init: Callable[[jax.Array], Any], rng: jax.Array) -> None:
     """Derives the state shardings from the logical axis names of ``boxed_init(rng)``."""
@@ -251,8 +372,12 @@ class JitPartitioner:
     return state
 
   def shard_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Per-process rows ``[B_local, ...]`` -> global arrays sharded along the batch axes."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+    """This process's rows ``[B_local, ...]`` (its :attr:`rows` of the global batch, in
+    order) -> global arrays ``[B, ...]`` sharded along the batch axes."""
+    if jax.process_count() == 1:
+      return jax.device_put(local_batch, self.batch_sharding)
+    return {k: jax.make_array_from_process_local_data(
+                self.batch_sharding, v, (self.rows.global_rows(v.shape[0]),) + v.shape[1:])
             for k, v in local_batch.items()}
 
   def in_context(self, fn: Callable) -> Callable:
@@ -307,8 +432,10 @@ class PmapPartitioner:
     self.n = len(self.devices)
 
   @property
-  def local_batch_multiple(self) -> int:
-    return self.n
+  def rows(self) -> RowShare:
+    """Every device is a batch shard; this process's are consecutive."""
+    p = jax.process_index()
+    return RowShare(tuple(range(p * self.n, (p + 1) * self.n)), self.n * jax.process_count(), p)
 
   @property
   def global_batch_multiple(self) -> int:
@@ -380,7 +507,9 @@ def make_partitioner(config) -> JitPartitioner | PmapPartitioner:
   """From ``config.parallelism`` (``jit`` or ``pmap``) and ``config.mesh``."""
   mode = config.parallelism
   if mode == "jit":
-    return JitPartitioner(make_mesh(config.mesh))
+    partitioner = JitPartitioner(make_mesh(config.mesh))
+    partitioner.rows      # refuses, in one line, a layout whose rows cannot be fed
+    return partitioner
   if mode == "pmap":
     return PmapPartitioner()
   raise ValueError(f"parallelism={mode!r}: expected 'jit' or 'pmap'")

@@ -202,10 +202,11 @@ def evaluate_validation(eval_fn: Callable, params: Any, batches: Sequence[dict],
 
   The one place validation metrics are computed; further metrics (e.g. BLEU
   from decoding) belong in the returned dict. ``batches`` are whole batches
-  (the same on every process); each process feeds its share of rows.
+  (the same on every process); each process feeds the rows its devices hold
+  (``partitioner.rows``).
   """
   totals = {"nll": 0.0, "correct": 0.0, "tokens": 0.0}
-  outs = [eval_fn(params, partitioner.shard_batch(sharding.process_rows(b))) for b in batches]
+  outs = [eval_fn(params, partitioner.shard_batch(partitioner.rows.take(b))) for b in batches]
   for out in outs:
     for k, v in partitioner.metrics_to_host(out).items():
       totals[k] += float(v)
@@ -282,9 +283,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     raise ConfigError(str(e)) from None
   model, optimizer = Transformer(model_cfg), steps.make_optimizer(config)
   accum, seed = int(config.grad_accum_steps), int(config.seed)
-  train_iter = data.train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                   process_count=jax.process_count(),
-                                   batch_multiple=partitioner.local_batch_multiple * accum)
+  train_iter = data.train_iterator(config, tokenizer, rows=partitioner.rows,
+                                   batch_multiple=accum)
   write_run_info(workdir, config)
   partitioner.setup(functools.partial(steps.init_boxed_state, model, optimizer),
                     jax.random.key(seed))
@@ -312,8 +312,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     log(f"model: {count_params(partitioner.abstract_state().params) / 1e6:.2f}M parameters; "
         f"{partitioner.mode} over {jax.device_count()} device(s), "
         f"{jax.process_count()} process(es); steps {start} -> {config.num_train_steps}")
-    shapes = data.train_shapes(config, tokenizer, process_count=jax.process_count(),
-                               batch_multiple=partitioner.local_batch_multiple * accum)
+    shapes = data.train_shapes(config, tokenizer, rows=partitioner.rows, batch_multiple=accum)
     log(f"{len(shapes)} training batch shape(s) to compile, rows x (source, target) tokens: "
         + ", ".join(f"{b.rows} x ({b.src_len}, {b.tgt_len})" for b in shapes))
     train_fn = partitioner.compile_train_step(steps.make_train_step(

@@ -1,7 +1,7 @@
 """Data: TFDS builders (array_record), SentencePiece tokenizer, Grain pipeline.
 
     tokenizer = load_or_train_tokenizer(config, workdir)
-    batches = train_iterator(config, tokenizer, process_index=..., process_count=...)
+    batches = train_iterator(config, tokenizer, rows=partitioner.rows, batch_multiple=...)
     examples = eval_examples(config, tokenizer, "validation")
     for batch, indices in eval_batches(examples, config.batch_tokens): ...
 """

@@ -1,6 +1,6 @@
 """Input pipeline: the training split tokenized once into memory, then a Grain
-pipeline that applies the length policy, shuffles per epoch, shards by process
-and batches.
+pipeline that applies the length policy, shuffles per epoch, batches and keeps
+this process's rows of every global batch.
 
 Training batches (`train_iterator`) are dicts of int32 numpy arrays, 0 = padding:
 
@@ -17,8 +17,10 @@ restarting at each pair). `config.data.batching` picks how pairs become batches:
 - "pack": several pairs per row (Grain's first-fit packing), one shape;
 - "pad": every pair padded to `data.max_len` (the Keras example's way), one shape.
 
-`config.batch_tokens` bounds B * S and B * T of a global batch; each of
-`process_count` processes gets `1/process_count` of it. Pairs longer than
+`config.batch_tokens` bounds B * S and B * T of a global batch; each process gets
+the rows its devices hold (its `sharding.RowShare`: the global batch's rows are
+cut into `rows.num_shards` equal blocks, the process gets blocks `rows.shards`;
+processes holding the same blocks get the same rows). Pairs longer than
 `data.max_len` tokens on a side (EOS/BOS included) are dropped or truncated
 (`data.overlong`), counted and logged. A truncated side keeps its first
 `max_len` tokens and gets no EOS (the sentence goes on, so the model is not
@@ -44,6 +46,7 @@ from mt_flax import paths
 from mt_flax.data import bucketing, sources
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mt_flax.sharding import RowShare
 from mt_flax.special_ids import FIRST_WORD_ID
 
 BATCHING_MODES = ("bucket", "pack", "pad")
@@ -306,20 +309,24 @@ def _held_out_in_train(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 # ----------------------------------------------------------------------------- batches
 
 
-def pad_batch(examples: Sequence[dict[str, np.ndarray]], rows: int, src_len: int,
+def pad_batch(examples: Sequence[dict[str, np.ndarray] | None], rows: int, src_len: int,
               tgt_len: int) -> Batch:
-  """Stacks examples into a [rows, src_len] / [rows, tgt_len] batch, zero-padded."""
+  """Stacks examples into a [rows, src_len] / [rows, tgt_len] batch, zero-padded
+  (a None example leaves its row empty)."""
   batch = {"src": np.zeros((rows, src_len), np.int32),
            "tgt_in": np.zeros((rows, tgt_len), np.int32),
            "tgt_out": np.zeros((rows, tgt_len), np.int32)}
   for r, ex in enumerate(examples):
+    if ex is None:
+      continue
     for key, array in batch.items():
       array[r, :len(ex[key])] = ex[key]
   return batch
 
 
 class _BatchPlanIterator(grain.DatasetIterator):
-  """Yields (bucket, stored pair indices of this process's rows); see `_BatchPlan`."""
+  """Yields (bucket, stored pair index of each of this process's rows, -1 for an empty
+  row); see `_BatchPlan`."""
 
   def __init__(self, plan: "_BatchPlan"):
     super().__init__()
@@ -349,9 +356,9 @@ class _BatchPlanIterator(grain.DatasetIterator):
       self._batches = None
     k, ids = batches[self._batch]
     self._batch += 1
-    local = plan.buckets[k].rows // plan.process_count
-    mine = ids[plan.process_index * local:(plan.process_index + 1) * local]
-    return k, [int(plan.kept[i]) for i in mine]
+    # a part-filled batch (the last of a finite run) has empty rows at its end
+    return k, [int(plan.kept[ids[r]]) if r < len(ids) else -1
+               for r in plan.rows.indices(plan.buckets[k].rows)]
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "batch": self._batch,
@@ -367,16 +374,15 @@ class _BatchPlan(grain.IterDataset):
   """Global batch plan of bucketed (or pad-to-max) batching; each process takes its rows.
 
   Every process plans the same global batches (same seed, same lengths), so the
-  processes' batches have the same shape at every step; process p takes rows
-  [p * rows / P, (p + 1) * rows / P) of each global batch.
+  processes' batches have the same shape at every step; a process takes the rows
+  `rows.indices(bucket rows)` of each global batch.
   """
 
   def __init__(self, kept: np.ndarray, bucket_of: np.ndarray, buckets: list[bucketing.Bucket],
-               *, seed: int, num_epochs: int | None, process_index: int, process_count: int):
+               *, seed: int, num_epochs: int | None, rows: RowShare):
     super().__init__()
     self.kept, self.bucket_of, self.buckets = kept, bucket_of, buckets
-    self.seed, self.num_epochs = int(seed), num_epochs
-    self.process_index, self.process_count = process_index, process_count
+    self.seed, self.num_epochs, self.rows = int(seed), num_epochs, rows
 
   def __iter__(self) -> _BatchPlanIterator:
     return _BatchPlanIterator(self)
@@ -385,14 +391,13 @@ class _BatchPlan(grain.IterDataset):
 class _Assemble(grain.transforms.Map):
   """(bucket, stored indices) -> this process's padded batch of that bucket's shape."""
 
-  def __init__(self, examples: grain.MapDataset, buckets: list[bucketing.Bucket],
-               process_count: int):
-    self._examples, self._buckets, self._process_count = examples, buckets, process_count
+  def __init__(self, examples: grain.MapDataset, buckets: list[bucketing.Bucket]):
+    self._examples, self._buckets = examples, buckets
 
   def map(self, item: tuple[int, list[int]]) -> Batch:
     k, indices = item
     bucket = self._buckets[k]
-    return pad_batch([self._examples[i] for i in indices], bucket.rows // self._process_count,
+    return pad_batch([self._examples[i] if i >= 0 else None for i in indices], len(indices),
                      bucket.src_len, bucket.tgt_len)
 
 
@@ -426,17 +431,17 @@ def pack_lengths(data: TrainingSet, pack_len: int) -> tuple[int, int]:
   return int(math.ceil(base / ratio)), base
 
 
-def _row_multiple(process_count: int, batch_multiple: int) -> int:
-  if process_count < 1 or batch_multiple < 1:
-    raise DataError(f"process_count={process_count} and batch_multiple={batch_multiple} "
-                    "must be at least 1")
-  return process_count * batch_multiple
+def _row_multiple(rows: RowShare, batch_multiple: int) -> int:
+  """Rows of a global batch are a multiple of this: `batch_multiple` per batch shard."""
+  if batch_multiple < 1:
+    raise DataError(f"batch_multiple={batch_multiple} must be at least 1")
+  return rows.num_shards * batch_multiple
 
 
 def batch_buckets(config: ml_collections.ConfigDict, data: TrainingSet, *,
-                  process_count: int = 1, batch_multiple: int = 1
-                  ) -> tuple[list[bucketing.Bucket], np.ndarray]:
-  """Global buckets for `data.batching` "bucket" or "pad", and each kept pair's bucket."""
+                  row_multiple: int = 1) -> tuple[list[bucketing.Bucket], np.ndarray]:
+  """Global buckets for `data.batching` "bucket" or "pad" (rows a multiple of
+  `row_multiple`), and each kept pair's bucket."""
   mode = config.data.batching
   if mode == "bucket":
     num = int(config.data.num_buckets)
@@ -452,22 +457,25 @@ def batch_buckets(config: ml_collections.ConfigDict, data: TrainingSet, *,
   else:
     raise DataError(f"data.batching={mode!r} has no buckets (expected 'bucket' or 'pad')")
   try:
-    buckets = bucketing.make_buckets(boundaries, int(config.batch_tokens),
-                                     _row_multiple(process_count, batch_multiple))
+    buckets = bucketing.make_buckets(boundaries, int(config.batch_tokens), row_multiple)
   except ValueError as e:
     raise DataError(str(e)) from None
   return buckets, bucketing.assign(data.src_lens, data.tgt_lens, boundaries)
 
 
 def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                   process_index: int = 0, process_count: int = 1, batch_multiple: int = 1,
+                   rows: RowShare = RowShare(), batch_multiple: int = 1,
                    num_epochs: int | None = None) -> grain.DatasetIterator:
   """This process's stream of training batches (see the module docstring for keys).
 
-  Endless by default (epoch after epoch, reshuffled with `config.seed` and the
-  epoch number); `num_epochs` makes it finite, the last batches then part-filled
-  and padded with empty rows. Every batch has a multiple of `batch_multiple` rows;
-  for "bucket"/"pad" all processes get batches of the same shape at each step.
+  `rows` says which rows of every global batch this process loads (default: all;
+  a partitioner's `rows` on several processes). Endless by default (epoch after
+  epoch, reshuffled with `config.seed` and the epoch number); `num_epochs` makes
+  it finite, the last batches then part-filled and padded with empty rows. Each
+  batch shard gets a multiple of `batch_multiple` rows (a global batch a multiple
+  of `rows.num_shards * batch_multiple`); for "bucket"/"pad" all processes get
+  batches of the same shape at each step, and processes of the same rows the
+  same batches.
 
   Checkpointing: `get_state()` is a JSON-serialisable dict and `set_state(state)`
   resumes at exactly the next batch. With Orbax, save the iterator as an item
@@ -481,61 +489,58 @@ def train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   mode = config.data.batching
   if mode not in BATCHING_MODES:
     raise DataError(f"data.batching={mode!r}: expected one of {', '.join(BATCHING_MODES)}")
-  if not 0 <= process_index < process_count:
-    raise DataError(f"process_index={process_index} not in [0, {process_count})")
   data = training_set(config, tokenizer)
   seed = int(config.seed)
   if mode == "pack":
-    return _packed_iterator(config, data, seed=seed, process_index=process_index,
-                            process_count=process_count, batch_multiple=batch_multiple,
+    return _packed_iterator(config, data, seed=seed, rows=rows, batch_multiple=batch_multiple,
                             num_epochs=num_epochs)
-  buckets, bucket_of = batch_buckets(config, data, process_count=process_count,
-                                     batch_multiple=batch_multiple)
-  plan = _BatchPlan(data.kept, bucket_of, buckets, seed=seed, num_epochs=num_epochs,
-                    process_index=process_index, process_count=process_count)
-  return iter(plan.map(_Assemble(data.examples, buckets, process_count)))
+  buckets, bucket_of = batch_buckets(config, data,
+                                     row_multiple=_row_multiple(rows, batch_multiple))
+  plan = _BatchPlan(data.kept, bucket_of, buckets, seed=seed, num_epochs=num_epochs, rows=rows)
+  return iter(plan.map(_Assemble(data.examples, buckets)))
 
 
 def train_shapes(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                 process_count: int = 1, batch_multiple: int = 1) -> list[bucketing.Bucket]:
+                 rows: RowShare = RowShare(), batch_multiple: int = 1
+                 ) -> list[bucketing.Bucket]:
   """The distinct global batch shapes of `train_iterator` (what the train step compiles for);
   rows are global (every process's rows together)."""
   data = training_set(config, tokenizer)
   if config.data.batching == "pack":
-    rows, src_len, tgt_len = packed_rows(config, data, process_count=process_count,
-                                         batch_multiple=batch_multiple)
-    return [bucketing.Bucket(rows * process_count, src_len, tgt_len)]
-  buckets, _ = batch_buckets(config, data, process_count=process_count,
-                             batch_multiple=batch_multiple)
+    local, src_len, tgt_len = packed_rows(config, data, rows=rows,
+                                          batch_multiple=batch_multiple)
+    return [bucketing.Bucket(rows.global_rows(local), src_len, tgt_len)]
+  buckets, _ = batch_buckets(config, data, row_multiple=_row_multiple(rows, batch_multiple))
   return buckets
 
 
-def packed_rows(config: ml_collections.ConfigDict, data: TrainingSet, *, process_count: int = 1,
-                batch_multiple: int = 1) -> tuple[int, int, int]:
-  """(rows per process, S, T) of packed batches."""
+def packed_rows(config: ml_collections.ConfigDict, data: TrainingSet, *,
+                rows: RowShare = RowShare(), batch_multiple: int = 1) -> tuple[int, int, int]:
+  """(rows per process, S, T) of packed batches: each of the `rows.groups` groups of
+  processes packs its own pairs into its share of `batch_tokens`."""
   src_len, tgt_len = pack_lengths(data, int(config.data.pack_len))
-  budget = int(config.batch_tokens) // process_count
-  rows = budget // max(src_len, tgt_len) // batch_multiple * batch_multiple
-  if rows == 0:
-    raise DataError(f"batch_tokens={config.batch_tokens} over {process_count} process(es) "
-                    f"cannot hold {batch_multiple} packed row(s) of {max(src_len, tgt_len)} "
-                    "tokens; raise batch_tokens or lower data.pack_len / data.max_len")
-  return rows, src_len, tgt_len
+  multiple = _row_multiple(rows, batch_multiple) // rows.groups
+  budget = int(config.batch_tokens) // rows.groups
+  local = budget // max(src_len, tgt_len) // multiple * multiple
+  if local == 0:
+    raise DataError(f"batch_tokens={config.batch_tokens} over {rows.groups} group(s) of "
+                    f"processes cannot hold {multiple} packed row(s) of "
+                    f"{max(src_len, tgt_len)} tokens; raise batch_tokens or lower "
+                    "data.pack_len / data.max_len")
+  return local, src_len, tgt_len
 
 
 def _packed_iterator(config: ml_collections.ConfigDict, data: TrainingSet, *, seed: int,
-                     process_index: int, process_count: int, batch_multiple: int,
+                     rows: RowShare, batch_multiple: int,
                      num_epochs: int | None) -> grain.DatasetIterator:
-  _row_multiple(process_count, batch_multiple)
-  rows, src_len, tgt_len = packed_rows(config, data, process_count=process_count,
-                                       batch_multiple=batch_multiple)
-  ds = grain.MapDataset.source(data.kept)[process_index::process_count]
+  local, src_len, tgt_len = packed_rows(config, data, rows=rows, batch_multiple=batch_multiple)
+  ds = grain.MapDataset.source(data.kept)[rows.group::rows.groups]
   ds = ds.shuffle(seed=seed).repeat(num_epochs).map(lambda i: data.examples[int(i)])
   packed = grain.experimental.FirstFitPackIterDataset(
       ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
       length_struct={"src": src_len, "tgt_in": tgt_len, "tgt_out": tgt_len},
-      num_packing_bins=rows, seed=seed, shuffle_bins=True)
-  return iter(packed.batch(rows, drop_remainder=False).map(_FinishPacked(rows)))
+      num_packing_bins=local, seed=seed, shuffle_bins=True)
+  return iter(packed.batch(local, drop_remainder=False).map(_FinishPacked(local)))
 
 
 # ----------------------------------------------------------------------------- evaluation

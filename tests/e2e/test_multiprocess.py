@@ -1,15 +1,20 @@
-"""Two processes on loopback (CPU collectives) train like one process.
+"""Several processes on loopback (CPU collectives) train like one process.
 
 Each process runs this file as a worker: it joins ``jax.distributed`` through
-:func:`mt_flax.sharding.maybe_initialize_distributed`, feeds only its own rows
-of each global batch (trimmed to its own lengths, so the processes' shapes
-differ and are made common), trains with ``jit`` on a mesh spanning both
-processes, then saves and restores an Orbax checkpoint in a shared directory.
-``pmap`` across processes is run by ``test_pod.py``.
+:func:`mt_flax.sharding.maybe_initialize_distributed`. Two processes of 2 devices
+feed only their own rows of each global batch (trimmed to their own lengths, so the
+processes' shapes differ and are made common), train with ``jit`` on a mesh
+spanning both, save and restore an Orbax checkpoint in a shared directory, then
+train the ``:test`` variant with ``mesh.tensor=4``: a tensor axis across the
+processes, whose devices all hold the same rows. Four processes of 1 device train
+it with ``mesh.data=2 mesh.tensor=2``: processes pair up on each half of the rows.
+Both match one process (per-step and validation losses). ``pmap`` across processes
+is run by ``test_pod.py``.
 """
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +24,16 @@ import pytest
 V = 48
 NUM_STEPS = 3
 ROWS = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
+# 3 steps of the :test variant without dropout, validated at the last on one pair (one
+# batch shape to compile); 768 tokens make 8 rows of (96, 96)
+TRAIN = dict(num_train_steps=3, warmup_steps=2, eval_every_steps=3, checkpoint_every_steps=3,
+             eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0,
+             data__eval_max_examples=1)
+# name: (processes, devices per process, mesh); each is compared with one process of all
+# the devices and the same mesh
+LAYOUTS = {"2x2": (2, 2, dict(mesh__tensor=4)), "4x1": (4, 1, dict(mesh__data=2, mesh__tensor=2))}
 
 
 def make_batch(seed: int) -> dict:
@@ -63,7 +78,7 @@ def train_run(partitioner, per_process_rows: bool):
   for i in range(NUM_STEPS):
     batch = make_batch(i)
     if per_process_rows:
-      batch = sharding.common_batch_shape(trim(sharding.process_rows(batch)))
+      batch = sharding.common_batch_shape(trim(partitioner.rows.take(batch)))
     state, m = train(state, partitioner.shard_batch(batch))
     losses.append(float(partitioner.metrics_to_host(m)["loss"]))
   from mt_flax.train import evaluate_validation
@@ -80,39 +95,65 @@ def _same_params(restored, state, partitioner) -> bool:
   return all(np.array_equal(first(a), first(b)) for a, b in zip(got, want))
 
 
-def worker(out_dir: str) -> None:
+def flags(**kw) -> list[str]:
+  return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
+
+
+def train_pipeline(layout: str, workdir: str) -> None:
+  """``train`` of the :test variant (its data pipeline and validation) on the layout's mesh."""
+  from mt_flax import train
+  from mt_flax.config import load_config
+  summary = train.train_and_evaluate(load_config(CONFIG, flags(**TRAIN, **LAYOUTS[layout][2])),
+                                     workdir)
+  assert summary["step"] == TRAIN["num_train_steps"]
+
+
+def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
+  """One process of ``layout``, or (``alone`` == "1") one process with all its devices."""
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
   sharding.maybe_initialize_distributed()
-  assert jax.process_count() == 2 and jax.device_count() == 4
-  part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
-  losses, metrics, state = train_run(part, per_process_rows=True)
-  # a checkpoint written by both processes into one directory, read back by both
-  manager = checkpoint.make_manager(os.path.join(out_dir, "run"))
-  checkpoint.save(manager, NUM_STEPS, part.to_checkpoint(state), {"process": jax.process_index()},
-                  ml_collections.ConfigDict({"seed": 0}))
-  manager.wait_until_finished()
-  restored, data_state, step = checkpoint.restore_latest_good(manager, part.abstract_state())
-  same = _same_params(restored, state, part)
-  manager.close()
-  result = {"losses": losses, "metrics": metrics, "restored_step": step, "restored_same": same,
-            "data_state": data_state}
+  processes, devices, _ = LAYOUTS[layout]
+  assert jax.device_count() == processes * devices
+  processes = 1 if alone == "1" else processes
+  assert jax.process_count() == processes
+  result = {}
+  if layout == "2x2" and processes == 2:
+    part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+    losses, metrics, state = train_run(part, per_process_rows=True)
+    # a checkpoint written by both processes into one directory, read back by both
+    manager = checkpoint.make_manager(os.path.join(out_dir, "run"))
+    checkpoint.save(manager, NUM_STEPS, part.to_checkpoint(state),
+                    {"process": jax.process_index()}, ml_collections.ConfigDict({"seed": 0}))
+    manager.wait_until_finished()
+    restored, data_state, step = checkpoint.restore_latest_good(manager, part.abstract_state())
+    same = _same_params(restored, state, part)
+    manager.close()
+    result = {"losses": losses, "metrics": metrics, "restored_step": step,
+              "restored_same": same, "data_state": data_state}
+  train_pipeline(layout, workdir)
   with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump(result, f)
 
 
-def run_two_processes(out_dir) -> list[dict]:
-  """Starts two workers (2 CPU devices each) on loopback; returns their JSON results."""
+def run_processes(out_dir, layout: str, workdir: str, alone: bool = False) -> list[dict]:
+  """Starts the layout's workers (processes x CPU devices) on loopback, or with ``alone``
+  one process with as many devices; returns their JSON results."""
   import portpicker
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-             + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
-             JAX_PLATFORMS="cpu", MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
-             MT_FLAX_NUM_PROCESSES="2")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  logs = [open(out_dir / f"process_{i}.log", "w") for i in range(2)]   # files: a pipe can fill
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir)],
-                            env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=root,
+  processes, devices, _ = LAYOUTS[layout]
+  if alone:
+    processes, devices = 1, processes * devices
+  out_dir.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + os.environ["MT_FLAX_TEST_XLA_FLAGS"], JAX_PLATFORMS="cpu")
+  if processes > 1:
+    env.update(MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
+               MT_FLAX_NUM_PROCESSES=str(processes))
+  logs = [open(out_dir / f"process_{i}.log", "w") for i in range(processes)]   # a pipe can fill
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), layout,
+                             workdir, "1" if alone else "0"],
+                            env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
   try:
@@ -126,17 +167,56 @@ def run_two_processes(out_dir) -> list[dict]:
       log.close()
   for i, p in enumerate(procs):
     assert p.returncode == 0, (out_dir / f"process_{i}.log").read_text()[-3000:]
-  return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(2)]
+  return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(processes)]
 
 
-def test_two_processes_match_one(tmp_path):
+def one_process(tiny_training, folder, layout: str) -> str:
+  """The workdir of the :test variant trained by one process with the layout's devices and
+  mesh (the reference)."""
+  workdir = tiny_training.new_workdir(folder, "one_process")
+  run_processes(folder / "one_process_out", layout, workdir, alone=True)
+  return workdir
+
+
+def layout_workdir(folder, reference: str) -> str:
+  """A workdir with the reference run's tokenizer and its tokenized training split."""
+  workdir = os.path.join(folder, "pipeline")
+  shutil.copytree(os.path.join(reference, "tokenizer"), os.path.join(workdir, "tokenizer"))
+  return workdir
+
+
+def check_pipeline_run(tiny_training, workdir: str, reference: str) -> None:
+  """Per-step training losses and the validation loss of ``workdir`` equal ``reference``'s."""
+  from mt_flax.metrics import read_metrics
+  got, want = tiny_training.losses(workdir), tiny_training.losses(reference)
+  assert sorted(got) == sorted(want) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
+                             rtol=1e-4)
+  evals = lambda w: [r["eval_loss"] for r in read_metrics(w) if "eval_loss" in r]
+  assert len(evals(workdir)) == 1
+  np.testing.assert_allclose(evals(workdir), evals(reference), rtol=1e-4)
+
+
+def test_two_processes_match_one(tmp_path, tiny_training):
   import jax
   from mt_flax import sharding
-  results = run_two_processes(tmp_path)
+  reference = one_process(tiny_training, tmp_path, "2x2")
+  workdir = layout_workdir(tmp_path, reference)
+  results = run_processes(tmp_path, "2x2", workdir)
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
   check_results(results, losses, metrics)
+  check_pipeline_run(tiny_training, workdir, reference)
+
+
+def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training):
+  """4 processes x 1 device, data=2 x tensor=2: processes 0, 1 load the first half of every
+  global batch, 2, 3 the second; each pair feeds one batch shard."""
+  reference = one_process(tiny_training, tmp_path, "4x1")
+  workdir = layout_workdir(tmp_path, reference)
+  run_processes(tmp_path, "4x1", workdir)
+  check_pipeline_run(tiny_training, workdir, reference)
 
 
 def check_results(results: list[dict], losses: list[float], metrics: dict) -> None:
@@ -149,4 +229,4 @@ def check_results(results: list[dict], losses: list[float], metrics: dict) -> No
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(sys.argv[1])
+  worker(*sys.argv[1:5])

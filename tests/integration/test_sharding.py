@@ -176,5 +176,7 @@ def test_batch_rows_must_split_over_devices():
     sharding.PmapPartitioner().shard_batch(make_batch(0, rows=12))
   # single process: helpers are the identity
   b = make_batch(0)
-  assert sharding.common_batch_shape(b) is b and sharding.process_rows(b) is b
+  part = sharding.JitPartitioner(sharding.make_mesh(dict(data=4, fsdp=1, tensor=2)))
+  assert sharding.common_batch_shape(b) is b and part.rows.take(b) is b
+  assert part.rows == sharding.RowShare((0, 1, 2, 3), 4)     # one process holds every row
   assert sharding.any_process(True) and not sharding.any_process(False)

@@ -19,6 +19,7 @@ from mt_flax.commands import data_stats
 from mt_flax.data import bucketing, pipeline, sources, spa_eng, tokenizer as tok_lib
 from mt_flax.data.sources import DataError
 from mt_flax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from mt_flax.sharding import RowShare
 
 tfds.disable_progress_bar()
 
@@ -344,13 +345,53 @@ def test_epochs_are_reshuffled_by_seed(setup):
 def test_processes_share_shapes_and_split_the_global_batch(setup):
   config, tokenizer, _ = setup
   whole = take(pipeline.train_iterator(config, tokenizer, batch_multiple=2), 6)
-  parts = [take(pipeline.train_iterator(config, tokenizer, process_index=p, process_count=2,
-                                        batch_multiple=1), 6) for p in range(2)]
+  parts = [take(pipeline.train_iterator(config, tokenizer, rows=RowShare.of_process(p, 2)), 6)
+           for p in range(2)]
   for w, a, b in zip(whole, *parts):
     assert a["src"].shape == b["src"].shape and a["tgt_in"].shape == b["tgt_in"].shape
     assert a["src"].shape[0] * 2 == w["src"].shape[0]
     assert a["src"].shape[0] * a["src"].shape[1] <= config.batch_tokens // 2
     assert collections.Counter(rows_of(a) + rows_of(b)) == collections.Counter(rows_of(w))
+
+
+@pytest.mark.parametrize("batching", ["bucket", "pad"])
+def test_a_process_gets_exactly_the_rows_of_its_batch_shards(setup, batching):
+  """Blocks 1 and 3 of 4 (not contiguous) are those rows of the global batch, in order, up
+  to the part-filled last batch of a finite run; replicas of the blocks get the same."""
+  config, tokenizer, _ = setup
+  config = with_overrides(config, batching=batching)
+  share = RowShare((1, 3), 4, 1)
+  whole = list(pipeline.train_iterator(config, tokenizer, rows=RowShare((0, 1, 2, 3), 4),
+                                       batch_multiple=2, num_epochs=1))
+  mine = list(pipeline.train_iterator(config, tokenizer, rows=share, batch_multiple=2,
+                                      num_epochs=1))
+  replica = take(pipeline.train_iterator(config, tokenizer, rows=share, batch_multiple=2), 3)
+  assert len(mine) == len(whole) and any(not (w["src"] != 0).any(axis=1).all()
+                                         for w in whole[-3:])    # the last ones part-filled
+  for w, m in zip(whole, mine):
+    assert w["src"].shape[0] % 8 == 0
+    rows = share.indices(w["src"].shape[0])
+    assert list(rows[:3]) == [w["src"].shape[0] // 4 + r for r in range(3)]
+    for k in w:
+      np.testing.assert_array_equal(m[k], w[k][rows])
+  for a, b in zip(mine, replica):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_packed_processes_with_the_same_shards_pack_the_same_rows(setup):
+  config, tokenizer, _ = setup
+  packed = with_overrides(config, batching="pack")
+  shares = [RowShare((0, 1), 4, 0), RowShare((0, 1), 4, 0), RowShare((2, 3), 4, 1)]
+  a, b, c = (take(pipeline.train_iterator(packed, tokenizer, rows=s, batch_multiple=2), 3)
+             for s in shares)
+  assert pipeline.train_shapes(packed, tokenizer, rows=shares[0], batch_multiple=2)[0].rows \
+      == 2 * a[0]["src"].shape[0]
+  for x, y, z in zip(a, b, c):
+    assert x["src"].shape == z["src"].shape and x["src"].shape[0] % 4 == 0
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+    assert not set(rows_of(x)) & set(rows_of(z))
 
 
 # ----------------------------------------------------------------------------- evaluation
