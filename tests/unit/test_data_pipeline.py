@@ -401,7 +401,7 @@ def test_eval_examples_carry_lengths_ratios_and_slices(setup):
   config, tokenizer, _ = setup
   examples = pipeline.eval_examples(config, tokenizer, "validation")
   pairs = sources.load_pairs(config, "validation")
-  assert len(examples) == min(len(pairs), config.data.eval_max_examples)
+  assert len(examples) == min(len(pairs), config.data.eval_max_examples or len(pairs))
   for ex, (src, ref) in zip(examples, pairs):
     assert ex["src_text"] == src and ex["ref_text"] == ref
     assert ex["src_ids"][-1] == EOS_ID and ex["tgt_ids"][-1] == EOS_ID
