@@ -88,6 +88,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
     config.decode.update(wanted.decode.to_dict())
   apply_overrides(config, overrides)
   decode_settings(config)                                 # fails early on a bad beam size
+  paths.use_compilation_cache(config)       # a repeated eval or translate skips compiling
   if which == "averaged":
     params, info = checkpoint.restore_averaged(workdir)
     step = int(info["steps"][-1])

@@ -119,3 +119,18 @@ def source_commit(root: str = SOURCE_ROOT) -> str:
       return f.read().strip() or "unknown"
   except OSError:
     return "unknown"
+
+
+COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
+
+
+def use_compilation_cache(config) -> str:
+  """Points JAX's persistent compilation cache at ``config.compilation_cache_dir`` (gs:// ok),
+  else ``$JAX_COMPILATION_CACHE_DIR``, else ``COMPILATION_CACHE``; returns the folder.
+  ``train`` and every command that loads a trained run use it, so a repeated command
+  loads its compiled programs instead of compiling them again."""
+  import jax
+  folder = (config.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or COMPILATION_CACHE)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  return folder

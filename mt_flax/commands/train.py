@@ -20,27 +20,12 @@ a pod and outlives the VMs), else ``$JAX_COMPILATION_CACHE_DIR``, else
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-import jax
-
-from mt_flax import cli, train
+from mt_flax import cli, paths, train
 from mt_flax.config import load_config
 from mt_flax.errors import ConfigError, SaveFailed, TrainingDiverged, UserError
 from mt_flax.runlog import LogRouting, failure_cause, log_path
-
-COMPILATION_CACHE = os.path.expanduser("~/.cache/mt_flax/jax_compilation_cache")
-
-
-def use_compilation_cache(config) -> str:
-  """Points JAX's persistent compilation cache at ``config.compilation_cache_dir`` (gs:// ok),
-  else ``$JAX_COMPILATION_CACHE_DIR``, else ``COMPILATION_CACHE``; returns the folder."""
-  folder = (config.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-            or COMPILATION_CACHE)
-  jax.config.update("jax_compilation_cache_dir", folder)
-  return folder
-
 
 def build_parser():
   parser = cli.new_parser("train", __doc__, config="required")
@@ -66,7 +51,7 @@ def _train(config, workdir: str, routing: LogRouting) -> int:
   :func:`cli.entry`, the others here with a pointer to the log file)."""
   details = f"(details in {routing.path})"
   try:
-    use_compilation_cache(config)
+    paths.use_compilation_cache(config)
     summary = train.train_and_evaluate(config, workdir)
   except (TrainingDiverged, SaveFailed) as e:
     routing.write_exception(type(e).__name__, e)

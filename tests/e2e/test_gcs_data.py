@@ -49,7 +49,7 @@ def test_compilation_cache_on_gcs_is_written_then_read(gcs_emulator):
   script = (
       "import sys, jax, jax.numpy as jnp\n"
       "from jax._src import monitoring\n"
-      "from mt_flax.commands.train import use_compilation_cache\n"
+      "from mt_flax.paths import use_compilation_cache\n"
       "from mt_flax.config import with_defaults\n"
       "hits = []\n"
       "monitoring.register_event_listener(lambda e, **kw: hits.append(e) "
