@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.length_multiple = 8        # bucket lengths rounded up to a multiple of this (TPU: 128
                                     # for long sequences); 1 = exact lengths
   c.data.pack_len = 0               # row length when packing; 0 = max_len
+  c.data.prefetch = 2               # training batches built and put on the devices by a
+                                    # background thread ahead of the step; 0 = off (built
+                                    # when the step needs it)
   c.data.eval_max_examples = 0      # validation pairs for the loss (first N); 0 = all
   c.data.eval_src_len_edges = (10, 20, 40, 80)  # source-length slices of the eval report
   c.data.eval_long_examples = 50    # longest test pairs kept as the "long" stress slice

@@ -48,8 +48,9 @@ BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 # (the model, and everything that decides which examples make up each step's batch) ...
 FIXED_ON_RESUME = ("model", "data", "seed", "batch_tokens", "grad_accum_steps", "mesh",
                    "parallelism")
-# ... except where the data lives, which may move (e.g. to gs://).
-MOVABLE = ("data.manual_dir", "data.tfds_data_dir")
+# ... except where the data lives, which may move (e.g. to gs://), and how far ahead
+# batches are built (the same batches either way).
+MOVABLE = ("data.manual_dir", "data.tfds_data_dir", "data.prefetch")
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,6 +71,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       (int(config.log_every_steps) > 0, "log_every_steps", "a positive integer"),
       (int(config.grad_accum_steps) >= 1, "grad_accum_steps", "an integer >= 1"),
       (int(config.batch_tokens) > 0, "batch_tokens", "a positive integer"),
+      (int(config.data.prefetch) >= 0, "data.prefetch", "0 (off) or a positive integer"),
       (0.0 <= float(config.label_smoothing) < 1.0, "label_smoothing", "a number in [0, 1)"),
       (float(config.learning_rate) > 0, "learning_rate", "a positive number"),
   ]
@@ -178,6 +180,16 @@ class _Preemption:
 
 def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS if k in batch}
+
+
+def _batch_placer(partitioner) -> Callable[[dict], tuple[dict, tuple[int, int]]]:
+  """Pipeline batch -> (the batch on the devices, its :func:`_token_stats`), for the input
+  thread (:class:`data.Prefetcher`): it copies this process's rows to its own devices only,
+  no collective. The pipeline gives every process the same shapes at every step."""
+  def place(raw: dict) -> tuple[dict, tuple[int, int]]:
+    batch = _host_batch(raw)
+    return partitioner.shard_batch(batch), _token_stats(batch)
+  return place
 
 
 def _token_stats(batch: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -319,7 +331,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
         model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
         learning_rate_fn=steps.make_schedule(config), jit=False))
     with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
-      run = _Run(config, workdir, partitioner, checkpoints, writer, train_iter, train_fn,
+      # batches built and placed on the devices by a thread, data.prefetch steps ahead
+      feed = data.Prefetcher(train_iter, _batch_placer(partitioner), int(config.data.prefetch))
+      run = _Run(config, workdir, partitioner, checkpoints, writer, feed, train_fn,
                  _make_validate(config, model, tokenizer, partitioner), start,
                  verified=restored is None or checkpoints.verified(start), lost=lost)
       try:
@@ -327,6 +341,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
       except WorkdirLost:
         writer.discard()            # metrics.jsonl and tensorboard/ are the other run's now
         raise
+      finally:
+        feed.close()                # no thread left, no batch left on the devices
   if not summary["preempted"]:
     _mark_done(workdir)
   return summary
@@ -351,14 +367,12 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
             mininterval=1.0) as bar:
     while step < num_steps and not preempted:
       step += 1
-      batch = _host_batch(next(run.train_iter))
-      stats = _token_stats(batch)
-      batch = sharding.common_batch_shape(batch)
+      batch, stats = next(run.train_iter)       # on the devices; get_state() is after it
       shape = tuple((k, v.shape) for k, v in sorted(batch.items()))
       compiles = shape not in shapes            # a step that compiles is timed on its own
       if compiles and pending:
         _write_train_metrics(run, pending, timer)
-      state, metrics = run.train_fn(state, run.partitioner.shard_batch(batch))
+      state, metrics = run.train_fn(state, batch)
       pending.append((step, metrics, stats))
       bar.update(1)
       if compiles:

@@ -2,17 +2,20 @@
 
     tokenizer = load_or_train_tokenizer(config, workdir)
     batches = train_iterator(config, tokenizer, rows=partitioner.rows, batch_multiple=...)
+    feed = Prefetcher(batches, place=partitioner.shard_batch, depth=config.data.prefetch)
     examples = eval_examples(config, tokenizer, "validation")
     for batch, indices in eval_batches(examples, config.batch_tokens): ...
 """
 from mt_flax.data.pipeline import (batch_efficiency, encode_pair, eval_batches, eval_examples,
                                    train_iterator, train_shapes, training_set)
+from mt_flax.data.prefetch import Prefetcher
 from mt_flax.data.sources import DataError, get_builder, load_pairs, split_sizes
 from mt_flax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
                                     load_or_train_tokenizer)
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "DataError", "Tokenizer", "batch_efficiency",
+    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "DataError", "Prefetcher", "Tokenizer",
+    "batch_efficiency",
     "encode_pair", "eval_batches", "eval_examples", "get_builder", "load_or_train_tokenizer",
     "load_pairs", "split_sizes", "train_iterator", "train_shapes", "training_set",
 ]

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -130,3 +131,35 @@ def test_command_line_errors_are_one_line(tmp_path, tiny_training, capsys):
   (tmp_path / "errors" / "config.json").write_text(json.dumps(
       {**load_config(CONFIG, tiny_training.overrides()).to_dict(), "model": {"d_model": 64}}))
   assert "different settings" in error(["--config", CONFIG, "--workdir", workdir])
+
+
+def test_preempted_with_prefetch_saves_the_consumed_batch_state_and_resumes_exactly(
+    tmp_path, trained_run, tiny_training, monkeypatch):
+  """A run whose thread builds 3 batches ahead, stopped as by SIGTERM after step 7, saves the
+  data state right after batch 7 (a fresh iterator's after 7 batches), and resumed goes on
+  with the losses of the session's uninterrupted run, bit for bit."""
+  from mt_flax import data, sharding
+  config = load_config(CONFIG, tiny_training.overrides(data__prefetch=3))
+  saved = {}
+  save = checkpoint.Checkpointer.save
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", lambda self, step, state, data_state,
+                      *a, **kw: (saved.setdefault(step, data_state),
+                                 save(self, step, state, data_state, *a, **kw))[1])
+  interrupted = train._interrupted
+  monkeypatch.setattr(train, "_interrupted", lambda run, preemption, step:
+                      step == 7 or interrupted(run, preemption, step))
+  workdir = tiny_training.new_workdir(tmp_path, "prefetch")
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["preempted"] == "SIGTERM" and summary["step"] == 7 and list(saved) == [7]
+  assert not [t for t in threading.enumerate() if t.name == "mt_flax-prefetch"]
+
+  tokenizer = data.load_or_train_tokenizer(config, workdir)
+  fresh = data.train_iterator(config, tokenizer, rows=sharding.make_partitioner(config).rows)
+  for _ in range(7):
+    next(fresh)
+  assert saved[7] == fresh.get_state()
+
+  monkeypatch.setattr(train, "_interrupted", interrupted)
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["step"] == 24 and summary["train_steps_run"] == 17
+  assert tiny_training.losses(workdir) == tiny_training.losses(trained_run)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from bench import all as bench_all, matmul_peak, memory, pipeline, train_step
+from bench import all as bench_all, matmul_peak, memory, pipeline, prefetch, train_step
 
 TINY = dict(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, mlp_dim=64)
 
@@ -73,6 +73,18 @@ def test_pipeline_compares_modes_on_the_same_steps(tmp_path, synthetic_corpus):
   assert out["pad"]["tgt_padding_efficiency"] < out["pack"]["tgt_padding_efficiency"]
   assert out["pad"]["tgt_padding_efficiency"] < out["bucket"]["tgt_padding_efficiency"]
   assert positive(out["bucket"]["speedup_vs_pad"]) and positive(out["pack"]["speedup_vs_pad"])
+
+
+def test_prefetch_reports_both_arms_of_both_waits():
+  out = prefetch.run(rounds=2, steps=2)
+  json.dumps(out)
+  assert positive(out["build_ms"]) and positive(out["step_ms"]) and out["step_matmuls"] >= 1
+  for wait in ("sync", "async"):
+    figures = out[wait]
+    assert positive(figures["steps_per_s_prefetch_0"])
+    assert positive(figures["steps_per_s_prefetch_2"]) and positive(figures["speedup"])
+    assert [len(v) for v in figures["per_round"].values()] == [2, 2]
+  assert len(out["load_average_before"]) == len(out["load_average_after"]) == 3
 
 
 def test_compare_times_a_revision_and_the_working_tree_interleaved():

@@ -29,6 +29,7 @@ def refused(argv, capsys) -> str:
     ("mesh.fsdp=3", "8 devices are not divisible by 3"),
     ("data.vocab_size=1", "data.vocab_size=1: expected more than 4"),
     ("data.max_len=1", "data.max_len=1: expected at least 2"),
+    ("data.prefetch=-1", "data.prefetch=-1: expected 0 (off) or a positive integer"),
 ])
 def test_structural_errors_are_refused_before_the_workdir_is_made(tmp_path, capsys, override,
                                                                    expected):

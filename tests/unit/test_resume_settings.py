@@ -47,3 +47,16 @@ def test_same_settings_and_moved_data_resume(tmp_path):
   moved.num_train_steps = 5000              # training length may change on resume
   train.write_run_info(str(tmp_path), moved)
   assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 5000
+
+
+def test_prefetch_depth_may_change_on_resume(tmp_path):
+  """How far ahead batches are built changes no batch; a workdir made before the key
+  existed resumes too."""
+  train.write_run_info(str(tmp_path), base_config())
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["data"]["prefetch"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  deeper = base_config()
+  deeper.data.prefetch = 0
+  train.write_run_info(str(tmp_path), deeper)
+  assert json.loads((tmp_path / "config.json").read_text())["data"]["prefetch"] == 0
