@@ -4,11 +4,12 @@
 restores the latest good checkpoint (params, optimizer state, step, RNG and
 data-iterator state), so per-step losses continue exactly as if uninterrupted;
 on a finished run it returns at once. SIGTERM or a first Ctrl-C saves a
-checkpoint and stops between steps; a second Ctrl-C ends the process without
-saving. A non-finite loss stops the run (:class:`TrainingDiverged`) and keeps
-the last good checkpoint; a failed save stops it (:class:`SaveFailed`) with
-the previous checkpoint intact. One run per workdir (``train.lock``); a run
-whose lock another run took over stops without saving (:class:`WorkdirLost`).
+checkpoint and stops between steps (on several processes, at the next sync point:
+every ``sync_every_steps``); a second Ctrl-C ends the process without saving. A
+non-finite loss stops the run (:class:`TrainingDiverged`) and keeps the last good
+checkpoint; a failed save stops it (:class:`SaveFailed`) with the previous
+checkpoint intact. One run per workdir (``train.lock``); a run whose lock another
+run took over stops without saving (:class:`WorkdirLost`).
 
 The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
 device counts), ``git_commit.txt``, ``train.log``, ``tokenizer/``,
@@ -352,11 +353,12 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   most ``sync_every_steps - 1`` steps later.
 
   Not JAX's preemption service (``multihost_utils.reached_preemption_sync_point``,
-  a local check per step): its SIGTERM handler is installed in C++ by
-  ``jax.distributed.initialize`` and replaced by :class:`_Preemption`'s, which one
-  host and Ctrl-C need (with ours installed, a SIGTERM never reaches its sync
-  point); a signal before its first call is agreed for step 1, which a resumed run
-  never reaches; and the lock's state and the save's would still need a gather.
+  a local check per step, 0.2 us against 8 ms for a gather on 2 CPU processes): its
+  SIGTERM handler is installed in C++ by ``jax.distributed.initialize`` and replaced
+  by :class:`_Preemption`'s, which one host and Ctrl-C need (with ours installed, no
+  process ever reaches its sync point); a SIGTERM before its first call is never
+  reached by a run resumed at a later step (tried: none of steps 100-299); and the
+  lock's state and the save's would still need a gather.
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
