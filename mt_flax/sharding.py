@@ -21,8 +21,8 @@ processes whose devices hold the same rows load the same ones.
 
 Host-level collectives (:func:`any_of_processes`, :func:`same_on_all_processes`,
 :func:`common_batch_shape`) are device programs on several processes: each waits
-for every program queued before it, so the training loop calls them only at its
-sync points, never in a step between them.
+for every program queued before it, so the training loop calls them only before
+its first step, at its sync points and its saves, never in a step between them.
 """
 from __future__ import annotations
 
