@@ -398,10 +398,16 @@ class Checkpointer:
   Every process makes one and calls the same methods in the same order (Orbax
   writes from all of them). A save that fails, in its synchronous part or in the
   background, is raised as one :class:`SaveFailed` line by the next
-  :meth:`save`, :meth:`poll` or :meth:`close`, after its temporary folder is
-  removed; the previous checkpoint stays intact. A run that lost the workdir lock
-  (``lost``) saves nothing more. Used as a context manager, it waits for the save
-  in flight and closes on the way out.
+  :meth:`save`, :meth:`poll`, :meth:`settle` or :meth:`close`, after its temporary
+  folder is removed; the previous checkpoint stays intact. A run that lost the
+  workdir lock (``lost``) saves nothing more. Used as a context manager, it waits
+  for the save in flight and closes on the way out.
+
+  How the save in flight went is agreed by a gather over the processes: one in
+  :meth:`save` (with the lock's state) and :meth:`poll`; a caller that gathers
+  anyway (the training loop at its sync points) sends :meth:`status` along and
+  hands the agreed flags to :meth:`settle`, with no gather of its own. Between
+  those, nothing here is collective.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict,
@@ -413,7 +419,8 @@ class Checkpointer:
     self.manager = make_manager(workdir, keep=config.keep_checkpoints,
                                 best_metric=config.best_metric, best_mode=config.best_mode,
                                 async_save=config.async_checkpointing)
-    self.saving: Optional[int] = None    # step of the save in flight
+    self.saving: Optional[int] = None    # step of the save in flight (not yet agreed finished)
+    self._error: Optional[BaseException] = None   # how this process's part of it failed
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -436,41 +443,58 @@ class Checkpointer:
            metrics: Optional[dict] = None) -> None:
     """Starts saving ``state`` at ``step`` once the previous save has finished.
 
-    Raises WorkdirLost, saving nothing, when ``lost()`` (the reason this run no longer
-    holds the workdir lock, or "") is not empty on any process.
+    One gather: the lock's state and how the previous save went. Raises WorkdirLost,
+    saving nothing, when ``lost()`` (the reason this run no longer holds the workdir
+    lock, or "") is not empty on any process.
     """
     reason = self.lost()
-    if sharding.any_process(bool(reason)):
+    lost, *saves = sharding.any_of_processes([bool(reason), *self.status(wait=True)])
+    if lost:
       raise workdir_lock.lost_error(self.workdir, reason, f"saving checkpoint step {step} refused")
-    self.poll(wait=True)
+    self.settle(*saves)
     try:
       save(self.manager, step, state, data_state, self.config, metrics)
     except Exception as e:  # pylint: disable=broad-except  (its synchronous part failed)
       raise self._failure(step, e) from e
     self.saving = step
 
-  def poll(self, wait: bool = False) -> None:
-    """Checks the save in flight (waits for it with ``wait``); raises SaveFailed if it failed.
-
-    Every process stops together: each reports whether its part finished and failed.
+  def status(self, wait: bool = False) -> list[bool]:
+    """``[still saving, failed]`` of this process's part of the save in flight, looked at now
+    (waited for with ``wait``), with no collective; ``[False, False]`` when none is in flight.
     """
     if self.saving is None:
-      return
-    done = wait or not self.manager.is_saving_in_progress()
-    error = None
-    if done:
+      return [False, False]
+    if not wait and self.manager.is_saving_in_progress():
+      return [True, False]
+    if self._error is None:
       try:
         self.manager.wait_until_finished()
         if sharding.is_primary() and not (self.directory / str(self.saving)).exists():
           raise RuntimeError("the save did not complete")
       except Exception as e:  # pylint: disable=broad-except  (reported in one line)
-        error = e
-    done, failed = sharding.any_of_processes([done, error is not None])
+        self._error = e
+    return [False, self._error is not None]
+
+  def settle(self, saving: bool, failed: bool) -> None:
+    """Applies the :meth:`status` flags OR-ed over every process: raises SaveFailed if the
+    save failed on any; forgets the save once no process is still saving it."""
+    if self.saving is None:
+      return
     if failed:
-      step, self.saving = self.saving, None
+      step, error, self.saving, self._error = self.saving, self._error, None, None
       raise self._failure(step, error)
-    if done:
+    if not saving:
       self.saving = None
+
+  def poll(self, wait: bool = False) -> None:
+    """Checks the save in flight (waits for it with ``wait``) with one gather; raises SaveFailed
+    if it failed.
+
+    Every process stops together: each reports whether its part is still running and failed.
+    """
+    if self.saving is None:
+      return
+    self.settle(*sharding.any_of_processes(self.status(wait)))
 
   def close(self) -> None:
     """Waits for the save in flight, closes the manager and removes what a failed save left.

@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.best_metric = "bleu"            # validation metric that picks the best checkpoint
   c.best_mode = "max"               # "min" or "max"
   c.log_every_steps = 50
+  c.sync_every_steps = 10           # on several processes, signals, the workdir lock and the
+                                    # save in flight are agreed every N steps (one gather)
   c.progress_bar = True
   c.compilation_cache_dir = ""      # JAX compilation cache (gs:// ok: a restarted pod loads
                                     # its programs); "" = $JAX_COMPILATION_CACHE_DIR or ~/.cache

@@ -17,13 +17,18 @@ rules, so the model's ``nn.with_logical_constraint`` calls pin activations to
 On several hosts each process loads only the rows its devices hold (its
 :class:`RowShare` of every global batch, derived from the batch sharding);
 processes whose devices hold the same rows load the same ones.
-:func:`common_batch_shape` pads the rows to one shape over all processes, then
-``shard_batch`` assembles the global array.
+``shard_batch`` assembles the global array from them.
+
+Host-level collectives (:func:`any_of_processes`, :func:`same_on_all_processes`,
+:func:`common_batch_shape`) are device programs on several processes: each waits
+for every program queued before it, so the training loop calls them only before
+its first step, at its sync points and its saves, never in a step between them.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -163,7 +168,10 @@ def batch_shards(mesh: Mesh) -> int:
 def common_batch_shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Pads this process's batch to the largest row count and lengths over all processes.
 
-  Padding rows and columns are 0 (pad), so they carry zero loss weight.
+  Padding rows and columns are 0 (pad), so they carry zero loss weight. One gather
+  per call: for batches whose shapes may differ between processes. The training
+  loop's do not (every process plans the same global batches); it agrees on their
+  shapes once with :func:`same_on_all_processes`.
   """
   if jax.process_count() == 1:
     return batch
@@ -185,6 +193,25 @@ def any_of_processes(flags: Sequence[bool]) -> list[bool]:
     return [bool(f) for f in flags]
   gathered = multihost_utils.process_allgather(np.array(flags, bool))
   return [bool(f) for f in np.any(gathered.reshape(-1, len(flags)), axis=0)]
+
+
+def same_on_all_processes(text: str, what: str) -> None:
+  """Checks that ``text`` is the same on every process: one gather of its SHA-256 (nothing on
+  one process).
+
+  Raises:
+    ValueError: (one line) naming ``what`` and a process whose ``text`` differs from
+      process 0's.
+  """
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, digest.size)
+  differ = [i for i, d in enumerate(gathered) if not np.array_equal(d, gathered[0])]
+  if differ:
+    raise ValueError(f"{what} differ between process 0 and process {differ[0]} (this is "
+                     f"process {jax.process_index()}: {text[:200]}); expected every process "
+                     "to run the same config on the same data")
 
 
 def any_process(flag: bool) -> bool:

@@ -4,11 +4,12 @@
 restores the latest good checkpoint (params, optimizer state, step, RNG and
 data-iterator state), so per-step losses continue exactly as if uninterrupted;
 on a finished run it returns at once. SIGTERM or a first Ctrl-C saves a
-checkpoint and stops between steps; a second Ctrl-C ends the process without
-saving. A non-finite loss stops the run (:class:`TrainingDiverged`) and keeps
-the last good checkpoint; a failed save stops it (:class:`SaveFailed`) with
-the previous checkpoint intact. One run per workdir (``train.lock``); a run
-whose lock another run took over stops without saving (:class:`WorkdirLost`).
+checkpoint and stops between steps (on several processes, at the next sync point:
+every ``sync_every_steps``); a second Ctrl-C ends the process without saving. A
+non-finite loss stops the run (:class:`TrainingDiverged`) and keeps the last good
+checkpoint; a failed save stops it (:class:`SaveFailed`) with the previous
+checkpoint intact. One run per workdir (``train.lock``); a run whose lock another
+run took over stops without saving (:class:`WorkdirLost`).
 
 The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
 device counts), ``git_commit.txt``, ``train.log``, ``tokenizer/``,
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from mt_flax import checkpoint, data, inference, paths, sharding, steps, workdir_lock
 from mt_flax.config import with_defaults
-from mt_flax.errors import ConfigError, TrainingDiverged, WorkdirLost
+from mt_flax.errors import ConfigError, DataError, TrainingDiverged, WorkdirLost
 from mt_flax.metrics import MetricWriter, read_metrics
 from mt_flax.model import Transformer, TransformerConfig, count_params
 from mt_flax.paths import CONFIG_FILE, DONE_FILE, GIT_FILE, RUN_FILE
@@ -69,6 +70,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       (int(config.eval_every_steps) > 0, "eval_every_steps", "a positive integer"),
       (int(config.checkpoint_every_steps) > 0, "checkpoint_every_steps", "a positive integer"),
       (int(config.log_every_steps) > 0, "log_every_steps", "a positive integer"),
+      (int(config.sync_every_steps) > 0, "sync_every_steps", "a positive integer"),
       (int(config.grad_accum_steps) >= 1, "grad_accum_steps", "an integer >= 1"),
       (int(config.batch_tokens) > 0, "batch_tokens", "a positive integer"),
       (int(config.data.prefetch) >= 0, "data.prefetch", "0 (off) or a positive integer"),
@@ -182,12 +184,15 @@ def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS if k in batch}
 
 
-def _batch_placer(partitioner) -> Callable[[dict], tuple[dict, tuple[int, int]]]:
+def _batch_placer(partitioner, allowed: frozenset = frozenset()
+                  ) -> Callable[[dict], tuple[dict, tuple[int, int]]]:
   """Pipeline batch -> (the batch on the devices, its :func:`_token_stats`), for the input
-  thread (:class:`data.Prefetcher`): it copies this process's rows to its own devices only,
-  no collective. The pipeline gives every process the same shapes at every step."""
+  thread (:class:`data.Prefetcher`): it checks the batch's shape against the ones every
+  process agreed on (``allowed``, :func:`_check_batch_shape`) and copies this process's
+  rows to its own devices only, no collective."""
   def place(raw: dict) -> tuple[dict, tuple[int, int]]:
     batch = _host_batch(raw)
+    _check_batch_shape(batch, allowed)
     return partitioner.shard_batch(batch), _token_stats(batch)
   return place
 
@@ -327,12 +332,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     shapes = data.train_shapes(config, tokenizer, rows=partitioner.rows, batch_multiple=accum)
     log(f"{len(shapes)} training batch shape(s) to compile, rows x (source, target) tokens: "
         + ", ".join(f"{b.rows} x ({b.src_len}, {b.tgt_len})" for b in shapes))
+    batch_shapes = _agree_on_shapes(config, shapes, partitioner.rows)
     train_fn = partitioner.compile_train_step(steps.make_train_step(
         model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
         learning_rate_fn=steps.make_schedule(config), jit=False))
     with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
       # batches built and placed on the devices by a thread, data.prefetch steps ahead
-      feed = data.Prefetcher(train_iter, _batch_placer(partitioner), int(config.data.prefetch))
+      feed = data.Prefetcher(train_iter, _batch_placer(partitioner, batch_shapes),
+                             int(config.data.prefetch))
       run = _Run(config, workdir, partitioner, checkpoints, writer, feed, train_fn,
                  _make_validate(config, model, tokenizer, partitioner), start,
                  verified=restored is None or checkpoints.verified(start), lost=lost)
@@ -353,6 +360,23 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
 
   Stops early, after saving, when a signal was received on any process, and without
   saving (:class:`WorkdirLost`) when process 0 lost the workdir lock to another run.
+
+  On several processes a step between sync points runs no host-level collective
+  (each is a device program queued behind the train step, so the host would wait
+  for the device every step). The batch shapes were agreed before the loop
+  (:func:`_agree_on_shapes`; each batch is checked locally against them), and
+  signals, the lock's state and the save in flight are agreed by one gather at the
+  sync points (:func:`_interrupted`): every ``sync_every_steps`` steps on several
+  processes, every step, with no collective, on one. A signal thus stops the run at
+  most ``sync_every_steps - 1`` steps later.
+
+  Not JAX's preemption service (``multihost_utils.reached_preemption_sync_point``,
+  a local check per step, 0.2 us against 8 ms for a gather on 2 CPU processes): its
+  SIGTERM handler is installed in C++ by ``jax.distributed.initialize`` and replaced
+  by :class:`_Preemption`'s, which one host and Ctrl-C need (with ours installed, no
+  process ever reaches its sync point); a SIGTERM before its first call is never
+  reached by a run resumed at a later step (tried: none of steps 100-299); and the
+  lock's state and the save's would still need a gather.
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}
@@ -378,8 +402,8 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
       if compiles:
         shapes.add(shape)
         last = _write_train_metrics(run, pending, timer, compiled=True)
-      preempted = _interrupted(run, preemption, step)
-      run.checkpoints.poll()
+      if _sync_due(step, c.sync_every_steps):
+        preempted = _interrupted(run, preemption, step)
       do_eval = _due(step, c.eval_every_steps) or step == num_steps
       do_save = _due(step, c.checkpoint_every_steps) or do_eval or preempted
       if pending and (_due(step, c.log_every_steps) or do_save):
@@ -405,16 +429,61 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
           "tokens_per_s": timer.mean(), **last_eval}
 
 
-def _interrupted(run: _Run, preemption: "_Preemption", step: int) -> bool:
-  """Whether a signal asks any process to save and stop (one gather with the lock's state).
+def _sync_due(step: int, every: int) -> bool:
+  """Whether ``step`` is a sync point: every step on one process (nothing to gather), every
+  ``every`` steps on several (the same steps on all of them)."""
+  return jax.process_count() == 1 or _due(step, every)
 
-  Raises WorkdirLost when process 0 lost the workdir lock: another run trains there now.
+
+def _interrupted(run: _Run, preemption: "_Preemption", step: int) -> bool:
+  """At a sync point: whether a signal asks any process to save and stop. One gather of the
+  signal, the lock's state and the save in flight (:meth:`checkpoint.Checkpointer.status`).
+
+  Raises WorkdirLost when process 0 lost the workdir lock (another run trains there now),
+  and SaveFailed when the save in flight failed on any process.
   """
   reason = run.lost()
-  preempted, lost = sharding.any_of_processes([bool(preemption.requested), bool(reason)])
+  preempted, lost, *saves = sharding.any_of_processes(
+      [bool(preemption.requested), bool(reason), *run.checkpoints.status()])
   if lost:
     raise workdir_lock.lost_error(run.workdir, reason, f"step {step}")
+  run.checkpoints.settle(*saves)
   return preempted
+
+
+def _agree_on_shapes(config: ml_collections.ConfigDict, shapes: Sequence[Any],
+                     rows: sharding.RowShare) -> frozenset:
+  """Checks, with one gather, that every process will make the same global batch shapes;
+  returns this process's ``(rows, source length, target length)`` of each.
+
+  Every process plans the same global batches from the config and the data, so
+  their local batches have the same shape at every step and no step gathers them.
+  """
+  text = json.dumps([config.data.batching] + [[b.rows, b.src_len, b.tgt_len] for b in shapes])
+  try:
+    sharding.same_on_all_processes(text, "training batch shapes (rows, source, target)")
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  return frozenset((rows.local_rows(b.rows), b.src_len, b.tgt_len) for b in shapes)
+
+
+def _check_batch_shape(batch: dict[str, np.ndarray], allowed: frozenset) -> None:
+  """Checks a host batch locally, with no collective, against the shapes every process
+  agreed on (``allowed``; empty: no check).
+
+  Raises:
+    DataError: a batch whose shape no other process would make.
+  """
+  src, tgt = batch["src"].shape, batch["tgt_out"].shape
+  ok = src[0] == tgt[0] and all(
+      v.shape == (src if k.startswith("src") else tgt) for k, v in batch.items())
+  if allowed and not (ok and (src[0], src[1], tgt[1]) in allowed):
+    raise DataError(
+        "a training batch of shapes "
+        + ", ".join(f"{k} {v.shape}" for k, v in sorted(batch.items()))
+        + " is not one of the agreed (rows, source, target) shapes "
+        + ", ".join(map(str, sorted(allowed))) + "; expected every batch of the data "
+        "pipeline to have one of its planned shapes")
 
 
 def _due(step: int, every: int) -> bool:

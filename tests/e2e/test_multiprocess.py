@@ -8,8 +8,9 @@ spanning both, save and restore an Orbax checkpoint in a shared directory, then
 train the ``:test`` variant with ``mesh.tensor=4``: a tensor axis across the
 processes, whose devices all hold the same rows. Four processes of 1 device train
 it with ``mesh.data=2 mesh.tensor=2``: processes pair up on each half of the rows.
-Both match one process (per-step and validation losses). ``pmap`` across processes
-is run by ``test_pod.py``.
+Both match one process (per-step and validation losses), and their steps between
+sync points run no host-level collective. ``pmap`` across processes is run by
+``test_pod.py``.
 """
 import functools
 import json
@@ -99,13 +100,29 @@ def flags(**kw) -> list[str]:
   return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
 
 
-def train_pipeline(layout: str, workdir: str) -> None:
-  """``train`` of the :test variant (its data pipeline and validation) on the layout's mesh."""
-  from mt_flax import train
+def train_pipeline(layout: str, workdir: str) -> list[int]:
+  """``train`` of the :test variant (its data pipeline and validation) on the layout's mesh;
+  returns the host-level collectives (gathers and barriers of ``multihost_utils``) this
+  process made before each train step."""
+  from jax.experimental import multihost_utils
+  from mt_flax import sharding, train
   from mt_flax.config import load_config
+  calls, before = [], []
+  for name in ("process_allgather", "sync_global_devices"):
+    def counted(*args, _original=getattr(multihost_utils, name), **kwargs):
+      calls.append(_original)
+      return _original(*args, **kwargs)
+    setattr(multihost_utils, name, counted)
+  compile_train_step = sharding.JitPartitioner.compile_train_step
+
+  def compile_counted(self, step_fn):
+    train_fn = compile_train_step(self, step_fn)
+    return lambda *args: (before.append(len(calls)), train_fn(*args))[1]
+  sharding.JitPartitioner.compile_train_step = compile_counted
   summary = train.train_and_evaluate(load_config(CONFIG, flags(**TRAIN, **LAYOUTS[layout][2])),
                                      workdir)
   assert summary["step"] == TRAIN["num_train_steps"]
+  return before
 
 
 def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
@@ -132,7 +149,7 @@ def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
     manager.close()
     result = {"losses": losses, "metrics": metrics, "restored_step": step,
               "restored_same": same, "data_state": data_state}
-  train_pipeline(layout, workdir)
+  result["gathers_before_step"] = train_pipeline(layout, workdir)
   with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump(result, f)
 
@@ -185,8 +202,14 @@ def layout_workdir(folder, reference: str) -> str:
   return workdir
 
 
-def check_pipeline_run(tiny_training, workdir: str, reference: str) -> None:
-  """Per-step training losses and the validation loss of ``workdir`` equal ``reference``'s."""
+def check_pipeline_run(tiny_training, workdir: str, reference: str, results: list[dict]
+                       ) -> None:
+  """Per-step training losses and the validation loss of ``workdir`` equal ``reference``'s;
+  steps 1 and 2 (before the sync point, save and validation at step 3) made no host-level
+  collective on any process."""
+  for r in results:
+    before = r["gathers_before_step"]
+    assert len(before) == 3 and before[0] == before[1] == before[2], before
   from mt_flax.metrics import read_metrics
   got, want = tiny_training.losses(workdir), tiny_training.losses(reference)
   assert sorted(got) == sorted(want) == [1, 2, 3]
@@ -207,7 +230,7 @@ def test_two_processes_match_one(tmp_path, tiny_training):
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
   check_results(results, losses, metrics)
-  check_pipeline_run(tiny_training, workdir, reference)
+  check_pipeline_run(tiny_training, workdir, reference, results)
 
 
 def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training):
@@ -215,8 +238,8 @@ def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training
   global batch, 2, 3 the second; each pair feeds one batch shard."""
   reference = one_process(tiny_training, tmp_path, "4x1")
   workdir = layout_workdir(tmp_path, reference)
-  run_processes(tmp_path, "4x1", workdir)
-  check_pipeline_run(tiny_training, workdir, reference)
+  results = run_processes(tmp_path, "4x1", workdir)
+  check_pipeline_run(tiny_training, workdir, reference, results)
 
 
 def check_results(results: list[dict], losses: list[float], metrics: dict) -> None:

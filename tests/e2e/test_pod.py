@@ -2,7 +2,8 @@
 
 This is what ``./launch.sh tpu run ... -- train --workdir gs://...`` does on a pod
 (every host runs the same command, JAX connects them, all write one gs://
-checkpoint): both processes get SIGTERM mid-run, save and exit 143 (or, on the gs://
+checkpoint): both processes get SIGTERM mid-run, agree on it at the next sync point
+(``sync_every_steps``), save and exit 143 (or, on the gs://
 workdir, SIGKILL after a checkpoint, as a preempted VM: the dead run's ``train.lock``
 stays and the restart takes it over once its heartbeat has not advanced for the bound,
 shortened to 3 s here); the same command resumes at once; the per-step losses and
@@ -35,8 +36,9 @@ from mt_flax.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
 STEPS = 12
+# the processes agree on a SIGTERM every 3 steps (between those, no host-level collective)
 SETTINGS = dict(warmup_steps=4, num_train_steps=STEPS, eval_every_steps=6,
-                checkpoint_every_steps=4)
+                checkpoint_every_steps=4, sync_every_steps=3)
 MODES = {"jit_data_fsdp_tensor": {"parallelism": "jit", "mesh.data": 2, "mesh.fsdp": 2,
                                   "mesh.tensor": 2},
          "pmap": {"parallelism": "pmap", "model.dropout_rate": 0.0}}

@@ -103,7 +103,8 @@ def test_restart_takes_over_a_dead_holder_and_the_old_holder_saves_nothing(
   saves.close()
   assert not (tmp_path / "old_run" / "checkpoints" / "8").exists()
   # the train loop stops at its next check, in one line naming the step
-  run = types.SimpleNamespace(lost=lambda: old.lost_reason, workdir=gcs_emulator.path(name))
+  run = types.SimpleNamespace(lost=lambda: old.lost_reason, workdir=gcs_emulator.path(name),
+                              checkpoints=saves)
   with pytest.raises(WorkdirLost, match=r"^step 9: this run lost the lock .*do not restart"):
     train._interrupted(run, types.SimpleNamespace(requested=None), 9)
   # ... and it leaves metrics.jsonl (rewritten whole on gs://) to the new holder

@@ -394,6 +394,20 @@ def test_packed_processes_with_the_same_shards_pack_the_same_rows(setup):
     assert not set(rows_of(x)) & set(rows_of(z))
 
 
+@pytest.mark.parametrize("batching", ["bucket", "pack", "pad"])
+def test_every_batch_has_a_shape_the_processes_agreed_on(setup, batching):
+  """The training loop agrees on ``train_shapes`` once, then checks each batch locally."""
+  from mt_flax import train
+  config, tokenizer, _ = setup
+  config = with_overrides(config, batching=batching)
+  share = RowShare((1, 3), 4, 1)
+  agreed = train._agree_on_shapes(
+      config, pipeline.train_shapes(config, tokenizer, rows=share, batch_multiple=2), share)
+  stream = pipeline.train_iterator(config, tokenizer, rows=share, batch_multiple=2)
+  for batch in take(stream, 30):
+    train._check_batch_shape(train._host_batch(batch), agreed)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
