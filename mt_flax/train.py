@@ -184,17 +184,30 @@ def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS if k in batch}
 
 
-def _batch_placer(partitioner, allowed: frozenset = frozenset()
-                  ) -> Callable[[dict], tuple[dict, tuple[int, int]]]:
-  """Pipeline batch -> (the batch on the devices, its :func:`_token_stats`), for the input
-  thread (:class:`data.Prefetcher`): it checks the batch's shape against the ones every
-  process agreed on (``allowed``, :func:`_check_batch_shape`) and copies this process's
-  rows to its own devices only, no collective."""
-  def place(raw: dict) -> tuple[dict, tuple[int, int]]:
+def _batch_placer(partitioner, allowed: frozenset = frozenset(), on_thread: bool = True
+                  ) -> tuple[Callable[[dict], tuple], Callable[[tuple], tuple]]:
+  """``(place, finish)`` of the input thread (:class:`data.Prefetcher`): pipeline batch ->
+  (the batch on the devices, its :func:`_token_stats`). ``place`` checks the batch's shape
+  against the ones every process agreed on (``allowed``, :func:`_check_batch_shape`) and,
+  ``on_thread``, copies this process's rows to its own devices (no collective); otherwise
+  ``finish`` copies them when the step takes the batch.
+
+  On the CPU backend the copy stays with the step, so the thread makes no JAX call: with
+  the copies on the thread, a training step over 8 simulated CPU devices on 2 cores hung
+  once, 5 of its devices waiting in an all-reduce for 3 that never started (XLA's CPU
+  client runs device programs on one thread pool, and the waiting programs held it).
+  """
+  def build(raw: dict) -> tuple[dict, tuple[int, int]]:
     batch = _host_batch(raw)
     _check_batch_shape(batch, allowed)
-    return partitioner.shard_batch(batch), _token_stats(batch)
-  return place
+    return batch, _token_stats(batch)
+
+  def to_device(item: tuple) -> tuple[dict, tuple[int, int]]:
+    return partitioner.shard_batch(item[0]), item[1]
+
+  if on_thread:
+    return (lambda raw: to_device(build(raw))), (lambda item: item)
+  return build, to_device
 
 
 def _token_stats(batch: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -338,8 +351,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
         learning_rate_fn=steps.make_schedule(config), jit=False))
     with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
       # batches built and placed on the devices by a thread, data.prefetch steps ahead
-      feed = data.Prefetcher(train_iter, _batch_placer(partitioner, batch_shapes),
-                             int(config.data.prefetch))
+      place, finish = _batch_placer(partitioner, batch_shapes,
+                                    on_thread=jax.default_backend() != "cpu")
+      feed = data.Prefetcher(train_iter, place, int(config.data.prefetch), finish=finish)
       run = _Run(config, workdir, partitioner, checkpoints, writer, feed, train_fn,
                  _make_validate(config, model, tokenizer, partitioner), start,
                  verified=restored is None or checkpoints.verified(start), lost=lost)

@@ -12,6 +12,9 @@ not after those built ahead) and applies ``place`` (e.g. padding and
 one last taken, so at most ``depth`` placed batches wait in device memory.
 ``depth=0`` does the same work on the calling thread when a batch is taken.
 
+``finish``, if given, is applied by ``next()`` on the calling thread (e.g. the copy to
+the devices where that must stay in step order: see ``train._batch_placer``).
+
 ``place`` must not start a collective over processes: the thread runs it while the
 main thread issues the step's, and two threads interleave them in a different order
 on each process. Placing this process's rows with ``jax.device_put`` or
@@ -46,10 +49,12 @@ class Prefetcher:
   """
 
   def __init__(self, source: Any, place: Callable[[Any], Any] = lambda batch: batch,
-               depth: int = 2, name: str = "mt_flax-prefetch"):
+               depth: int = 2, name: str = "mt_flax-prefetch",
+               finish: Callable[[Any], Any] = lambda batch: batch):
     if int(depth) < 0:
       raise ValueError(f"prefetch depth={depth}: expected 0 (off) or more batches")
     self._source, self._place, self.depth, self._name = source, place, int(depth), name
+    self._finish = finish          # applied by next(), on the calling thread
     self._state = copy.deepcopy(source.get_state())
     self._worker: Optional[_Worker] = None
     self._finished: Any = None     # _END or _Failed once handed over
@@ -73,7 +78,7 @@ class Prefetcher:
         self._finished = _END
         raise
       self._state = copy.deepcopy(self._source.get_state())
-      return self._place(batch)
+      return self._finish(self._place(batch))
     if self._worker is None:
       self._worker = _Worker(self._source, self._place, self.depth, self._name)
     item = self._worker.take()
@@ -81,7 +86,7 @@ class Prefetcher:
       self._finished = item
       return self._raise(item)
     batch, self._state = item
-    return batch
+    return self._finish(batch)
 
   @staticmethod
   def _raise(finished: Any):

@@ -121,8 +121,8 @@ def run_loop(tmp_path, monkeypatch, processes=2, signal_at=None, fail_save=False
   partitioner = types.SimpleNamespace(shard_batch=lambda b: b, metrics_to_host=lambda m: m,
                                       params_of=lambda s: s, to_checkpoint=lambda s: s)
   writer = Writer()
-  feed = data.Prefetcher(Batches(shapes), train._batch_placer(
-      partitioner, frozenset({(ROWS, SRC, TGT)})), 0)      # on this thread: the order is fixed
+  place, finish = train._batch_placer(partitioner, frozenset({(ROWS, SRC, TGT)}))
+  feed = data.Prefetcher(Batches(shapes), place, 0, finish=finish)   # the order is fixed
   run = train._Run(config, str(tmp_path), partitioner, checkpoints, writer,
                    feed, train_fn, lambda params: {"eval_loss": 1.0}, start=0, verified=True)
   try:
