@@ -34,7 +34,7 @@ import hashlib
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -155,21 +155,31 @@ def _store_cache_path(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return folder / "cache" / f"train-{digest.hexdigest()[:16]}.npz"
 
 
-def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                      records: Sequence[Any]) -> TokenStore:
-  path = _store_cache_path(config, tokenizer, sources.get_builder(config))
+def _cached_arrays(path: epath.Path | None, compute: Callable[[], dict[str, np.ndarray]],
+                   valid: Callable[[dict[str, np.ndarray]], bool]) -> dict[str, np.ndarray]:
+  """``compute()``'s arrays, kept in the ``.npz`` file ``path`` (none: not kept) and read
+  from it next time when they are ``valid``."""
   if path is not None and path.exists():
     with np.load(io.BytesIO(path.read_bytes())) as saved:
-      store = TokenStore(**{k: saved[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
-    if len(store) == len(records):
-      return store
-  store = tokenize_split(records, tokenizer, config.data.src_lang, config.data.tgt_lang)
+      arrays = {k: saved[k] for k in saved.files}
+    if valid(arrays):
+      return arrays
+  arrays = compute()
   if path is not None:
     buffer = io.BytesIO()
-    np.savez(buffer, **dataclasses.asdict(store))
+    np.savez(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     paths.write_bytes(path, buffer.getvalue())   # atomic; no rename (a copy on gs://)
-  return store
+  return arrays
+
+
+def _load_or_tokenize(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                      records: Sequence[Any], path: epath.Path | None) -> TokenStore:
+  arrays = _cached_arrays(
+      path, lambda: dataclasses.asdict(tokenize_split(records, tokenizer, config.data.src_lang,
+                                                      config.data.tgt_lang)),
+      lambda saved: len(saved["src_offsets"]) == len(records) + 1)
+  return TokenStore(**{k: arrays[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
 
 
 class _Examples:
@@ -255,8 +265,9 @@ def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tr
   check_data_config(config)
   name, max_len, overlong = config.data.name, int(config.data.max_len), config.data.overlong
   records = sources.data_source(config, "train")
-  store = _load_or_tokenize(config, tokenizer, records)
-  held_out = _held_out_in_train(config, tokenizer, records)
+  cache = _store_cache_path(config, tokenizer, sources.get_builder(config))
+  store = _load_or_tokenize(config, tokenizer, records, cache)
+  held_out = _held_out_in_train(config, records, cache)
   src_raw, tgt_raw = store.src_counts + 1, store.tgt_counts + 1
   src_over, tgt_over = (src_raw > max_len) & ~held_out, (tgt_raw > max_len) & ~held_out
   over = src_over | tgt_over
@@ -288,22 +299,12 @@ def _training_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tr
                      max_len=max_len, held_out=int(held_out.sum()))
 
 
-def _held_out_in_train(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                       records: Sequence[Any]) -> np.ndarray:
+def _held_out_in_train(config: ml_collections.ConfigDict, records: Sequence[Any],
+                       store_path: epath.Path | None) -> np.ndarray:
   """:func:`sources.train_sources_held_out`, cached beside the token store."""
-  store_path = _store_cache_path(config, tokenizer, sources.get_builder(config))
-  path = store_path and store_path.with_name(store_path.stem + "-held-out.npy")
-  if path is not None and path.exists():
-    mask = np.load(io.BytesIO(path.read_bytes()))
-    if len(mask) == len(records):
-      return mask
-  mask = sources.train_sources_held_out(config, records)
-  if path is not None:
-    buffer = io.BytesIO()
-    np.save(buffer, mask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths.write_bytes(path, buffer.getvalue())
-  return mask
+  path = store_path and store_path.with_name(store_path.stem + "-held-out.npz")
+  return _cached_arrays(path, lambda: {"mask": sources.train_sources_held_out(config, records)},
+                        lambda saved: len(saved["mask"]) == len(records))["mask"]
 
 
 # ----------------------------------------------------------------------------- batches
