@@ -91,13 +91,35 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
   return args
 
 
+def parse_passthrough(parser: argparse.ArgumentParser, argv: Sequence[str]
+                      ) -> argparse.Namespace:
+  """Parses ``[options] [-- mt_flax args]`` of a launcher (``tpu``, ``slurm``); the mt_flax
+  command after ``--`` lands in ``args.mt_args``, untouched."""
+  argv = list(argv)
+  cut = argv.index("--") if "--" in argv else len(argv)
+  args = parser.parse_args(argv[:cut])
+  args.mt_args = argv[cut + 1:]
+  return args
+
+
+def flag_value(mt_args: Sequence[str], flag: str) -> str | None:
+  """The value of ``flag`` (e.g. ``--workdir``) in an mt_flax command line, if any."""
+  for i, arg in enumerate(mt_args):
+    if arg == flag and i + 1 < len(mt_args):
+      return mt_args[i + 1]
+    if arg.startswith(flag + "="):
+      return arg.split("=", 1)[1]
+  return None
+
+
 def entry(command: str, build_parser: Callable[[], argparse.ArgumentParser],
           run: Callable[[argparse.Namespace], int], parse_with: Callable = parse
           ) -> Callable[[Sequence[str]], int]:
   """``main(argv) -> exit status`` of a command: parse, run, report a UserError in one line.
 
   ``parse_with(parser, argv)`` replaces :func:`parse` for a command whose arguments
-  do not follow the ``--config.KEY=VALUE`` convention (``tpu`` passes them on).
+  do not follow the ``--config.KEY=VALUE`` convention (``tpu`` and ``slurm`` pass them on:
+  :func:`parse_passthrough`).
   """
 
   def main(argv: Sequence[str] | None = None) -> int:

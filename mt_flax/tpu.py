@@ -22,7 +22,7 @@ import shlex
 import tempfile
 from typing import Sequence
 
-from mt_flax import paths, sweep
+from mt_flax import cli, paths, sweep
 from mt_flax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout to copy
@@ -147,19 +147,9 @@ def setup_commands(tpu: Tpu, root: str, archive: str) -> list[list[str]]:
   return [archive_command(root, archive), scp, ssh_command(tpu, remote)]
 
 
-def flag_value(mt_args: Sequence[str], flag: str) -> str | None:
-  """The value of ``flag`` (e.g. ``--workdir``) in an mt_flax command line, if any."""
-  for i, arg in enumerate(mt_args):
-    if arg == flag and i + 1 < len(mt_args):
-      return mt_args[i + 1]
-    if arg.startswith(flag + "="):
-      return arg.split("=", 1)[1]
-  return None
-
-
 def workdir_of(mt_args: Sequence[str]) -> str | None:
   """The ``--workdir`` value in an mt_flax command line, if any."""
-  return flag_value(mt_args, "--workdir")
+  return cli.flag_value(mt_args, "--workdir")
 
 
 def remote_mt_flax(mt_args: Sequence[str], *, data_dir: str = "", detach: bool = False,
@@ -199,10 +189,9 @@ def _check_mt_args(tpu: Tpu, mt_args: Sequence[str], *, shared: bool) -> None:
 def compile_first_args(tpu: Tpu, mt_args: Sequence[str]) -> list[str]:
   """``compile`` of a train command's config for this slice, its longest batch shape only: a
   config that cannot fit stops in minutes, before data preparation."""
-  from mt_flax import cli
   from mt_flax.compile import parse_topology
   overrides, rest = cli.split_overrides(mt_args[1:])
-  config = flag_value(rest, "--config")
+  config = cli.flag_value(rest, "--config")
   if mt_args[0] != "train" or not config:
     raise TpuError("--compile-first needs a train command with --config after --")
   parse_topology(tpu.accelerator)

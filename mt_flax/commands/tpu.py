@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from typing import Sequence
 
 from mt_flax import cli, sweep, tpu
 from mt_flax.commands import sweep as sweep_command
@@ -32,15 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--worker", default="0", help="logs: which host's log")
   p.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
   return p
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-  """Parses ``[options] [-- mt_flax args]``; the mt_flax args land in ``args.mt_args``."""
-  argv = list(argv)
-  cut = argv.index("--") if "--" in argv else len(argv)
-  args = parser.parse_args(argv[:cut])
-  args.mt_args = argv[cut + 1:]
-  return args
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
@@ -78,4 +68,4 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-main = cli.entry("tpu", build_parser, run, parse_with=parse_args)
+main = cli.entry("tpu", build_parser, run, parse_with=cli.parse_passthrough)
