@@ -11,11 +11,14 @@
 #   ./launch.sh bench NAME [args]          python -m bench.NAME (e.g. all --quick, train_step --compare REV)
 #   ./launch.sh tpu create|setup|run|sweep|logs|delete [--dry-run] --name NAME --zone ZONE \
 #       --accelerator TYPE [-- <mt_flax command and flags>]
+#   ./launch.sh slurm [logs|cancel] [--dry-run] --nodes N --gpus-per-node G [--partition P] \
+#       [--time T] [--account A] -- train --config FILE --workdir DIR   (sbatch, one task per GPU)
 # Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3, >= 3.11) to create it with,
-# MT_FLAX_EXTRAS (default test; tpu on TPU VMs) the extras installed with it,
+# MT_FLAX_EXTRAS (default test; gpu where nvidia-smi -L lists a GPU and for slurm, whose jobs
+# run this venv; tpu on TPU VMs) the extras installed with it,
 # MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
 # "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
-# check (the venv must exist). Every command but tpu preloads tcmalloc (Debian
+# check (the venv must exist). Every command but tpu and slurm preloads tcmalloc (Debian
 # libtcmalloc-minimal4, installed with the SWORD packages) when it is found; MT_FLAX_TCMALLOC=0
 # runs them with the system malloc instead.
 set -euo pipefail
@@ -104,6 +107,8 @@ setup() {
     "$PY" -m venv "$VENV"
   fi
   local stamp="$VENV/.mt_flax-installed" extras=${MT_FLAX_EXTRAS:-test}
+  # a GPU here: the CUDA build of the pinned JAX (the gpu extra)
+  if [ -z "${MT_FLAX_EXTRAS:-}" ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then extras=gpu; fi
   local want
   want=$( { cat pyproject.toml constraints.txt; echo "$extras"; } | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
@@ -205,15 +210,19 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m mt_flax tpu "$@"
     ;;
+  slurm)
+    MT_FLAX_EXTRAS=${MT_FLAX_EXTRAS:-gpu} setup    # the jobs run this venv on the GPU nodes
+    exec "$VENV/bin/python" -m mt_flax slurm "$@"
+    ;;
   setup)
     setup
     ;;
   -h|--help|help)
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd'; expected nothing (the default run), test, setup, train," \
-      "eval, translate, data-stats, audit, average, sweep, compile, bench or tpu (./launch.sh help)" >&2
+      "eval, translate, data-stats, audit, average, sweep, compile, bench, tpu or slurm (./launch.sh help)" >&2
     exit 2
     ;;
 esac

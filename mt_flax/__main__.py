@@ -27,6 +27,8 @@ COMMANDS = {
     "compile": ("mt_flax.commands.compile", "compile the steps for a TPU slice on this host: "
                 "HBM, FLOPs, bytes, collectives"),
     "tpu": ("mt_flax.commands.tpu", "create, set up, run on and delete Cloud TPU VMs"),
+    "slurm": ("mt_flax.commands.slurm", "train on a SLURM GPU cluster: sbatch script, logs, "
+              "cancel"),
 }
 
 
@@ -76,7 +78,8 @@ def preload_tcmalloc(argv: list[str]) -> None:
   ``MT_FLAX_TCMALLOC=0`` turns it off; without tcmalloc one line says so.
   """
   if (os.environ.get("MT_FLAX_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", "")
-      or not argv or argv[0] not in COMMANDS or argv[0] == "tpu" or not _runs_on_cpu()):
+      or not argv or argv[0] not in COMMANDS or argv[0] in ("tpu", "slurm")
+      or not _runs_on_cpu()):
     return
   lib = tcmalloc_path()
   if lib is None:

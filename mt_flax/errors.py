@@ -15,6 +15,10 @@ class ConfigError(UserError, ValueError):
   """A config file, variant or override is wrong."""
 
 
+class IdleGpus(ConfigError):
+  """A SLURM layout that leaves GPUs of a node unused (JAX gives each task one GPU)."""
+
+
 class DataError(UserError, ValueError):
   """A dataset, data file or data path is missing or malformed."""
 

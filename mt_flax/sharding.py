@@ -31,7 +31,7 @@ import functools
 import hashlib
 import math
 import os
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +39,8 @@ from flax import jax_utils
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mt_flax.errors import IdleGpus
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -68,6 +70,12 @@ def maybe_initialize_distributed() -> None:
   (``TPU_WORKER_HOSTNAMES`` lists several hosts), a SLURM job with several
   tasks, or ``MT_FLAX_DISTRIBUTED=1``; JAX then finds its peers itself.
   Must run before anything touches a JAX backend.
+
+  In a SLURM step JAX also passes ``local_device_ids=[SLURM_LOCALID]``: a task uses the one
+  GPU of that number (``jax_cuda_visible_devices``), so a job needs one task per GPU,
+  which :func:`check_slurm_gpus` then verifies. That setting is read by the CUDA and ROCm
+  clients only: on the CPU backend every task keeps all its host devices (the loopback test
+  of ``mt_flax slurm`` runs 2 tasks of 4 CPU devices that way).
   """
   if jax.distributed.is_initialized():
     return
@@ -85,6 +93,36 @@ def maybe_initialize_distributed() -> None:
   if (env.get("MT_FLAX_DISTRIBUTED") == "1" or len(tpu_hosts) > 1
       or int(env.get("SLURM_NTASKS", "1") or 1) > 1):
     jax.distributed.initialize()
+  check_slurm_gpus(env)
+
+
+def check_gpu_layout(gpus_per_node: int, tasks_per_node: int, gpus_per_task: int) -> None:
+  """Raises :class:`IdleGpus` (one line) when ``tasks_per_node`` tasks using ``gpus_per_task``
+  GPUs each leave some of a node's ``gpus_per_node`` GPUs unused."""
+  idle = gpus_per_node - tasks_per_node * gpus_per_task
+  if idle <= 0:
+    return
+  if gpus_per_task == 0:
+    raise IdleGpus(f"JAX found no GPU but SLURM gave this node {gpus_per_node}: install the "
+                   "CUDA build of JAX (MT_FLAX_EXTRAS=gpu ./launch.sh setup), or set "
+                   "JAX_PLATFORMS=cpu to run on the CPU")
+  raise IdleGpus(f"{idle} of the {gpus_per_node} GPUs of each node would sit idle: "
+                 f"{tasks_per_node} task(s) per node using {gpus_per_task} GPU(s) each (JAX "
+                 "gives a SLURM task the one GPU numbered SLURM_LOCALID); start one task per "
+                 f"GPU, srun --ntasks-per-node={gpus_per_node} (as mt_flax slurm does)")
+
+
+def check_slurm_gpus(env: Mapping[str, str]) -> None:
+  """In a SLURM step with GPUs (``SLURM_GPUS_ON_NODE``), :func:`check_gpu_layout` of this
+  process's devices against the tasks per node (``SLURM_NTASKS`` over the step's nodes).
+  Skipped where ``JAX_PLATFORMS`` asks for the CPU: there are no GPUs to leave idle."""
+  gpus = int(env.get("SLURM_GPUS_ON_NODE") or 0)
+  if not gpus or "SLURM_PROCID" not in env or (
+      env.get("JAX_PLATFORMS", "").split(",")[0].strip() == "cpu"):
+    return
+  nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+  tasks = max(1, int(env.get("SLURM_NTASKS") or 1) // nodes)
+  check_gpu_layout(gpus, tasks, jax.local_device_count() if jax.default_backend() == "gpu" else 0)
 
 
 def barrier(name: str, timeout_s: int = 3 * 3600) -> None:

@@ -26,7 +26,8 @@ def test_unknown_command_is_a_one_line_error():
 def test_help_lists_every_command():
   r = launch("help")
   assert r.returncode == 0
-  for word in ("./launch.sh test", "sweep CONFIG SWEEP", "tpu create|setup|run|sweep|logs|delete"):
+  for word in ("./launch.sh test", "sweep CONFIG SWEEP", "tpu create|setup|run|sweep|logs|delete",
+               "slurm [logs|cancel]"):
     assert word in r.stdout
 
 

@@ -2,7 +2,8 @@
 
 The command lines are taken from the README itself (code blocks, indented blocks and inline
 code), placeholders filled in, optional parts ``[...]`` kept with their first choice, and
-parsed by the command's own parser; ``tpu`` lines are built with ``--dry-run``. The long
+parsed by the command's own parser; ``tpu`` lines are built with ``--dry-run``, and ``slurm``
+lines with ``--dry-run`` must print a complete sbatch script. The long
 runs behind them (the default run, train, eval, translate, average, sweep) run end to end in
 tests/e2e and tests/integration.
 """
@@ -101,6 +102,14 @@ def test_readme_command_is_accepted(command, capsys):
   if name == "tpu":
     if len(rest) > 1:                  # an action with its flags: the gcloud lines it prints
       assert module.main([*rest[:1], "--dry-run", *rest[1:]]) == 0, capsys.readouterr().err
+    return
+  if name == "slurm":
+    cli.parse_passthrough(module.build_parser(), rest)
+    if "--dry-run" in rest:            # the script it would submit
+      assert module.main(rest) == 0, capsys.readouterr().err
+      script = capsys.readouterr().out
+      assert script.startswith("#!/bin/bash\n#SBATCH ") and script.endswith('exit "$status"\n')
+      assert re.search(r"^srun --ntasks-per-node=\d+ .* -m mt_flax train .*&$", script, re.M)
     return
   parse = getattr(module, "parse_args", cli.parse)
   try:
