@@ -161,10 +161,10 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict, write: bool 
       raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
                         f"({'; '.join(diffs[:4])}); use a new --workdir or the same "
                         f"settings{hint}")
-  if write and sharding.is_primary():
+  if write and sharding.is_primary():   # atomic: the other processes may be reading them
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    run_path.write_text(json.dumps(layout, sort_keys=True) + "\n")
+    paths.write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    paths.write_text(run_path, json.dumps(layout, sort_keys=True) + "\n")
     (paths.as_path(workdir) / GIT_FILE).write_text(paths.source_commit() + "\n")
 
 
