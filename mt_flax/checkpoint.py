@@ -4,7 +4,8 @@
 
 - ``params``, ``opt_state``: the state arrays (saved asynchronously, sharded as trained);
 - ``train``: ``{"step", "rng"}``;
-- ``data``: the data-iterator state, one JSON file per process (Grain's handler);
+- ``data``: the data-iterator state, one JSON file per process (Grain's handler); a
+  process that saved none (the run resumed on other processes) reads process 0's;
 - ``config``: the resolved config;
 - ``digests``: a 64-bit fingerprint of every saved array (path -> hex), computed
   on the devices that hold it, and the SHA-256 of the data state.
@@ -240,12 +241,6 @@ class _IteratorState:
   def get_state(self) -> bytes:
     return json.dumps(self.state).encode()
 
-  def set_state(self, state: bytes) -> None:
-    self.state = json.loads(state)
-
-  def start_prefetch(self) -> None:
-    pass
-
 
 _path = paths.as_path
 
@@ -323,14 +318,29 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   args = ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_state.params),
       opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-      train=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}),
-      data=grain.checkpoint.CheckpointRestore(_IteratorState()))
+      train=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}))
   out = manager.restore(step, args=args)
   state = abstract_state.replace(params=out.params, opt_state=out.opt_state,
                                  step=out.train["step"], rng=out.train["rng"])
   if int(state.step) != step:
     raise ValueError(f"holds step {int(state.step)}, not {step}")
-  return state, out.data.state
+  return state, _read_data_state(manager, step)
+
+
+def _read_data_state(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """This process's data-iterator state saved with ``step``, or process 0's when this process
+  saved none (the run resumed on other processes).
+
+  The state of a bucketed or padded batch plan is global, the same in every process's
+  file; packed batches, whose state is per process group, resume on the processes and
+  devices that saved them only (``train.write_run_info``).
+  """
+  folder = epath.Path(manager.directory) / str(step) / "data"
+  own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  found = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
+  if not found:
+    raise ValueError(f"no data-iterator state in {folder}")
+  return json.loads(found[0].read_text())
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:

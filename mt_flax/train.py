@@ -2,7 +2,8 @@
 
 :func:`train_and_evaluate` trains (or resumes) the run in a workdir. Resuming
 restores the latest good checkpoint (params, optimizer state, step, RNG and
-data-iterator state), so per-step losses continue exactly as if uninterrupted;
+data-iterator state), so per-step losses continue exactly as if uninterrupted, also
+on other processes and devices that cut the global batches alike (:func:`write_run_info`);
 on a finished run it returns at once. SIGTERM or a first Ctrl-C saves a
 checkpoint and stops between steps (on several processes, at the next sync point:
 every ``sync_every_steps``); a second Ctrl-C ends the process without saving. A
@@ -11,9 +12,9 @@ checkpoint; a failed save stops it (:class:`SaveFailed`) with the previous
 checkpoint intact. One run per workdir (``train.lock``); a run whose lock another
 run took over stops without saving (:class:`WorkdirLost`).
 
-The workdir receives ``config.json`` (resolved config), ``run.json`` (process and
-device counts), ``git_commit.txt``, ``train.log``, ``tokenizer/``,
-``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``DONE`` once
+The workdir receives ``config.json`` (resolved config), ``run.json`` (process, device
+and batch shard counts of the latest run), ``git_commit.txt``, ``train.log``,
+``tokenizer/``, ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``DONE`` once
 ``num_train_steps`` are reached.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -116,32 +118,53 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
 
 
-def _run_devices() -> dict:
-  return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+def _run_layout(config: ml_collections.ConfigDict) -> dict:
+  """Processes, devices and batch shards of this run. The batch shards (the mesh's data x
+  fsdp ways; every device under pmap) cut the rows of every global batch, so they and the
+  config decide the global batches, whichever processes load them."""
+  count = jax.device_count()
+  shards = count if config.parallelism == "pmap" else math.prod(
+      n for a, n in zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, count))
+      if a in sharding.BATCH_AXES)
+  return {"process_count": jax.process_count(), "device_count": count, "batch_shards": shards}
 
 
 def write_run_info(workdir: str, config: ml_collections.ConfigDict, write: bool = True) -> None:
-  """Writes ``config.json``, ``run.json`` and ``git_commit.txt``; refuses a workdir made with
-  other settings (one line naming each changed key with its old and new value). With
-  ``write=False`` it only checks."""
+  """Writes ``config.json``, ``run.json`` (this run's layout) and ``git_commit.txt``; refuses
+  a workdir made with other settings (one line naming each changed key with its old and new
+  value). With ``write=False`` it only checks.
+
+  A run resumes on other processes and devices while its batch shards, hence its global
+  batches, stay the same (:func:`_run_layout`); packed batches (a state per process group)
+  and a ``run.json`` saved without batch shards keep every recorded count.
+  """
   path = paths.as_path(workdir) / CONFIG_FILE
   run_path = paths.as_path(workdir) / RUN_FILE
   new = json.loads(json.dumps(config.to_dict()))
-  devices = _run_devices()
+  layout = _run_layout(config)
   if path.exists():
     old = json.loads(path.read_text())
     diffs = [d for k in FIXED_ON_RESUME
              for d in _differences(new.get(k, "<unset>"), old.get(k, "<unset>"), k + ".")
              if d.split(":")[0] not in MOVABLE]
     if run_path.exists():
-      diffs += _differences(devices, json.loads(run_path.read_text()))
+      saved = json.loads(run_path.read_text())
+      keys = (["batch_shards"] if "batch_shards" in saved and config.data.batching != "pack"
+              else list(saved))
+      diffs += _differences({k: layout.get(k, "<unset>") for k in keys},
+                            {k: saved[k] for k in keys})
     if diffs:
+      hint = ("; a run moves to other processes or devices only with as many batch_shards "
+              "(the mesh's data x fsdp ways, or the devices under pmap) and data.batching "
+              "other than 'pack'"
+              if any(d.split(":")[0] in layout for d in diffs) else "")
       raise ConfigError(f"workdir {workdir!r} holds a run with different settings "
-                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same settings")
-  if write and sharding.is_primary():
+                        f"({'; '.join(diffs[:4])}); use a new --workdir or the same "
+                        f"settings{hint}")
+  if write and sharding.is_primary():   # atomic: the other processes may be reading them
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    run_path.write_text(json.dumps(devices, sort_keys=True) + "\n")
+    paths.write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    paths.write_text(run_path, json.dumps(layout, sort_keys=True) + "\n")
     (paths.as_path(workdir) / GIT_FILE).write_text(paths.source_commit() + "\n")
 
 

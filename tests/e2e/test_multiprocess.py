@@ -1,15 +1,18 @@
-"""Several processes on loopback (CPU collectives) train like one process.
+"""Several processes on loopback (CPU collectives) train like one process, and a run
+resumes on another number of processes.
 
 Each process runs this file as a worker: it joins ``jax.distributed`` through
 :func:`mt_flax.sharding.maybe_initialize_distributed`. Two processes of 2 devices
 feed only their own rows of each global batch (trimmed to their own lengths, so the
 processes' shapes differ and are made common), train with ``jit`` on a mesh
-spanning both, save and restore an Orbax checkpoint in a shared directory, then
-train the ``:test`` variant with ``mesh.tensor=4``: a tensor axis across the
-processes, whose devices all hold the same rows. Four processes of 1 device train
-it with ``mesh.data=2 mesh.tensor=2``: processes pair up on each half of the rows.
-Both match one process (per-step and validation losses), and their steps between
-sync points run no host-level collective. ``pmap`` across processes is run by
+spanning both, save and restore an Orbax checkpoint in a shared directory. Then the
+``:test`` variant trains on the mesh ``data=2 tensor=2`` for 3 steps: two processes
+of 2 devices each load their half of the rows; four processes of 1 device pair up,
+a tensor axis across each pair, whose processes load the same half. Both match one
+process of 4 devices trained for 6 steps (per-step and validation losses), and their
+steps between sync points run no host-level collective. The two processes' run,
+resumed on one process, and the one process's run stopped at step 3, resumed on two
+processes, reach step 6 with the same losses. ``pmap`` across processes is run by
 ``test_pod.py``.
 """
 import functools
@@ -27,14 +30,14 @@ NUM_STEPS = 3
 ROWS = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
-# 3 steps of the :test variant without dropout, validated at the last on one pair (one
-# batch shape to compile); 768 tokens make 8 rows of (96, 96)
-TRAIN = dict(num_train_steps=3, warmup_steps=2, eval_every_steps=3, checkpoint_every_steps=3,
+# The :test variant without dropout on one mesh for every layout ("PxD": P processes of D
+# devices), validated and saved every 3 steps on one pair (one batch shape to compile); 768
+# tokens make 8 rows of (96, 96). The rsqrt schedule does not depend on num_train_steps, so
+# a run of 3 steps is the first half of one of 6.
+TRAIN = dict(warmup_steps=2, schedule="rsqrt", eval_every_steps=3, checkpoint_every_steps=3,
              eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0,
-             data__eval_max_examples=1)
-# name: (processes, devices per process, mesh); each is compared with one process of all
-# the devices and the same mesh
-LAYOUTS = {"2x2": (2, 2, dict(mesh__tensor=4)), "4x1": (4, 1, dict(mesh__data=2, mesh__tensor=2))}
+             data__eval_max_examples=1, mesh__data=2, mesh__tensor=2)
+STOP, END = 3, 6      # steps of a run (then resumed), of the uninterrupted reference
 
 
 def make_batch(seed: int) -> dict:
@@ -100,10 +103,10 @@ def flags(**kw) -> list[str]:
   return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
 
 
-def train_pipeline(layout: str, workdir: str) -> list[int]:
-  """``train`` of the :test variant (its data pipeline and validation) on the layout's mesh;
-  returns the host-level collectives (gathers and barriers of ``multihost_utils``) this
-  process made before each train step."""
+def train_pipeline(workdir: str, steps: int) -> list[int]:
+  """``train`` of the :test variant (its data pipeline and validation) to ``steps``; returns
+  the host-level collectives (gathers and barriers of ``multihost_utils``) this process made
+  before each train step."""
   from jax.experimental import multihost_utils
   from mt_flax import sharding, train
   from mt_flax.config import load_config
@@ -119,24 +122,23 @@ def train_pipeline(layout: str, workdir: str) -> list[int]:
     train_fn = compile_train_step(self, step_fn)
     return lambda *args: (before.append(len(calls)), train_fn(*args))[1]
   sharding.JitPartitioner.compile_train_step = compile_counted
-  summary = train.train_and_evaluate(load_config(CONFIG, flags(**TRAIN, **LAYOUTS[layout][2])),
-                                     workdir)
-  assert summary["step"] == TRAIN["num_train_steps"]
+  summary = train.train_and_evaluate(
+      load_config(CONFIG, flags(**TRAIN, num_train_steps=steps)), workdir)
+  assert summary["step"] == steps
   return before
 
 
-def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
-  """One process of ``layout``, or (``alone`` == "1") one process with all its devices."""
+def worker(out_dir: str, layout: str, workdir: str, steps: str, checks: str) -> None:
+  """One process of ``layout`` training ``workdir`` to ``steps``; first, with ``checks`` ==
+  "1", the steps and the checkpoint of :func:`train_run` on every process's devices."""
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
   sharding.maybe_initialize_distributed()
-  processes, devices, _ = LAYOUTS[layout]
-  assert jax.device_count() == processes * devices
-  processes = 1 if alone == "1" else processes
-  assert jax.process_count() == processes
+  processes, devices = map(int, layout.split("x"))
+  assert (jax.process_count(), jax.device_count()) == (processes, processes * devices)
   result = {}
-  if layout == "2x2" and processes == 2:
+  if checks == "1":
     part = sharding.JitPartitioner(sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
     losses, metrics, state = train_run(part, per_process_rows=True)
     # a checkpoint written by both processes into one directory, read back by both
@@ -149,18 +151,17 @@ def worker(out_dir: str, layout: str, workdir: str, alone: str) -> None:
     manager.close()
     result = {"losses": losses, "metrics": metrics, "restored_step": step,
               "restored_same": same, "data_state": data_state}
-  result["gathers_before_step"] = train_pipeline(layout, workdir)
+  result["gathers_before_step"] = train_pipeline(workdir, int(steps))
   with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump(result, f)
 
 
-def run_processes(out_dir, layout: str, workdir: str, alone: bool = False) -> list[dict]:
-  """Starts the layout's workers (processes x CPU devices) on loopback, or with ``alone``
-  one process with as many devices; returns their JSON results."""
+def run_processes(out_dir, layout: str, workdir: str, steps: int, checks: bool = False
+                  ) -> list[dict]:
+  """Starts the workers of ``layout`` ("PxD": P processes of D CPU devices) on loopback;
+  returns their JSON results."""
   import portpicker
-  processes, devices, _ = LAYOUTS[layout]
-  if alone:
-    processes, devices = 1, processes * devices
+  processes, devices = map(int, layout.split("x"))
   out_dir.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
              + os.environ["MT_FLAX_TEST_XLA_FLAGS"], JAX_PLATFORMS="cpu")
@@ -169,7 +170,7 @@ def run_processes(out_dir, layout: str, workdir: str, alone: bool = False) -> li
                MT_FLAX_NUM_PROCESSES=str(processes))
   logs = [open(out_dir / f"process_{i}.log", "w") for i in range(processes)]   # a pipe can fill
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), layout,
-                             workdir, "1" if alone else "0"],
+                             workdir, str(steps), "1" if checks else "0"],
                             env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
@@ -187,11 +188,13 @@ def run_processes(out_dir, layout: str, workdir: str, alone: bool = False) -> li
   return [json.loads((out_dir / f"process_{i}.json").read_text()) for i in range(processes)]
 
 
-def one_process(tiny_training, folder, layout: str) -> str:
-  """The workdir of the :test variant trained by one process with the layout's devices and
-  mesh (the reference)."""
-  workdir = tiny_training.new_workdir(folder, "one_process")
-  run_processes(folder / "one_process_out", layout, workdir, alone=True)
+@pytest.fixture(scope="module")
+def reference(tiny_training, tmp_path_factory) -> str:
+  """The workdir of one process of 4 devices trained for END steps without a stop: what
+  every layout and every resumed run must match."""
+  folder = tmp_path_factory.mktemp("reference")
+  workdir = tiny_training.new_workdir(folder, "run")
+  run_processes(folder / "out", "1x4", workdir, END)
   return workdir
 
 
@@ -202,30 +205,39 @@ def layout_workdir(folder, reference: str) -> str:
   return workdir
 
 
-def check_pipeline_run(tiny_training, workdir: str, reference: str, results: list[dict]
-                       ) -> None:
-  """Per-step training losses and the validation loss of ``workdir`` equal ``reference``'s;
-  steps 1 and 2 (before the sync point, save and validation at step 3) made no host-level
-  collective on any process."""
+@pytest.fixture(scope="module")
+def two_processes(reference, tmp_path_factory) -> tuple[str, list[dict]]:
+  """(workdir, results) of two processes of 2 devices trained for STOP steps, after the
+  checks of :func:`train_run`."""
+  folder = tmp_path_factory.mktemp("two_processes")
+  workdir = layout_workdir(folder, reference)
+  return workdir, run_processes(folder, "2x2", workdir, STOP, checks=True)
+
+
+def check_pipeline_run(tiny_training, workdir: str, reference: str, results: list[dict],
+                       steps: int = STOP) -> None:
+  """Per-step training losses and the validation losses of ``workdir`` (trained to ``steps``)
+  equal ``reference``'s; the last 3 steps it ran (before the sync point, save and
+  validation) made no host-level collective on any process."""
   for r in results:
     before = r["gathers_before_step"]
     assert len(before) == 3 and before[0] == before[1] == before[2], before
   from mt_flax.metrics import read_metrics
   got, want = tiny_training.losses(workdir), tiny_training.losses(reference)
-  assert sorted(got) == sorted(want) == [1, 2, 3]
-  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
+  assert sorted(got) == list(range(1, steps + 1)) and sorted(want) == list(range(1, END + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)],
                              rtol=1e-4)
-  evals = lambda w: [r["eval_loss"] for r in read_metrics(w) if "eval_loss" in r]
-  assert len(evals(workdir)) == 1
-  np.testing.assert_allclose(evals(workdir), evals(reference), rtol=1e-4)
+  evals = lambda w: {r["step"]: r["eval_loss"] for r in read_metrics(w) if "eval_loss" in r}
+  got, want = evals(workdir), evals(reference)
+  assert sorted(got) == list(range(STOP, steps + 1, STOP))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)],
+                             rtol=1e-4)
 
 
-def test_two_processes_match_one(tmp_path, tiny_training):
+def test_two_processes_match_one(tiny_training, reference, two_processes):
   import jax
   from mt_flax import sharding
-  reference = one_process(tiny_training, tmp_path, "2x2")
-  workdir = layout_workdir(tmp_path, reference)
-  results = run_processes(tmp_path, "2x2", workdir)
+  workdir, results = two_processes
   single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
                                                       jax.devices()[:1]))
   losses, metrics, _ = train_run(single, per_process_rows=False)
@@ -233,13 +245,31 @@ def test_two_processes_match_one(tmp_path, tiny_training):
   check_pipeline_run(tiny_training, workdir, reference, results)
 
 
-def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training):
+def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training, reference):
   """4 processes x 1 device, data=2 x tensor=2: processes 0, 1 load the first half of every
   global batch, 2, 3 the second; each pair feeds one batch shard."""
-  reference = one_process(tiny_training, tmp_path, "4x1")
   workdir = layout_workdir(tmp_path, reference)
-  results = run_processes(tmp_path, "4x1", workdir)
+  results = run_processes(tmp_path, "4x1", workdir, STOP)
   check_pipeline_run(tiny_training, workdir, reference, results)
+
+
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, tiny_training, reference,
+                                                      two_processes):
+  """The two processes' run resumed on one process of 4 devices (whose data-iterator state
+  file is process 0's of 2), and the reference stopped at step STOP (its checkpoint then;
+  the resumed run drops the later metrics) resumed on two processes, each reading the one
+  process's file: both continue the reference's batches, losses and validations to END."""
+  resumed, stopped = tmp_path / "from_two", tmp_path / "from_one"
+  shutil.copytree(two_processes[0], resumed)
+  check_pipeline_run(tiny_training, str(resumed), reference,
+                     run_processes(tmp_path / "one", "1x4", str(resumed), END), END)
+  shutil.copytree(reference, stopped)
+  shutil.rmtree(stopped / "checkpoints" / str(END))
+  check_pipeline_run(tiny_training, str(stopped), reference,
+                     run_processes(tmp_path / "two", "2x2", str(stopped), END), END)
+  for workdir, processes in ((resumed, 1), (stopped, 2)):   # the layout the next resume checks
+    assert json.loads((workdir / "run.json").read_text()) == {
+        "process_count": processes, "device_count": 4, "batch_shards": 2}
 
 
 def check_results(results: list[dict], losses: list[float], metrics: dict) -> None:
@@ -252,4 +282,4 @@ def check_results(results: list[dict], losses: list[float], metrics: dict) -> No
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(*sys.argv[1:5])
+  worker(*sys.argv[1:6])

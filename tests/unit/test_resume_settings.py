@@ -1,4 +1,5 @@
-"""Resuming a workdir refuses changed batch settings, with one line naming key and values."""
+"""Resuming a workdir refuses changed batch settings, with one line naming key and values,
+and accepts other processes and devices that make the same global batches."""
 import json
 
 import pytest
@@ -31,13 +32,37 @@ def test_changed_batch_setting_is_refused(tmp_path, key, value, message):
   assert json.loads((tmp_path / "config.json").read_text())["batch_tokens"] == 4096
 
 
-def test_changed_process_count_is_refused(tmp_path):
-  train.write_run_info(str(tmp_path), base_config())
-  run = json.loads((tmp_path / train.RUN_FILE).read_text())
-  assert run == {"process_count": 1, "device_count": 8}
-  (tmp_path / train.RUN_FILE).write_text(json.dumps({**run, "process_count": 2}))
-  with pytest.raises(ConfigError, match="process_count: 2 -> 1"):
-    train.write_run_info(str(tmp_path), base_config())
+@pytest.mark.parametrize("saved,batching,message", [
+    ({"process_count": 2, "device_count": 8, "batch_shards": 8}, "bucket", None),
+    # made where mesh.data=-1 was 4 devices: global batches of other rows
+    ({"process_count": 1, "device_count": 4, "batch_shards": 4}, "bucket",
+     "batch_shards: 4 -> 8"),
+    # packed batches hold a data state per process group
+    ({"process_count": 2, "device_count": 8, "batch_shards": 8}, "pack", "process_count: 2 -> 1"),
+    # a run.json saved before batch_shards was
+    ({"process_count": 2, "device_count": 8}, "bucket", "process_count: 2 -> 1"),
+])
+def test_another_layout_resumes_with_the_same_global_batches(tmp_path, saved, batching,
+                                                              message):
+  """The run in this process (1 x 8 devices, mesh.data=-1: 8 batch shards) resumes a workdir
+  made on the ``saved`` layout when its batch shards, hence its global batches, are the same,
+  then records its own layout; otherwise it is refused in one line."""
+  config = base_config()
+  config.data.batching = batching
+  train.write_run_info(str(tmp_path), config)
+  run_file = tmp_path / train.RUN_FILE
+  assert json.loads(run_file.read_text()) == {"process_count": 1, "device_count": 8,
+                                              "batch_shards": 8}
+  run_file.write_text(json.dumps(saved))
+  if message is None:
+    train.write_run_info(str(tmp_path), config)
+    assert json.loads(run_file.read_text())["process_count"] == 1
+    return
+  with pytest.raises(ConfigError) as err:
+    train.write_run_info(str(tmp_path), config)
+  text = str(err.value)
+  assert message in text and "batch_shards (the mesh's data x fsdp" in text and "\n" not in text
+  assert json.loads(run_file.read_text()) == saved
 
 
 def test_same_settings_and_moved_data_resume(tmp_path):
