@@ -5,14 +5,15 @@ Each process runs this file as a worker: it joins ``jax.distributed`` through
 :func:`mt_flax.sharding.maybe_initialize_distributed`. Two processes of 2 devices
 feed only their own rows of each global batch (trimmed to their own lengths, so the
 processes' shapes differ and are made common), train with ``jit`` on a mesh
-spanning both, save and restore an Orbax checkpoint in a shared directory. Then the
-``:test`` variant trains on the mesh ``data=2 tensor=2`` for 3 steps: two processes
-of 2 devices each load their half of the rows; four processes of 1 device pair up,
-a tensor axis across each pair, whose processes load the same half. Both match one
-process of 4 devices trained for 6 steps (per-step and validation losses), and their
-steps between sync points run no host-level collective. The two processes' run,
-resumed on one process, and the one process's run stopped at step 3, resumed on two
-processes, reach step 6 with the same losses. ``pmap`` across processes is run by
+spanning both, save and restore an Orbax checkpoint in a shared directory, then train
+the ``:test`` variant with ``mesh.tensor=4``: a tensor axis across the processes, whose
+devices all hold the same rows. Four processes of 1 device train it with ``mesh.data=2
+mesh.tensor=2``: processes pair up, a tensor axis across each pair, on each half of the
+rows. Both match one process of 4 devices on the same mesh (per-step and validation
+losses), and their steps between sync points run no host-level collective. The four
+processes' run resumed on one process, and the one process's run stopped at step 3
+resumed on two processes of 2 devices, reach step 6 with the losses of the uninterrupted
+run. ``pmap`` across processes is run by
 ``test_pod.py``.
 """
 import functools
@@ -30,13 +31,15 @@ NUM_STEPS = 3
 ROWS = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "bible_en_es_tiny.py") + ":test"
-# The :test variant without dropout on one mesh for every layout ("PxD": P processes of D
-# devices), validated and saved every 3 steps on one pair (one batch shape to compile); 768
-# tokens make 8 rows of (96, 96). The rsqrt schedule does not depend on num_train_steps, so
-# a run of 3 steps is the first half of one of 6.
+# The :test variant without dropout, validated and saved every 3 steps on one pair (one
+# batch shape to compile); 768 tokens make 8 rows of (96, 96). The rsqrt schedule does not
+# depend on num_train_steps, so a run of 3 steps is the first half of one of 6.
 TRAIN = dict(warmup_steps=2, schedule="rsqrt", eval_every_steps=3, checkpoint_every_steps=3,
              eval_bleu_examples=0, batch_tokens=768, model__dropout_rate=0.0,
-             data__eval_max_examples=1, mesh__data=2, mesh__tensor=2)
+             data__eval_max_examples=1)
+# The meshes of the layouts ("PxD": P processes of D devices): 2x2 puts a tensor axis across
+# the processes (every device holds all rows); 4x1 pairs processes up on each half of them.
+MESHES = {"tensor": dict(mesh__tensor=4), "data_tensor": dict(mesh__data=2, mesh__tensor=2)}
 STOP, END = 3, 6      # steps of a run (then resumed), of the uninterrupted reference
 
 
@@ -103,7 +106,7 @@ def flags(**kw) -> list[str]:
   return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
 
 
-def train_pipeline(workdir: str, steps: int) -> list[int]:
+def train_pipeline(workdir: str, steps: int, mesh: str) -> list[int]:
   """``train`` of the :test variant (its data pipeline and validation) to ``steps``; returns
   the host-level collectives (gathers and barriers of ``multihost_utils``) this process made
   before each train step."""
@@ -123,14 +126,14 @@ def train_pipeline(workdir: str, steps: int) -> list[int]:
     return lambda *args: (before.append(len(calls)), train_fn(*args))[1]
   sharding.JitPartitioner.compile_train_step = compile_counted
   summary = train.train_and_evaluate(
-      load_config(CONFIG, flags(**TRAIN, num_train_steps=steps)), workdir)
+      load_config(CONFIG, flags(**TRAIN, **MESHES[mesh], num_train_steps=steps)), workdir)
   assert summary["step"] == steps
   return before
 
 
-def worker(out_dir: str, layout: str, workdir: str, steps: str, checks: str) -> None:
-  """One process of ``layout`` training ``workdir`` to ``steps``; first, with ``checks`` ==
-  "1", the steps and the checkpoint of :func:`train_run` on every process's devices."""
+def worker(out_dir: str, layout: str, workdir: str, steps: str, mesh: str, checks: str) -> None:
+  """One process of ``layout`` training ``workdir`` to ``steps`` on ``mesh``; first, with
+  ``checks`` == "1", the steps and the checkpoint of :func:`train_run` on every process's devices."""
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
@@ -151,13 +154,13 @@ def worker(out_dir: str, layout: str, workdir: str, steps: str, checks: str) -> 
     manager.close()
     result = {"losses": losses, "metrics": metrics, "restored_step": step,
               "restored_same": same, "data_state": data_state}
-  result["gathers_before_step"] = train_pipeline(workdir, int(steps))
+  result["gathers_before_step"] = train_pipeline(workdir, int(steps), mesh)
   with open(os.path.join(out_dir, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump(result, f)
 
 
-def run_processes(out_dir, layout: str, workdir: str, steps: int, checks: bool = False
-                  ) -> list[dict]:
+def run_processes(out_dir, layout: str, workdir: str, steps: int, mesh: str = "tensor",
+                  checks: bool = False) -> list[dict]:
   """Starts the workers of ``layout`` ("PxD": P processes of D CPU devices) on loopback;
   returns their JSON results."""
   import portpicker
@@ -170,7 +173,7 @@ def run_processes(out_dir, layout: str, workdir: str, steps: int, checks: bool =
                MT_FLAX_NUM_PROCESSES=str(processes))
   logs = [open(out_dir / f"process_{i}.log", "w") for i in range(processes)]   # a pipe can fill
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out_dir), layout,
-                             workdir, str(steps), "1" if checks else "0"],
+                             workdir, str(steps), mesh, "1" if checks else "0"],
                             env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
@@ -190,28 +193,28 @@ def run_processes(out_dir, layout: str, workdir: str, steps: int, checks: bool =
 
 @pytest.fixture(scope="module")
 def reference(tiny_training, tmp_path_factory) -> str:
-  """The workdir of one process of 4 devices trained for END steps without a stop: what
-  every layout and every resumed run must match."""
+  """The workdir of one process of 4 devices trained on the data x tensor mesh for END steps
+  without a stop: what the 4x1 layout and every resumed run must match."""
   folder = tmp_path_factory.mktemp("reference")
   workdir = tiny_training.new_workdir(folder, "run")
-  run_processes(folder / "out", "1x4", workdir, END)
+  run_processes(folder / "out", "1x4", workdir, END, mesh="data_tensor")
   return workdir
 
 
 def layout_workdir(folder, reference: str) -> str:
-  """A workdir with the reference run's tokenizer and its tokenized training split."""
+  """A workdir with the reference run's tokenizer."""
   workdir = os.path.join(folder, "pipeline")
   shutil.copytree(os.path.join(reference, "tokenizer"), os.path.join(workdir, "tokenizer"))
   return workdir
 
 
 @pytest.fixture(scope="module")
-def two_processes(reference, tmp_path_factory) -> tuple[str, list[dict]]:
-  """(workdir, results) of two processes of 2 devices trained for STOP steps, after the
-  checks of :func:`train_run`."""
-  folder = tmp_path_factory.mktemp("two_processes")
+def four_processes(reference, tmp_path_factory) -> tuple[str, list[dict]]:
+  """(workdir, results) of four processes of 1 device trained on the data x tensor mesh for
+  STOP steps."""
+  folder = tmp_path_factory.mktemp("four_processes")
   workdir = layout_workdir(folder, reference)
-  return workdir, run_processes(folder, "2x2", workdir, STOP, checks=True)
+  return workdir, run_processes(folder, "4x1", workdir, STOP, mesh="data_tensor")
 
 
 def check_pipeline_run(tiny_training, workdir: str, reference: str, results: list[dict],
@@ -224,7 +227,7 @@ def check_pipeline_run(tiny_training, workdir: str, reference: str, results: lis
     assert len(before) == 3 and before[0] == before[1] == before[2], before
   from mt_flax.metrics import read_metrics
   got, want = tiny_training.losses(workdir), tiny_training.losses(reference)
-  assert sorted(got) == list(range(1, steps + 1)) and sorted(want) == list(range(1, END + 1))
+  assert sorted(got) == list(range(1, steps + 1)) and set(got) <= set(want)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)],
                              rtol=1e-4)
   evals = lambda w: {r["step"]: r["eval_loss"] for r in read_metrics(w) if "eval_loss" in r}
@@ -234,39 +237,44 @@ def check_pipeline_run(tiny_training, workdir: str, reference: str, results: lis
                              rtol=1e-4)
 
 
-def test_two_processes_match_one(tiny_training, reference, two_processes):
+def test_two_processes_match_one(tiny_training, reference, tmp_path):
+  """2 processes x 2 devices with a tensor axis of 4 across them: the steps and checkpoint of
+  :func:`train_run`, then the :test variant, against one process of 4 devices."""
   import jax
   from mt_flax import sharding
-  workdir, results = two_processes
-  single = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
-                                                      jax.devices()[:1]))
-  losses, metrics, _ = train_run(single, per_process_rows=False)
+  single, workdir = layout_workdir(tmp_path / "one", reference), layout_workdir(tmp_path, reference)
+  run_processes(tmp_path / "one", "1x4", single, STOP)
+  results = run_processes(tmp_path, "2x2", workdir, STOP, checks=True)
+  one = sharding.JitPartitioner(sharding.make_mesh(dict(data=1, fsdp=1, tensor=1),
+                                                   jax.devices()[:1]))
+  losses, metrics, _ = train_run(one, per_process_rows=False)
   check_results(results, losses, metrics)
-  check_pipeline_run(tiny_training, workdir, reference, results)
+  check_pipeline_run(tiny_training, workdir, single, results)
 
 
-def test_processes_sharing_rows_pair_up_like_one_process(tmp_path, tiny_training, reference):
+def test_processes_sharing_rows_pair_up_like_one_process(tiny_training, reference,
+                                                         four_processes):
   """4 processes x 1 device, data=2 x tensor=2: processes 0, 1 load the first half of every
   global batch, 2, 3 the second; each pair feeds one batch shard."""
-  workdir = layout_workdir(tmp_path, reference)
-  results = run_processes(tmp_path, "4x1", workdir, STOP)
+  workdir, results = four_processes
   check_pipeline_run(tiny_training, workdir, reference, results)
 
 
 def test_a_run_resumes_on_another_number_of_processes(tmp_path, tiny_training, reference,
-                                                      two_processes):
-  """The two processes' run resumed on one process of 4 devices (whose data-iterator state
-  file is process 0's of 2), and the reference stopped at step STOP (its checkpoint then;
-  the resumed run drops the later metrics) resumed on two processes, each reading the one
-  process's file: both continue the reference's batches, losses and validations to END."""
-  resumed, stopped = tmp_path / "from_two", tmp_path / "from_one"
-  shutil.copytree(two_processes[0], resumed)
+                                                      four_processes):
+  """The four processes' run resumed on one process of 4 devices (whose data-iterator state
+  file is process 0's of 4), and the reference stopped at step STOP (its checkpoint then;
+  the resumed run drops the later metrics) resumed on two processes of 2 devices, each
+  loading half the rows and reading the one process's file: both continue the reference's
+  batches, losses and validations to END."""
+  resumed, stopped = tmp_path / "from_four", tmp_path / "from_one"
+  shutil.copytree(four_processes[0], resumed)
   check_pipeline_run(tiny_training, str(resumed), reference,
-                     run_processes(tmp_path / "one", "1x4", str(resumed), END), END)
+                     run_processes(tmp_path / "one", "1x4", str(resumed), END, "data_tensor"), END)
   shutil.copytree(reference, stopped)
   shutil.rmtree(stopped / "checkpoints" / str(END))
   check_pipeline_run(tiny_training, str(stopped), reference,
-                     run_processes(tmp_path / "two", "2x2", str(stopped), END), END)
+                     run_processes(tmp_path / "two", "2x2", str(stopped), END, "data_tensor"), END)
   for workdir, processes in ((resumed, 1), (stopped, 2)):   # the layout the next resume checks
     assert json.loads((workdir / "run.json").read_text()) == {
         "process_count": processes, "device_count": 4, "batch_shards": 2}
@@ -282,4 +290,4 @@ def check_results(results: list[dict], losses: list[float], metrics: dict) -> No
     assert r["data_state"] == {"process": i}          # each process got its own iterator state
 
 if __name__ == "__main__":
-  worker(*sys.argv[1:6])
+  worker(*sys.argv[1:7])
