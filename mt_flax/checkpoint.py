@@ -272,6 +272,9 @@ def remove_temporary(directory, step: Optional[int] = None) -> list[str]:
   return removed
 
 
+REPLICA_SLICE_BYTES = 1 << 20
+
+
 def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
                  best_mode: str = "min", async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
@@ -288,6 +291,13 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
       best_fn=metric_fn, best_mode=best_mode, preservation_policy=policy,
       enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
   directory = _path(workdir) / CHECKPOINT_DIR
+  # Orbax splits a replicated array among its replicas, each writing a slice; a slice costs
+  # a dispatch per device (and on the first save a compile per device and shape), so only
+  # arrays whose slices reach REPLICA_SLICE_BYTES are split (a model's embeddings and
+  # large kernels, not its biases and norms).
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=REPLICA_SLICE_BYTES), override=True)
   handlers = {"params": ocp.StandardCheckpointHandler(),
               "opt_state": ocp.StandardCheckpointHandler(),
               "train": ocp.StandardCheckpointHandler(),

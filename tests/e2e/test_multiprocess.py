@@ -133,7 +133,8 @@ def train_pipeline(workdir: str, steps: int, mesh: str) -> list[int]:
 
 def worker(out_dir: str, layout: str, workdir: str, steps: str, mesh: str, checks: str) -> None:
   """One process of ``layout`` training ``workdir`` to ``steps`` on ``mesh``; first, with
-  ``checks`` == "1", the steps and the checkpoint of :func:`train_run` on every process's devices."""
+  ``checks`` == "1", the steps and the checkpoint of :func:`train_run` on every process's
+  devices."""
   import jax
   import ml_collections
   from mt_flax import checkpoint, sharding
