@@ -5,14 +5,16 @@ checkpoints averaged. The mean is taken in float32, leaf by leaf, and stored
 in each parameter's own dtype in ``DIR/averaged/`` with ``averaged.json``
 (the steps averaged). Only parameters are written there, apart from
 ``DIR/checkpoints/``, so a training run never resumes from them; ``eval``,
-``translate`` and ``audit`` load them with ``--checkpoint averaged``.
+``translate`` and ``audit`` load them with ``--checkpoint averaged``. On a pod every
+process reads and averages the params on the devices of
+:func:`mt_flax.sharding.inference_partitioner` and Orbax writes them from all of them.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mt_flax import checkpoint
+from mt_flax import checkpoint, sharding
 from mt_flax.config import ConfigError
 
 
@@ -21,9 +23,9 @@ def mean_params(manager, steps: list[int]):
 
   One checkpoint is in memory at a time, besides the running sum.
   """
-  total, dtypes = None, None
+  total, dtypes, placed = None, None, sharding.inference_partitioner().replicated
   for step in steps:
-    params = checkpoint.restore_params(manager, step)
+    params = checkpoint.restore_params(manager, step, placed)
     as_f32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     total = as_f32 if total is None else jax.tree.map(jnp.add, total, as_f32)
     if dtypes is None:

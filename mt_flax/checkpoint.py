@@ -572,9 +572,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return with_defaults(json.loads(path.read_text()), os.fspath(path))
 
 
-def restore_for_inference(workdir: str, which: str = "best"
+def restore_for_inference(workdir: str, which: str = "best", placed: Optional[Any] = None
                           ) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """Loads ``(config, params, step)`` from a training workdir for decoding on one device.
+  """Loads ``(config, params, step)`` from a training workdir for decoding (on the default
+  device, or with every array in the sharding ``placed``).
 
   ``which``: "best" (best validation metric; the latest if none was validated)
   or "latest". A step that does not read or verify is named on stderr and the
@@ -594,7 +595,7 @@ def restore_for_inference(workdir: str, which: str = "best"
   errors = []
   for step in [first] + [s for s in steps if s != first]:
     try:
-      params = restore_params(manager, step)
+      params = restore_params(manager, step, placed)
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"step {step} {_reason(e)}")
       continue
@@ -618,16 +619,18 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
                       async_save=False, read_only=True)
 
 
-def _on_one_device(metadata: Any) -> Any:
-  """Restore targets on the default device for a tree of array metadata."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+def _targets(metadata: Any, placed: Optional[Any] = None) -> Any:
+  """Restore targets for a tree of array metadata: every array in the sharding ``placed``
+  (default: on this process's first device)."""
+  placed = placed or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=placed), metadata)
 
 
-def restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
-  """The params of checkpoint ``step``, a plain tree of arrays on the default device, verified
-  against the digests saved with them (:func:`verify`)."""
-  target = _on_one_device(manager.item_metadata(step)["params"].tree)
+def restore_params(manager: ocp.CheckpointManager, step: int, placed: Optional[Any] = None
+                   ) -> Any:
+  """The params of checkpoint ``step``, a plain tree of arrays (placed as :func:`_targets`
+  says), verified against the digests saved with them (:func:`verify`)."""
+  target = _targets(manager.item_metadata(step)["params"].tree, placed)
   params = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target))).params
   verify(manager, step, params)
@@ -637,24 +640,29 @@ def restore_params(manager: ocp.CheckpointManager, step: int) -> Any:
 def save_averaged(workdir: str, params: Any, info: dict) -> str:
   """Writes ``params`` and ``info`` to ``workdir/averaged/`` (replacing it); returns the path.
 
-  Written to a temporary folder first and renamed, so a reader never sees half of it.
+  Written to a temporary folder first and renamed, so a reader never sees half of it. On
+  several processes every one calls it (Orbax writes the arrays from all of them) and
+  process 0 alone prepares, renames and removes folders.
   """
   final = _path(workdir) / AVERAGED_DIR
   tmp = _path(workdir) / f"{AVERAGED_DIR}.tmp"
-  if tmp.exists():
+  if sharding.is_primary() and tmp.exists():
     tmp.rmtree()
+  sharding.barrier("mt_flax_averaged_tmp")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp / "params", params)
   checkpointer.wait_until_finished()
-  (tmp / AVERAGED_INFO).write_text(json.dumps(info, indent=2))
-  if final.exists():
-    final.rmtree()
-  tmp.rename(final)
+  if sharding.is_primary():
+    (tmp / AVERAGED_INFO).write_text(json.dumps(info, indent=2))
+    if final.exists():
+      final.rmtree()
+    tmp.rename(final)
+  sharding.barrier("mt_flax_averaged")
   return os.fspath(final)
 
 
-def restore_averaged(workdir: str) -> tuple[Any, dict]:
-  """``(params, info)`` written by :func:`save_averaged`."""
+def restore_averaged(workdir: str, placed: Optional[Any] = None) -> tuple[Any, dict]:
+  """``(params, info)`` written by :func:`save_averaged` (placed as :func:`_targets` says)."""
   folder = _path(workdir) / AVERAGED_DIR
   if not (folder / AVERAGED_INFO).exists():
     raise CheckpointError(f"no averaged parameters in {workdir!r}; make them with "
@@ -664,4 +672,4 @@ def restore_averaged(workdir: str) -> tuple[Any, dict]:
   meta = checkpointer.metadata(folder / "params")
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
-  return checkpointer.restore(folder / "params", _on_one_device(tree)), info
+  return checkpointer.restore(folder / "params", _targets(tree, placed)), info

@@ -47,6 +47,7 @@ import numpy as np
 from flax import linen as nn
 
 from mt_flax.model import Transformer
+from mt_flax.sharding import JitPartitioner, to_host
 from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID
 
 Array = jnp.ndarray
@@ -326,25 +327,33 @@ def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
 def decode_ids(model: Transformer, params, sources: Sequence[Sequence[int]], *,
                beam_size: int = 1, alpha: float = 0.6, max_len_a: float = 1.5,
                max_len_b: float = 10.0, cached: bool = True, beam_rule: str = "t5x",
-               max_sentences: int = 64, max_tokens: int = 4096) -> list[list[int]]:
+               max_sentences: int = 64, max_tokens: int = 4096,
+               partitioner: Optional[JitPartitioner] = None) -> list[list[int]]:
   """Translates token-id sources (as the model reads them) into target ids.
 
   Returns, in input order, each output without EOS. Empty sources give ``[]``
-  without running the model.
+  without running the model. With a ``partitioner`` every process calls this with the
+  same sources: each batch (rows rounded up to a multiple of the batch shards) is one
+  program over its mesh, each process feeding the rows its devices hold, and every
+  process gets every output. ``params`` are then placed as the partitioner's
+  programs take them (they are not moved here).
   """
   outputs: list[list[int]] = [[] for _ in sources]
   todo = [i for i, s in enumerate(sources) if len(s)]
   plan = plan_batches([len(sources[i]) for i in todo], max_sentences=max_sentences,
                       max_tokens=max_tokens)
   params = nn.meta.unbox(params)
+  multiple = partitioner.global_batch_multiple if partitioner else 1
   for rows, width, chunk in plan:
-    src = np.zeros((rows, width), np.int32)
+    src = np.zeros((-(-rows // multiple) * multiple, width), np.int32)
     for r, j in enumerate(chunk):
       ids = sources[todo[j]]
       src[r, :len(ids)] = ids
-    tokens = np.asarray(search(model, params, src, beam_size=beam_size, alpha=alpha,
-                               max_len_a=max_len_a, max_len_b=max_len_b, cached=cached,
-                               beam_rule=beam_rule).tokens)
+    if partitioner:
+      src = partitioner.shard_batch(partitioner.rows.take({"src": src}))["src"]
+    tokens = to_host(search(model, params, src, beam_size=beam_size, alpha=alpha,
+                            max_len_a=max_len_a, max_len_b=max_len_b, cached=cached,
+                            beam_rule=beam_rule).tokens)
     for r, j in enumerate(chunk):
       outputs[todo[j]] = strip_eos(tokens[r])
   return outputs

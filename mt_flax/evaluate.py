@@ -25,7 +25,8 @@ fewer, which changes neither BLEU nor chrF). ``report.md`` lists the
 ``sacrebleu`` commands that recompute both from these files; ``report.json`` holds the
 SHA-256 of each text file it scores. A local report folder is written beside ``out_dir``
 and renamed into place when complete, so evals of one run at once never mix their files
-(the last to finish wins).
+(the last to finish wins). On a pod every process decodes its rows of each batch (see
+:func:`mt_flax.inference.load_trained`) and process 0 alone writes the report.
 
 Decoding and scoring live in :mod:`mt_flax.inference`, shared with the training loop.
 """
@@ -47,7 +48,7 @@ from typing import Optional, Sequence
 from etils import epath
 from sacrebleu.metrics import BLEU
 
-from mt_flax import paths
+from mt_flax import paths, sharding
 from mt_flax.errors import ConfigError
 from mt_flax.inference import (Trained, corpus_scores, decode_settings, one_line, stream_scores,
                                translate_examples)
@@ -124,13 +125,14 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
 
 
 def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_size: int,
-                 out_dir: str, stem: str, cached: bool = True) -> dict:
-  """Decodes each distinct source of ``examples`` once, scores and writes the files."""
+                 out_dir: Optional[str], stem: str, cached: bool = True) -> dict:
+  """Decodes each distinct source of ``examples`` once, scores and writes the files (none
+  when ``out_dir`` is None)."""
   groups = group_by_source(examples)
   t0 = time.time()
   unique = translate_examples(config, trained.model, trained.params, trained.tokenizer,
                               [examples[g[0]] for g in groups], beam_size=beam_size,
-                              cached=cached)
+                              cached=cached, partitioner=trained.partitioner)
   seconds = time.time() - t0
   hyps = [""] * len(examples)
   for group, hyp in zip(groups, unique):
@@ -141,12 +143,12 @@ def evaluate_set(config, trained: Trained, examples: Sequence[dict], *, beam_siz
   files = {"src": f"{stem}.src.txt", "hyp": f"{stem}.hyp.txt", "ref": f"{stem}.ref.txt",
            "multi_hyp": f"{stem}.multi.hyp.txt",
            "multi_refs": [f"{stem}.multi.ref.{j}.txt" for j in range(len(streams))]}
-  _write_lines(paths.as_path(out_dir) / files["src"], [one_line(ex["src_text"]) for ex in examples])
-  _write_lines(paths.as_path(out_dir) / files["hyp"], hyps)
-  _write_lines(paths.as_path(out_dir) / files["ref"], refs)
-  _write_lines(paths.as_path(out_dir) / files["multi_hyp"], multi_hyps)
-  for name, stream in zip(files["multi_refs"], streams):
-    _write_lines(paths.as_path(out_dir) / name, stream)
+  texts = {files["src"]: [one_line(ex["src_text"]) for ex in examples], files["hyp"]: hyps,
+           files["ref"]: refs, files["multi_hyp"]: multi_hyps,
+           **dict(zip(files["multi_refs"], streams))}
+  if out_dir is not None:
+    for name, lines in texts.items():
+      _write_lines(paths.as_path(out_dir) / name, lines)
   tokens = sum(len(trained.tokenizer.encode_tgt(h)) for h in unique)
   result = {"scores": corpus_scores(hyps, refs), "multi_scores": stream_scores(multi_hyps, streams),
             "slices": slice_scores(examples, hyps), "files": files,
@@ -297,13 +299,20 @@ def evaluate_run(trained: Trained, split: str, *, out_dir: str, beam_size: Optio
   examples = data.eval_examples(config, trained.tokenizer, split)
   if not examples:
     raise data.DataError(f"split {split!r} of {config.data.name} has no examples")
-  out = paths.as_path(out_dir)
-  staged = _staging_folder(out)
+  out, staged, refused = paths.as_path(out_dir), None, None
+  if sharding.is_primary():       # the one process that writes; the others decode their rows
+    try:
+      staged = _staging_folder(out)
+    except ConfigError as e:
+      refused = e
+  if sharding.any_process(refused is not None):
+    raise refused or ConfigError(f"process 0 cannot write the report into {out}")
   try:
     report = _evaluate_into(trained, split, examples, settings, staged, long_stress, cached)
-    _install(staged, out)
+    if staged is not None:
+      _install(staged, out)
   except BaseException:
-    if staged != out:
+    if staged not in (None, out):
       shutil.rmtree(staged, ignore_errors=True)
     raise
   return report
@@ -342,7 +351,8 @@ def _install(staged, out) -> None:
 
 def _evaluate_into(trained: Trained, split: str, examples: Sequence[dict], settings: dict,
                    out_dir, long_stress: bool, cached: bool) -> dict:
-  """Decodes, scores and writes every file of the report into ``out_dir``."""
+  """Decodes, scores and writes every file of the report into ``out_dir`` (none when it is
+  None: a process other than 0)."""
   from mt_flax import data
 
   config = trained.config
@@ -368,6 +378,8 @@ def _evaluate_into(trained: Trained, split: str, examples: Sequence[dict], setti
             "commands": commands}
   if "tokenized_bleu" in main:
     report["tokenized_bleu"] = main["tokenized_bleu"]["bleu"]
+  if out_dir is None:
+    return report
   out = paths.as_path(out_dir)
   report["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                       for p in sorted(out.glob("*.txt"))}

@@ -14,7 +14,7 @@ import ml_collections
 from flax import linen as nn
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt_flax import checkpoint, decode, paths
+from mt_flax import checkpoint, decode, paths, sharding
 from mt_flax.config import ConfigError, apply_overrides, load_config
 from mt_flax.special_ids import EOS_ID
 from mt_flax.model import Transformer, TransformerConfig, init_params
@@ -31,6 +31,7 @@ class Trained:
   step: int
   which: str = "best"          # "best", "latest" or "averaged"
   params_source: str = ""      # which checkpoint(s) the params come from, in words
+  partitioner: Any = None      # the mesh decoding runs over (sharding.inference_partitioner)
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
@@ -65,6 +66,11 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   ``which``: "best", "latest" (see :func:`checkpoint.restore_for_inference`)
   or "averaged" (written by ``python -m mt_flax average``).
 
+  On several processes (a pod) every process joins the others first
+  (:func:`sharding.maybe_initialize_distributed`) and must make the same calls: the
+  params are restored once, replicated on every device of the inference mesh, and
+  decoding runs over all of them (:func:`decode.decode_ids`).
+
   The config is the run's ``workdir/config.json``. ``config_path`` may name the
   experiment file the run was trained with: its ``decode`` section is then
   used, and its ``model`` section must match the run's. ``overrides``
@@ -75,6 +81,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   """
   from mt_flax.data import tokenizer as tok_lib
 
+  sharding.maybe_initialize_distributed()      # before anything touches the devices
   if not paths.as_path(workdir).is_dir():
     raise checkpoint.CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir "
                                      "of a `python -m mt_flax train` run")
@@ -89,13 +96,15 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
   apply_overrides(config, overrides)
   decode_settings(config)                                 # fails early on a bad beam size
   paths.use_compilation_cache(config)       # a repeated eval or translate skips compiling
+  partitioner = sharding.inference_partitioner()
+  placed = partitioner.replicated
   if which == "averaged":
-    params, info = checkpoint.restore_averaged(workdir)
+    params, info = checkpoint.restore_averaged(workdir, placed)
     step = int(info["steps"][-1])
     source = (f"average of the last {len(info['steps'])} checkpoints (steps "
               f"{', '.join(map(str, info['steps']))})")
   else:
-    _, params, step = checkpoint.restore_for_inference(workdir, which)
+    _, params, step = checkpoint.restore_for_inference(workdir, which, placed)
     source = f"{which} checkpoint (step {step})"
   tokenizer = tok_lib.Tokenizer.load(os.fspath(paths.as_path(workdir) / paths.TOKENIZER_DIR))
   try:
@@ -113,7 +122,7 @@ def load_trained(workdir: str, *, which: str = "best", config_path: Optional[str
         f"the checkpoint of step {step} in {workdir} does not fit the model of its config.json "
         f"and tokenizer/ (vocabulary {tokenizer.src_vocab_size}/{tokenizer.tgt_vocab_size}); "
         "was the tokenizer or config changed after training?")
-  return Trained(workdir, config, model, params, tokenizer, step, which, source)
+  return Trained(workdir, config, model, params, tokenizer, step, which, source, partitioner)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:\u3002])\s+")
@@ -209,7 +218,7 @@ def translate_lines(trained: Trained, lines: Sequence[str], *, beam_size: Option
                              first_line=first_line)
   flat = [src for sources in per_line for src in sources]
   outputs = iter(decode.decode_ids(trained.model, trained.params, flat, cached=cached,
-                                   **settings))
+                                   partitioner=trained.partitioner, **settings))
   result = []
   for sources in per_line:
     texts = [trained.tokenizer.decode_tgt(next(outputs)) for _ in sources]
@@ -224,11 +233,12 @@ def one_line(text: str) -> str:
 
 def translate_examples(config: ml_collections.ConfigDict, model, params, tokenizer,
                        examples: Sequence[dict], *, beam_size: int = 1,
-                       cached: bool = True) -> list[str]:
-  """Detokenized one-line hypotheses of ``examples`` (their ``src_ids``), in order."""
+                       cached: bool = True, partitioner=None) -> list[str]:
+  """Detokenized one-line hypotheses of ``examples`` (their ``src_ids``), in order, decoded
+  over ``partitioner``'s mesh if given (see :func:`decode.decode_ids`)."""
   settings = decode_settings(config, beam_size)
   outputs = decode.decode_ids(model, params, [ex["src_ids"] for ex in examples], cached=cached,
-                              **settings)
+                              partitioner=partitioner, **settings)
   return [one_line(tokenizer.decode_tgt(ids)) for ids in outputs]
 
 
@@ -252,14 +262,15 @@ def stream_scores(hypotheses: Sequence[str],
 
 
 def validation_bleu(config: ml_collections.ConfigDict, model, params, tokenizer,
-                    examples: Sequence[dict], *, beam_size: Optional[int] = None) -> dict:
+                    examples: Sequence[dict], *, beam_size: Optional[int] = None,
+                    partitioner=None) -> dict:
   """Decodes ``examples`` (from ``data.eval_examples``) and scores them.
 
   Greedy unless ``beam_size`` is given; batched by length and jitted (one
-  compile per batch shape, reused across calls). ``params`` may be boxed.
-  Returns ``{"bleu": float, "chrf": float}``.
+  compile per batch shape, reused across calls), over ``partitioner``'s mesh if
+  given. ``params`` may be boxed. Returns ``{"bleu": float, "chrf": float}``.
   """
   hyps = translate_examples(config, model, params, tokenizer, examples,
-                            beam_size=beam_size or 1)
+                            beam_size=beam_size or 1, partitioner=partitioner)
   scores = corpus_scores(hyps, [one_line(ex["ref_text"]) for ex in examples])
   return {"bleu": scores["bleu"], "chrf": scores["chrf"]}

@@ -29,9 +29,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
-from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mt_flax.errors import IdleGpus
+from mt_flax.errors import IdleGpus, UserError
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -140,6 +141,57 @@ def barrier(name: str, timeout_s: int = 3 * 3600) -> None:
 
 def is_primary() -> bool:
   return jax.process_index() == 0
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of ``x`` on this host, also where other processes hold some of it (a gather)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _broadcast_text(text: str) -> str:
+  """Process 0's ``text`` on every process (two broadcasts: its length, then its bytes)."""
+  data = np.frombuffer(text.encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+  data = data if is_primary() else np.zeros(size, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes().decode()
+
+
+def from_primary(items: Iterable[Any]) -> Iterator[Any]:
+  """Process 0's ``items`` (JSON values), one broadcast each, on every process; the others
+  never iterate their own (e.g. only process 0 reads stdin).
+
+  A :class:`UserError` raised by process 0's items is raised on every process (the same
+  line and exit status); closing the generator on process 0 ends it on every process.
+  """
+  if jax.process_count() == 1:
+    yield from items
+    return
+  source, failure = iter(items), None
+  while True:
+    message = None
+    if is_primary():
+      try:
+        message = {"item": next(source)}
+      except StopIteration:
+        message = {}
+      except UserError as e:
+        message, failure = {"error": str(e), "exit_code": e.exit_code}, e
+    message = json.loads(_broadcast_text(json.dumps(message)))
+    if "error" in message:
+      if failure is None:
+        failure = UserError(message["error"])
+        failure.exit_code = message["exit_code"]
+      raise failure
+    if "item" not in message:
+      return
+    try:
+      yield message["item"]
+    except GeneratorExit:
+      if is_primary():
+        _broadcast_text("{}")
+      raise
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -566,6 +618,15 @@ class PmapPartitioner:
   def metrics_to_host(self, metrics: Any) -> Any:
     """Metrics are psum'd, so every device holds the global values."""
     return self.first_copy(metrics)
+
+
+def inference_partitioner() -> JitPartitioner:
+  """Where ``eval``, ``translate``, ``audit`` and ``average`` place the params and decode: on
+  one process its first device (as ever); on several, every device of every process (each
+  program needs all of them anyway), a data-parallel mesh with the params replicated on each
+  device and the rows of each batch split between them."""
+  devices = jax.devices() if jax.process_count() > 1 else jax.devices()[:1]
+  return JitPartitioner(make_mesh(dict(zip(MESH_AXES, (-1, 1, 1))), devices))
 
 
 def make_partitioner(config) -> JitPartitioner | PmapPartitioner:

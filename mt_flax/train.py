@@ -587,8 +587,10 @@ def _make_validate(config, model, tokenizer, partitioner) -> Callable[[Any], dic
   """``params -> metrics``: loss, accuracy and perplexity on the validation split, plus BLEU
   and chrF on its first ``eval_bleu_examples`` pairs when that is positive.
 
-  Every process decodes the same examples with one full copy of the params, so
-  all of them agree on the best checkpoint.
+  With ``jit`` the examples are decoded over the training mesh with the params where they
+  are (sharded as trained, never gathered to a host), each process feeding its rows of
+  every batch; with ``pmap`` each process decodes them all with its first device's copy.
+  Every process gets every hypothesis, so all of them agree on the best checkpoint.
   """
   examples = data.eval_examples(config, tokenizer, "validation")
   batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
@@ -600,12 +602,10 @@ def _make_validate(config, model, tokenizer, partitioner) -> Callable[[Any], dic
   def validate(params) -> dict:
     metrics = evaluate_validation(eval_fn, params, batches, partitioner)
     if subset:
-      if partitioner.mode == "pmap":
-        params = partitioner.first_copy(params)
-      elif jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        params = multihost_utils.process_allgather(params, tiled=True)
-      metrics.update(inference.validation_bleu(config, model, params, tokenizer, subset))
+      jit = partitioner.mode == "jit"
+      metrics.update(inference.validation_bleu(
+          config, model, params if jit else partitioner.first_copy(params), tokenizer, subset,
+          partitioner=partitioner if jit else None))
     return metrics
   return validate
 

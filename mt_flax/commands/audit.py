@@ -7,13 +7,14 @@ Runs the invariance checks of ``mt_flax.invariance`` (causality,
 padding-content, padding-length, batch-independence, cross-length and
 cached-decoding) on the checkpoint, each on several real batches of different
 shapes (shortest, longest and in between), and prints one PASS/FAIL line per
-check. Exit status 1 when any check fails, 2 on bad input.
+check. Exit status 1 when any check fails, 2 on bad input. On a pod every process runs the
+checks on its copy of the params and process 0 prints them.
 """
 from __future__ import annotations
 
 import argparse
 
-from mt_flax import cli, data, invariance
+from mt_flax import cli, data, invariance, sharding
 from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
                       "and batches >= 1")
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
+  say = print if sharding.is_primary() else lambda *_: None
   examples = data.eval_examples(trained.config, trained.tokenizer, args.split)
   batches = [b for b, _ in data.eval_batches(examples, int(trained.config.batch_tokens))]
   chosen = invariance.pick_batches(batches, args.batches, args.rows)
@@ -40,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
     raise data.DataError(f"split {args.split!r} has no batch of 2 or more examples to audit")
   shapes = ", ".join(f"{b['src'].shape[0]}x{b['src'].shape[1]}->{b['tgt_in'].shape[1]}"
                      for b in chosen)
-  print(f"audit of {args.workdir} (step {trained.step}) on {len(chosen)} {args.split} batch(es) "
+  say(f"audit of {args.workdir} (step {trained.step}) on {len(chosen)} {args.split} batch(es) "
         f"[rows x source -> target: {shapes}]")
   results = invariance.check_batches(trained.model, trained.params, chosen)
   for r in results:
-    print(r.line())
+    say(r.line())
   failed = [r.name for r in results if not r.passed]
-  print(f"FAILED: {', '.join(failed)}" if failed else "all checks passed")
+  say(f"FAILED: {', '.join(failed)}" if failed else "all checks passed")
   return 1 if failed else 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from mt_flax import averaging, cli
+from mt_flax import averaging, cli, sharding
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+  sharding.maybe_initialize_distributed()
   info = averaging.average_last(args.workdir, args.last)
-  print(f"averaged steps {', '.join(map(str, info['steps']))} into {info['path']}; use "
-        f"--checkpoint averaged with eval, translate or audit")
+  if sharding.is_primary():
+    print(f"averaged steps {', '.join(map(str, info['steps']))} into {info['path']}; use "
+          f"--checkpoint averaged with eval, translate or audit")
   return 0
 
 

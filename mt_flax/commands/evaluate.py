@@ -3,13 +3,16 @@ r"""``python -m mt_flax eval``: the command line of :func:`mt_flax.evaluate.eval
     python -m mt_flax eval --workdir DIR [--split test] [--beam 4]
         [--checkpoint best|latest|averaged] [--max-examples N] [--long-examples N]
         [--out DIR] [--config.key=value ...]
+
+On a pod every process runs it and decodes its rows of each batch; process 0 writes the
+report and prints the summary.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from mt_flax import cli, evaluate, paths
+from mt_flax import cli, evaluate, paths, sharding
 from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                                  max_examples=args.max_examples,
                                  long_examples=args.long_examples,
                                  cached=not args.full_recompute)
-  print_summary(report, out_dir)
+  if sharding.is_primary():
+    print_summary(report, out_dir)
   return 0
 
 

@@ -15,6 +15,8 @@ stop the command before their window is translated, unless ``--invalid replace``
 it is translated, so output starts early and before the input ends; on a terminal
 stderr shows lines/s.
 ``--beam`` defaults to ``decode.beam_size`` of the run's config; 1 is greedy search.
+On a pod every process runs the command: process 0 reads stdin and shares each window,
+all of them decode it together, and process 0 writes the output.
 
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 import time
 from typing import BinaryIO, Iterator
 
-from mt_flax import cli
+from mt_flax import cli, sharding
 from mt_flax.config import ConfigError
 from mt_flax.inference import load_trained, read_lines, translate_lines
 
@@ -85,24 +87,32 @@ def read_windows(stream: BinaryIO, invalid: str, size: int) -> Iterator[tuple[in
 
 
 def run(args: argparse.Namespace) -> int:
-  warn = lambda message: print(f"mt_flax translate: warning: {message}", file=sys.stderr)
   if args.beam is not None and args.beam < 1:
     raise ConfigError(f"--beam {args.beam}: expected an integer >= 1")
   if args.window < 1:
     raise ConfigError(f"--window {args.window}: expected an integer >= 1")
-  windows = read_windows(sys.stdin.buffer, args.invalid, args.window)
+  sharding.maybe_initialize_distributed()
+  primary = sharding.is_primary()
+
+  def warn(message: str) -> None:
+    if primary:
+      print(f"mt_flax translate: warning: {message}", file=sys.stderr)
+
+  windows = sharding.from_primary(read_windows(sys.stdin.buffer, args.invalid, args.window))
   head = list(itertools.islice(windows, 1))          # bad input is reported before loading
   trained = load_trained(args.workdir, which=args.checkpoint, config_path=args.config,
                          overrides=args.overrides)
-  progress, t0, done = sys.stderr.isatty(), time.time(), 0
+  progress, t0, done = primary and sys.stderr.isatty(), time.time(), 0
   for first, lines in itertools.chain(head, windows):
     outputs = translate_lines(trained, lines, beam_size=args.beam,
                               split_long=args.long == "split", cached=not args.full_recompute,
                               warn=warn, first_line=first)
     try:
-      sys.stdout.write("".join(line + "\n" for line in outputs))
-      sys.stdout.flush()
+      if primary:
+        sys.stdout.write("".join(line + "\n" for line in outputs))
+        sys.stdout.flush()
     except BrokenPipeError:          # the reader went away (e.g. `| head`): not an error here
+      windows.close()                # the other processes stop too
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       return 0
     done += len(lines)

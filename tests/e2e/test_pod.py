@@ -60,17 +60,14 @@ def gcs_has(gcs, path: str) -> bool:
     raise
 
 
-def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
+def pod_train(gcs, pod_env, argv: list[str], workdir: str, log_dir, name: str,
               sigterm_after: int | None, kill: bool = False) -> list[int]:
   """Runs ``train`` as 2 processes x 4 devices; SIGTERMs both once ``sigterm_after`` is logged
   (``kill``: SIGKILLs both once checkpoint ``sigterm_after`` of a gs:// workdir is committed).
 
   Returns both exit statuses.
   """
-  import portpicker
-  env = dict(gcs.env(devices=4),
-             MT_FLAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}",
-             MT_FLAX_NUM_PROCESSES="2", **{workdir_lock.HEARTBEAT_ENV: "1"})
+  env = dict(pod_env(2, 4), **{workdir_lock.HEARTBEAT_ENV: "1"})
   logs = [open(log_dir / f"{name}_{sigterm_after}_{i}.log", "w") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, "-m", "mt_flax", "train", "--workdir", workdir,
                              *argv], env=dict(env, MT_FLAX_PROCESS_ID=str(i)), cwd=ROOT,
@@ -97,8 +94,8 @@ def pod_train(gcs, argv: list[str], workdir: str, log_dir, name: str,
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_training, tmp_path,
-                                                       mode, call_main, capsys):
+def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, pod_env, tiny_training,
+                                                       tmp_path, mode, call_main, capsys):
   argv, losses = ["--config", CONFIG, *overrides(mode)], tiny_training.losses
   on_gcs = mode == "jit_data_fsdp_tensor"     # the other reads the gs:// workdir after training
   single = (gcs_emulator.path(f"single_{mode}") if on_gcs
@@ -107,7 +104,7 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   assert one["step"] == STEPS
 
   workdir = gcs_emulator.path(f"pod_{mode}")
-  status = pod_train(gcs_emulator, argv, workdir, tmp_path, mode,
+  status = pod_train(gcs_emulator, pod_env, argv, workdir, tmp_path, mode,
                      sigterm_after=4 if on_gcs else 2, kill=on_gcs)
   log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
   assert status == ([-signal.SIGKILL] * 2 if on_gcs else [143, 143]), log()
@@ -115,7 +112,8 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   assert not (root / "DONE").exists()
   stopped = max(losses(workdir))
   assert stopped < STEPS
-  assert pod_train(gcs_emulator, argv, workdir, tmp_path, mode, sigterm_after=None) == [0, 0], log()
+  assert pod_train(gcs_emulator, pod_env, argv, workdir, tmp_path, mode,
+                   sigterm_after=None) == [0, 0], log()
   resumed = (tmp_path / f"{mode}_None_0.log").read_text()
   assert "resumed from checkpoint" in resumed
   if on_gcs:     # the killed run's lock: watched for the bound (3 s), then taken over
@@ -130,6 +128,10 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, tiny_trainin
   assert sorted(evals(workdir)) == [6, 12]
   np.testing.assert_allclose([evals(workdir)[s] for s in (6, 12)],
                              [evals(single)[s] for s in (6, 12)], rtol=1e-4)
+  # BLEU and chrF of validation: decoded over the devices of both processes (jit), or by each
+  # process on its own copy of the params (pmap)
+  scores = lambda w: [(r["bleu"], r["chrf"]) for r in read_metrics(w) if "chrf" in r]
+  assert scores(workdir) == scores(single) and len(scores(workdir)) == 2
   for name in ("config.json", "run.json", "DONE", "tokenizer/tokenizer.json"):
     assert (root / name).exists(), name
   assert any(p.name.startswith("events.out.tfevents") for p in (root / "tensorboard").iterdir())
