@@ -14,8 +14,8 @@
 #   ./launch.sh slurm [logs|cancel] [--dry-run] --nodes N --gpus-per-node G [--partition P] \
 #       [--time T] [--account A] -- train --config FILE --workdir DIR   (sbatch, one task per GPU)
 # Environment: MT_FLAX_VENV (default .venv), PYTHON (default python3, >= 3.11) to create it with,
-# MT_FLAX_EXTRAS (default test; gpu where nvidia-smi -L lists a GPU and for slurm, whose jobs
-# run this venv; tpu on TPU VMs) the extras installed with it,
+# MT_FLAX_EXTRAS (default test; gpu where nvidia-smi -L lists a GPU; tpu on TPU VMs) the extras
+# installed with it, MT_FLAX_GPU_VENV (default .venv-gpu, gpu extra) the venv slurm jobs run,
 # MT_FLAX_RUN_DIR (default runs/bible_en_es_tiny) and MT_FLAX_EVAL_ARGS (extra eval flags, e.g.
 # "--beam 1 --max-examples 200") for the default run, MT_FLAX_NO_SETUP=1 to skip the install
 # check (the venv must exist). Every command but tpu and slurm preloads tcmalloc (Debian
@@ -211,8 +211,14 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mt_flax tpu "$@"
     ;;
   slurm)
-    MT_FLAX_EXTRAS=${MT_FLAX_EXTRAS:-gpu} setup    # the jobs run this venv on the GPU nodes
-    exec "$VENV/bin/python" -m mt_flax slurm "$@"
+    # The jobs run a venv of their own with the gpu extra (MT_FLAX_GPU_VENV, default .venv-gpu),
+    # made here on first use; --dry-run only prints, from the usual venv, and installs no CUDA.
+    gpu_venv=${MT_FLAX_GPU_VENV:-$ROOT/.venv-gpu}
+    case " $* " in
+      *" --dry-run "*) setup ;;
+      *) VENV=$gpu_venv MT_FLAX_EXTRAS=${MT_FLAX_EXTRAS:-gpu} setup; VENV=$gpu_venv ;;
+    esac
+    exec "$VENV/bin/python" -m mt_flax slurm --python "$gpu_venv/bin/python" "$@"
     ;;
   setup)
     setup

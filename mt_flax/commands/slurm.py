@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--time", default="", help="#SBATCH --time, the time limit, e.g. 24:00:00; "
                  "the run saves and is requeued before it")
   p.add_argument("--account", default="", help="#SBATCH --account")
+  p.add_argument("--python", default=sys.executable,
+                 help="the interpreter every task runs (default: this one; ./launch.sh "
+                      "passes its GPU venv's)")
   p.add_argument("--workdir", default="", help="logs, cancel: the run's workdir")
   p.add_argument("--follow", action="store_true", help="logs: keep printing new lines")
   return p
@@ -39,7 +42,7 @@ def submit(args: argparse.Namespace) -> int:
     raise slurm.SlurmError("submit needs --gpus-per-node, e.g. 8")
   job = slurm.Job(args.nodes, args.gpus_per_node, args.tasks_per_node, args.partition,
                   args.time, args.account)
-  script = slurm.sbatch_script(job, args.mt_args)
+  script = slurm.sbatch_script(job, args.mt_args, python=args.python)
   if args.dry_run:
     print(script, end="")
     return 0

@@ -48,6 +48,16 @@ def test_one_task_per_gpu_script(capsys):
   assert "trap 'stopping=1; kill -TERM \"$step\"' USR1" in lines
 
 
+def test_the_tasks_run_the_given_interpreter(capsys):
+  """``./launch.sh slurm`` passes its GPU venv's python (the tasks need CUDA JAX, this
+  process need not have it)."""
+  rc, out, err = dry_run(capsys, "--gpus-per-node", "2", "--python", "/shared/.venv-gpu/bin/python",
+                         "--", *TRAIN)
+  assert rc == 0, err
+  assert ("srun --ntasks-per-node=2 --kill-on-bad-exit=0 /shared/.venv-gpu/bin/python -m "
+          "mt_flax train") in out
+
+
 def test_one_task_per_node_is_refused_in_one_line(capsys):
   rc, out, err = dry_run(capsys, "--nodes", "2", "--gpus-per-node", "8", "--tasks-per-node",
                          "1", "--", *TRAIN)
