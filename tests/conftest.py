@@ -236,11 +236,14 @@ class TinyTraining:
 
 @pytest.fixture(scope="session")
 def tiny_training(tmp_path_factory) -> TinyTraining:
-  """Trains the tiny tokenizer once; workdirs get a copy (then loaded, not retrained)."""
+  """Trains the tiny tokenizer once and tokenizes the training split with it once; workdirs get
+  a copy of both (the tokenizer folder holds the token cache), loaded, not redone."""
   from mt_flax import data
   from mt_flax.config import load_config
   folder = tmp_path_factory.mktemp("tokenizer_source")
-  data.load_or_train_tokenizer(load_config(TEST_CONFIG), str(folder))
+  config = load_config(TEST_CONFIG)
+  data.training_set(config, data.load_or_train_tokenizer(config, str(folder)))
+  assert list((folder / "tokenizer" / "cache").glob("train-*.npz"))
   return TinyTraining(folder / "tokenizer")
 
 
