@@ -22,6 +22,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from mt_flax import masks
 from mt_flax.errors import ConfigError
@@ -40,8 +41,8 @@ def attend(q: Array, k: Array, v: Array, structure: masks.Structure,
   """Softmax attention of q ``[B, T, N, H]`` over k, v ``[B, S, N, H]`` -> ``[B, T, N, H]``.
 
   Values at real query positions equal the dense-mask path; padded query rows
-  are finite and read by nothing. Checked when traced, so that building a
-  config initialises no backend (multi-process runs must do that first).
+  are finite and read by nothing. The backend is checked here, when traced, so
+  that building a config starts no backend (multi-process runs must start it last).
   """
   if implementation == "cudnn" and jax.default_backend() != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs a GPU, this backend is "
@@ -103,20 +104,35 @@ def splash(q: Array, k: Array, v: Array, structure: masks.Structure) -> Array:
   Rows are padded to a multiple of 128 with the pad ids of :mod:`mt_flax.masks`,
   which match nothing, so added and padded keys are never read. Lowered for TPU
   it is the Mosaic kernel, for any other platform the same kernel interpreted.
+  A Mosaic kernel cannot be partitioned by XLA: under a mesh (see
+  :meth:`mt_flax.sharding.Sharding.in_context`) each device runs it on its own
+  rows and heads, as the logical axis rules shard them.
   """
+  run = functools.partial(_splash_rows, causal=structure.causal)
+  args = (q, k, v, structure.q_ids, structure.kv_ids)
+  if jax.sharding.get_abstract_mesh().empty:
+    return run(*args)
+  heads = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  rows = nn.logical_to_mesh_axes(("batch", "length"))
+  return jax.shard_map(run, in_specs=(heads, heads, heads, rows, rows), out_specs=heads,
+                       check_vma=False)(*args)
+
+
+def _splash_rows(q: Array, k: Array, v: Array, q_ids: Array, kv_ids: Array, *,
+                 causal: bool) -> Array:
+  """:func:`splash` on one device's rows and heads."""
   from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
   t, s, h = q.shape[1], k.shape[1], q.shape[-1]
   tp, sp = _round_up(t), _round_up(s)
   rows = lambda x, n, fill=0: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
                                       constant_values=fill)
   heads_first = lambda x, n: rows(x, n).transpose(0, 2, 1, 3)
-  ids = SegmentIds(rows(structure.q_ids, tp, masks.QUERY_PAD),
-                   rows(structure.kv_ids, sp, masks.KEY_PAD))
+  ids = SegmentIds(rows(q_ids, tp, masks.QUERY_PAD), rows(kv_ids, sp, masks.KEY_PAD))
   args = (heads_first(q / jnp.sqrt(h).astype(q.dtype), tp), heads_first(k, sp),
           heads_first(v, sp), ids)
 
   def run(interpret: bool):
-    kernel = _splash_kernel(structure.causal, q.shape[2], tp, sp, interpret)
+    kernel = _splash_kernel(causal, q.shape[2], tp, sp, interpret)
     return lambda *a: jax.vmap(kernel)(*a)
 
   out = jax.lax.platform_dependent(*args, tpu=run(False), default=run(True))
