@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.max_len = 1024            # longest position for learned positions
   c.model.dtype = "float32"         # compute dtype, e.g. "bfloat16"
   c.model.param_dtype = "float32"
+  c.model.attention = "xla"         # "xla" (dense masks), "cudnn" (GPU, bf16/fp16; packed rows
+                                    # fall back to "xla") or "splash" (TPU); decoding and
+                                    # attention dropout always take "xla"
 
   c.decode = ml_collections.ConfigDict()
   c.decode.beam_size = 4            # 1 = greedy

@@ -54,7 +54,7 @@ EXPRESSIBLE = {
     "num_encoder_layers": None, "num_decoder_layers": None, "mlp_dim": None,
     "dropout_rate": None, "attention_dropout_rate": None, "share_embeddings": None,
     "tie_output": None, "pre_ln": None, "positions": ("sinusoidal", "learned"), "max_len": None,
-    "dtype": None, "param_dtype": None,
+    "dtype": None, "param_dtype": None, "attention": None,
 }
 MODEL_SOURCE, MODEL_TARGET = "source.spm.model", "target.spm.model"
 INFO_FILE = "mt_flax_export.json"

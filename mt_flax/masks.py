@@ -18,10 +18,19 @@ key/value cache, while cross-attention is still masked by the source padding.
 
 A query row that is padding masks every key; attention then yields a finite,
 ignored value (see ``mt_flax.model``), never NaN.
+
+The same masks as structure, for fused kernels that take ids rather than a
+dense mask (:mod:`mt_flax.attention`): a :class:`Structure` holds one id per
+query and per key, and a causal flag; a query may attend to a key when their
+ids are equal (and, if causal, the key is not later). Real tokens carry their
+segment id (1 when unpacked); padding carries ``QUERY_PAD`` as a query and
+``KEY_PAD`` as a key, which equal no id, so a padded key is never read and a
+padded query reads nothing. :func:`structure_mask` turns it back into the dense
+mask, equal to the builders above.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
@@ -120,3 +129,55 @@ def cache_self_mask(step: Array, cache_len: int) -> Array:
     bool ``[1, 1, 1, L]``.
   """
   return (jnp.arange(cache_len) <= step)[None, None, None, :]
+
+
+QUERY_PAD = -1   # the structure id of a padded query
+KEY_PAD = -2     # the structure id of a padded key
+
+
+class Structure(NamedTuple):
+  """Who attends to whom, as ids: query i may attend to key j iff
+  ``q_ids[b, i] == kv_ids[b, j]`` (and ``j <= i`` when ``causal``).
+
+  Attributes:
+    q_ids: int ``[B, T_q]``, segment id of each real query, ``QUERY_PAD`` at padding.
+    kv_ids: int ``[B, T_k]``, segment id of each real key, ``KEY_PAD`` at padding.
+    causal: static; adds the look-ahead mask (self-attention only).
+    packed: static; whether rows hold several segments (kernels that take only
+      lengths cannot express that).
+  """
+  q_ids: Array
+  kv_ids: Array
+  causal: bool
+  packed: bool
+
+
+def _ids(tokens: Array, segments: Optional[Array], pad: int) -> Array:
+  real = jnp.ones_like(tokens) if segments is None else segments
+  return jnp.where(tokens != PAD_ID, real, pad).astype(jnp.int32)
+
+
+def attention_structure(q_tokens: Array, k_tokens: Array, *, causal: bool,
+                        q_segments: Optional[Array] = None,
+                        k_segments: Optional[Array] = None) -> Structure:
+  """The structure of one attention from its query and key tokens (and segments).
+
+  Encoder self: ``(src, src)``; decoder self: ``(tgt, tgt, causal=True)``; decoder
+  cross: ``(tgt, src)``, the **source** padding on the keys, as in :func:`cross_mask`.
+
+  Args:
+    q_tokens: int ``[B, T_q]``, 0 = pad.
+    k_tokens: int ``[B, T_k]``, 0 = pad.
+    causal: whether to add the look-ahead mask (needs ``T_q == T_k``).
+    q_segments, k_segments: optional int segment ids of packed rows, both or neither.
+  """
+  if (q_segments is None) != (k_segments is None):
+    raise ValueError("segment ids must be given for both queries and keys, or neither")
+  return Structure(_ids(q_tokens, q_segments, QUERY_PAD), _ids(k_tokens, k_segments, KEY_PAD),
+                   causal, q_segments is not None)
+
+
+def structure_mask(structure: Structure) -> Array:
+  """The dense mask of ``structure``: bool ``[B, 1, T_q, T_k]``."""
+  mask = segment_mask(structure.q_ids, structure.kv_ids)
+  return mask & causal_mask(mask.shape[-1]) if structure.causal else mask

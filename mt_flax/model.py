@@ -2,8 +2,11 @@
 
 All masking goes through :mod:`mt_flax.masks`; the masks are built once per
 call at the top of the encoder/decoder and carried unchanged through every
-layer. Parameters carry logical axis names (``vocab``, ``embed``, ``heads``,
-``kv``, ``mlp``) so that :mod:`mt_flax.sharding` can map them onto a mesh.
+layer: dense boolean masks for ``attention="xla"``, or their
+:class:`~mt_flax.masks.Structure` for the fused kernels of :mod:`mt_flax.attention`
+(incremental decoding always uses the dense masks). Parameters carry logical
+axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``) so that
+:mod:`mt_flax.sharding` can map them onto a mesh.
 
 Incremental decoding (used by :mod:`mt_flax.decode`)::
 
@@ -29,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mt_flax import masks
+from mt_flax import attention, masks
+from mt_flax.errors import ConfigError
 
 Array = jnp.ndarray
 
@@ -58,6 +62,7 @@ class TransformerConfig:
   max_len: int = 1024             # longest position for learned positions
   dtype: str = "float32"          # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"
+  attention: str = "xla"          # "xla" (dense mask), "cudnn" (GPU) or "splash" (TPU)
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -73,6 +78,12 @@ class TransformerConfig:
         jnp.dtype(getattr(self, field))
       except TypeError:
         raise ValueError(f"model.{field}={getattr(self, field)!r} is not a dtype name") from None
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ConfigError(f"model.attention={self.attention!r}: expected one of "
+                        f"{attention.NAMES}")
+    if self.attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16, "
+                        f"got {self.dtype!r}")
 
   @classmethod
   def from_config(cls, model_cfg: Any, src_vocab_size: int, tgt_vocab_size: int,
@@ -157,7 +168,9 @@ def _dense_init(axes):
 
 
 class Attention(nn.Module):
-  """Multi-head attention; masking only through the boolean ``mask`` argument.
+  """Multi-head attention; masking only through ``mask``: a dense boolean mask, or
+  a :class:`~mt_flax.masks.Structure` for ``config.attention`` (with attention
+  dropout in training, the structure's dense mask on the reference path).
 
   With ``decode=True`` it keeps a cache: self-attention stores keys/values per
   step, cross-attention stores the keys/values of the encoder output once.
@@ -168,7 +181,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, kv: Optional[Array], mask: Array, *, train: bool,
                decode: bool = False, index: Optional[Array] = None) -> Array:
-    """x: ``[B, T, D]`` queries; kv: ``[B, S, D]`` (cross) or None (self); mask ``[B|1, 1, T, S]``."""
+    """x: ``[B, T, D]`` queries; kv: ``[B, S, D]`` (cross) or None (self); mask
+    ``[B|1, 1, T, S]`` or a Structure."""
     cfg = self.config
     n, h = cfg.num_heads, cfg.d_model // cfg.num_heads
     proj = lambda name: nn.DenseGeneral(
@@ -203,9 +217,13 @@ class Attention(nn.Module):
         k, v = k_new, v_new
 
     dropout = cfg.attention_dropout_rate if train else 0.0
-    if dropout == 0.0:
+    structured = isinstance(mask, masks.Structure)
+    if structured and dropout == 0.0:
+      out = attention.attend(q, k, v, mask, cfg.attention)
+    elif dropout == 0.0:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
+      mask = masks.structure_mask(mask) if structured else mask
       out = _attention_with_dropout(q, k, v, mask, dropout, self.make_rng("dropout"))
     return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
                            param_dtype=cfg.params_dtype, use_bias=False,
@@ -422,7 +440,11 @@ class Transformer(nn.Module):
   def encode(self, src: Array, *, train: bool = False, src_segments: Optional[Array] = None,
              src_positions: Optional[Array] = None) -> Array:
     """src: int ``[B, S]`` -> encoder output ``[B, S, D]`` (compute dtype)."""
-    mask = masks.encoder_self_mask(src, src_segments)
+    if self.config.attention == "xla":
+      mask = masks.encoder_self_mask(src, src_segments)
+    else:
+      mask = masks.attention_structure(src, src, causal=False, q_segments=src_segments,
+                                       k_segments=src_segments)
     x = self.src_embed(src, _default_positions(src, src_positions))
     x = self.embed_dropout(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -451,9 +473,15 @@ class Transformer(nn.Module):
         cache_len = self.variables["cache"]["decoder_0"]["self_attn"]["cached_key"].shape[1]
         self_mask = masks.cache_self_mask(index, cache_len)
         tgt_positions = jnp.full(tgt_in.shape, index, jnp.int32)
-    if index is None:
-      self_mask = masks.decoder_self_mask(tgt_in, tgt_segments)
-    cross = masks.cross_mask(tgt_in, src, tgt_segments, src_segments)
+    if decode or self.config.attention == "xla":
+      if index is None:
+        self_mask = masks.decoder_self_mask(tgt_in, tgt_segments)
+      cross = masks.cross_mask(tgt_in, src, tgt_segments, src_segments)
+    else:
+      self_mask = masks.attention_structure(tgt_in, tgt_in, causal=True,
+                                            q_segments=tgt_segments, k_segments=tgt_segments)
+      cross = masks.attention_structure(tgt_in, src, causal=False, q_segments=tgt_segments,
+                                        k_segments=src_segments)
 
     x = self.tgt_embed(tgt_in, _default_positions(tgt_in, tgt_positions))
     x = self.embed_dropout(x, deterministic=not train)
