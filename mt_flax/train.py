@@ -45,6 +45,11 @@ from mt_flax.paths import CONFIG_FILE, DONE_FILE, GIT_FILE, RUN_FILE
 
 PREEMPTED_EXIT = 143   # 128 + SIGTERM
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
+# Train steps queued on the devices at most: the host waits for the step this many before
+# the one it just queued (no stall: the device still has the later ones to run). Unbounded,
+# the host queues a whole log period ahead; on the CPU client a device then reaches its cap
+# of computations in flight while the others wait for it in a collective, and the run hangs.
+STEPS_IN_FLIGHT = 2
 BATCH_KEYS = ("src", "tgt_in", "tgt_out") + steps.MODEL_INPUTS
 
 # Config keys and sections the resumed run must share with the run that made the workdir
@@ -435,6 +440,8 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
         _write_train_metrics(run, pending, timer)
       state, metrics = run.train_fn(state, batch)
       pending.append((step, metrics, stats))
+      if len(pending) > STEPS_IN_FLIGHT:          # the host stays at most this far ahead
+        jax.block_until_ready(pending[-STEPS_IN_FLIGHT - 1][1])
       bar.update(1)
       if compiles:
         shapes.add(shape)
