@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -89,12 +90,27 @@ def maybe_initialize_distributed() -> None:
                        "MT_FLAX_PROCESS_ID") from None
     jax.distributed.initialize(coordinator_address=env["MT_FLAX_COORDINATOR"],
                                num_processes=num, process_id=pid)
+    _native_stdout_to_stderr()
     return
   tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if (env.get("MT_FLAX_DISTRIBUTED") == "1" or len(tpu_hosts) > 1
       or int(env.get("SLURM_NTASKS", "1") or 1) > 1):
     jax.distributed.initialize()
+    _native_stdout_to_stderr()
   check_slurm_gpus(env)
+
+
+def _native_stdout_to_stderr() -> None:
+  """Sends what native code writes to stdout to stderr; Python's ``sys.stdout`` stays on stdout.
+
+  Gloo (the CPU collectives between processes) prints a ``[Gloo] Rank ...`` line from C++
+  whenever it connects, from several threads at once, which would otherwise land amid the
+  report or the translations that process 0 writes to stdout."""
+  sys.stdout.flush()
+  stdout = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(stdout, "w", buffering=1 if sys.stdout.line_buffering else -1,
+                         encoding=sys.stdout.encoding, errors=sys.stdout.errors)
 
 
 def check_gpu_layout(gpus_per_node: int, tasks_per_node: int, gpus_per_task: int) -> None:
