@@ -2,8 +2,8 @@
 
 ``config.model.attention`` picks one:
 
-- ``"xla"`` (default): ``jax.nn.dot_product_attention`` with the dense boolean mask
-  of :mod:`mt_flax.masks`, the reference every other implementation must equal.
+- ``"xla"`` (default): :func:`dense_attention` with the dense boolean mask of
+  :mod:`mt_flax.masks`, the reference every other implementation must equal.
 - ``"cudnn"`` (GPU, bfloat16/float16): cuDNN's fused kernel given query and key
   lengths and a causal flag. It has no segment ids, so packed rows take the
   ``"xla"`` path (logged once).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,49 @@ def attend(q: Array, k: Array, v: Array, structure: masks.Structure,
                                         is_causal=structure.causal, implementation="cudnn")
   if implementation == "cudnn":
     _warn_packed_once()
-  return jax.nn.dot_product_attention(q, k, v, mask=masks.structure_mask(structure))
+  return dense_attention(q, k, v, masks.structure_mask(structure))
+
+
+def dense_attention(q: Array, k: Array, v: Array, mask: Array,
+                    dropout: Callable[[Array], Array] | None = None) -> Array:
+  """Softmax attention of q ``[B, T, N, H]`` over k, v ``[B, S, N, H]`` where the boolean
+  ``mask`` ``[B|1, 1|N, T, S]`` is True; ``dropout`` (optional) maps the weights.
+
+  The scores and weights ``[B, N, T, S]`` are kept in the compute dtype (half the bytes
+  in bfloat16), while the softmax and its gradient compute in float32 from them
+  (:func:`masked_softmax`). A row with no True entry gets uniform weights (it is padding,
+  read by nothing).
+  """
+  scores = jnp.einsum("btnh,bsnh->bnts", q, k)
+  weights = masked_softmax(scores, mask, q.shape[-1] ** -0.5)
+  if dropout is not None:
+    weights = dropout(weights)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def masked_softmax(scores: Array, mask: Array, scale: float) -> Array:
+  """``softmax(scale * scores)`` over the last axis where ``mask``, in float32, returned in
+  the dtype of ``scores``; the gradient too is computed in float32 from that result."""
+  return _masked_softmax_fwd(scores, mask, scale)[0]
+
+
+def _masked_softmax_fwd(scores, mask, scale):
+  z = jnp.where(mask, scores.astype(jnp.float32) * scale, jnp.finfo(jnp.float32).min / 2)
+  z = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+  weights = (z / jnp.sum(z, axis=-1, keepdims=True)).astype(scores.dtype)
+  return weights, (weights, mask)
+
+
+def _masked_softmax_bwd(scale, residuals, d_weights):
+  weights, mask = residuals
+  p, dp = weights.astype(jnp.float32), d_weights.astype(jnp.float32)
+  d_scores = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
+  # masked scores are constants: no gradient (a row with every key masked has p > 0)
+  return jnp.where(mask, d_scores, 0.0).astype(weights.dtype), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 @functools.cache

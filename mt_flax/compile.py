@@ -307,8 +307,9 @@ def _timed_compile(jitted, *args) -> tuple[Any, float]:
 
 def compile_steps(config: ml_collections.ConfigDict, topology: Topology, buckets: Sequence[
                   bucketing.Bucket], src_vocab: int, tgt_vocab: int, *, devices: list,
-                  top: int = 0, log=print) -> list[dict[str, Any]]:
-  """Compiles the train and eval steps of ``config`` for each bucket on ``devices``."""
+                  top: int = 0, log=print, hlo: dict | None = None) -> list[dict[str, Any]]:
+  """Compiles the train and eval steps of ``config`` for each bucket on ``devices``
+  (``hlo``: a dict that receives the last compiled HLO text of each step)."""
   try:
     mesh = sharding.make_mesh(config.mesh, devices)
     model_cfg = TransformerConfig.from_config(config.model, src_vocab, tgt_vocab)
@@ -341,6 +342,8 @@ def compile_steps(config: ml_collections.ConfigDict, topology: Topology, buckets
           raise
         row[step] = {"hbm": {"fits": False}, "error": str(e).strip().splitlines()[0]}
         continue
+      if hlo is not None:
+        hlo[step] = compiled.as_text()
       row[step] = {**analyse(compiled, topology.chip, row["target_tokens"], topology.chips,
                              top=top), "compile_s": seconds}
     log(format_row(row))

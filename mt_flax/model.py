@@ -133,27 +133,34 @@ class _LogicalKernel(nn.LogicallyPartitioned):
 
 def _matrix_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
                         preferred_element_type=None) -> Array:
-  """``lax.dot_general`` for the dense layers, as one 2-D matrix product.
+  """``lax.dot_general`` for the dense layers; on the CPU as one 2-D matrix product.
 
   The attention and MLP projections contract the trailing axes of ``lhs`` with
   the leading axes of ``rhs`` (``[B, T, D] x [D, N, H]``, ``[B, T, N, H] x [N, H, D]``,
   ``[B, T, D] x [D, F]``). Written over 3-D activations or several contracting
   axes, the backward products contract two axes at once and XLA's CPU backend
   copies a transposed kernel or gradient for them on every step; reshaped to
-  ``[rows, K] x [K, cols]`` (free for row-major arrays) it does not (measured
-  with ``python -m bench.train_step --compare``). Same values, same parameters;
-  any other contraction goes to ``lax.dot_general`` unchanged.
+  ``[rows, K] x [K, cols]`` (free for row-major arrays) it does not. On a TPU the
+  opposite holds: its tiled layouts make those reshapes copies (Transformer base at
+  64 x 64 tokens per chip on v5e: 2.8 GiB more accessed per step), so other platforms
+  keep ``lax.dot_general`` (``jax.lax.platform_dependent`` picks one when lowering).
+  Same values, same parameters.
   """
+  plain = lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, precision=precision,
+                                           preferred_element_type=preferred_element_type)
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   k = len(lhs_contract)
   if (lhs_batch or rhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - k, lhs.ndim))
       or tuple(rhs_contract) != tuple(range(k))):
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  inner = int(np.prod(rhs.shape[:k]))
-  out = jnp.matmul(lhs.reshape(-1, inner), rhs.reshape(inner, -1), precision=precision,
-                   preferred_element_type=preferred_element_type)
-  return out.reshape(lhs.shape[:lhs.ndim - k] + rhs.shape[k:])
+    return plain(lhs, rhs)
+
+  def flat(a, b):
+    inner = int(np.prod(b.shape[:k]))
+    out = jnp.matmul(a.reshape(-1, inner), b.reshape(inner, -1), precision=precision,
+                     preferred_element_type=preferred_element_type)
+    return out.reshape(a.shape[:a.ndim - k] + b.shape[k:])
+
+  return jax.lax.platform_dependent(lhs, rhs, cpu=flat, default=plain)
 
 
 def _float32_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None) -> Array:
@@ -220,23 +227,17 @@ class Attention(nn.Module):
     structured = isinstance(mask, masks.Structure)
     if structured and dropout == 0.0:
       out = attention.attend(q, k, v, mask, cfg.attention)
-    elif dropout == 0.0:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     else:
-      mask = masks.structure_mask(mask) if structured else mask
-      out = _attention_with_dropout(q, k, v, mask, dropout, self.make_rng("dropout"))
+      drop = None
+      if dropout > 0.0:
+        rng = self.make_rng("dropout")
+        drop = lambda weights: apply_dropout(weights, dropout, rng)
+      out = attention.dense_attention(q, k, v, masks.structure_mask(mask) if structured else mask,
+                                      drop)
     return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
                            param_dtype=cfg.params_dtype, use_bias=False,
                            kernel_init=_dense_init(("heads", "kv", "embed")),
                            dot_general=_matrix_dot_general, name="out")(out)
-
-
-def _attention_with_dropout(q, k, v, mask, rate, rng):
-  """Reference attention with dropout on the weights. q ``[B,T,N,H]``, k/v ``[B,S,N,H]``."""
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min / 2)
-  weights = apply_dropout(jax.nn.softmax(logits, axis=-1), rate, rng).astype(v.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", weights, v)
 
 
 def _mix32(x: Array) -> Array:

@@ -71,7 +71,9 @@ def test_default_experiment_compiles_and_fits(call_main, tmp_path, capsys, topol
     r = row[step]
     assert r["flops"] > 0 and r["bytes_accessed"] > 0 and r["compile_s"] > 0
     hbm = r["hbm"]
-    assert hbm["arguments_gib"] > 0 and hbm["temporaries_gib"] > 0 and hbm["outputs_gib"] > 0
+    assert hbm["arguments_gib"] > 0 and hbm["outputs_gib"] > 0
+    # the tiny eval step can run without HBM temporaries; the train step cannot
+    assert hbm["temporaries_gib"] > 0 if step == "train" else hbm["temporaries_gib"] >= 0
     assert hbm["fits"] and hbm["total_gib"] < hbm["capacity_gib"]
     assert r["roofline"]["bound_s"] == max(r["roofline"]["compute_s"], r["roofline"]["memory_s"])
     assert r["roofline"]["tokens_per_s_bound"] > 0

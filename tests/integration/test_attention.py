@@ -148,5 +148,25 @@ def test_cudnn_takes_packed_rows_to_xla_with_one_notice(monkeypatch, caplog):
   with caplog.at_level(logging.WARNING, logger="mt_flax.attention"):
     outs = [attention.attend(q, q, q, structure, "cudnn") for _ in range(2)]
   assert sum("packed rows" in r.getMessage() for r in caplog.records) == 1
-  dense = jax.nn.dot_product_attention(q, q, q, mask=masks.structure_mask(structure))
+  dense = attention.dense_attention(q, q, q, masks.structure_mask(structure))
   np.testing.assert_array_equal(outs[0], dense)
+
+
+def test_dense_attention_equals_jax_in_values_and_gradients_with_fully_masked_rows():
+  """The reference path (float32 softmax over scores kept in the compute dtype, its own
+  gradient) equals ``jax.nn.dot_product_attention``, also where a query row sees no key."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, HEADS, HEAD_DIM)), jnp.float32) for _ in "qkv")
+  mask = jnp.asarray(rng.random((2, 1, 5, 5)) > 0.3).at[:, :, 0].set(False)
+  ours = lambda q, k, v: attention.dense_attention(q, k, v, mask)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+           for f in (ours, ref)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # bfloat16: the weights come out in bfloat16, normalised in float32 before rounding
+  weights = attention.masked_softmax(jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.bfloat16),
+                                     mask, HEAD_DIM ** -0.5)
+  assert weights.dtype == jnp.bfloat16
+  np.testing.assert_allclose(jnp.sum(weights.astype(jnp.float32), -1), 1.0, atol=2e-2)
