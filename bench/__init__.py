@@ -10,6 +10,7 @@ read them are in ``docs/performance.md``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from mt_flax.__main__ import cpu_if_no_tpu
@@ -120,3 +122,21 @@ def checkout(rev: str) -> Iterator[tuple[str, str]]:
   finally:
     subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", root], check=False)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_flax_example(path: str, flag: str, name: str, needs: str) -> ModuleType:
+  """Imports the Flax WMT example's file ``name`` (of ``google/flax`` ``examples/wmt``) from
+  ``path``, given with the command-line flag ``flag``; it must define ``needs``.
+
+  Raises:
+    FileNotFoundError: one-line reason naming ``flag`` and the file expected.
+  """
+  expected = f"expected a copy of google/flax examples/wmt/{name}"
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{flag} {path!r} is not a file; {expected}")
+  spec = importlib.util.spec_from_file_location(f"flax_wmt_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, needs):
+    raise FileNotFoundError(f"{flag} {path!r} has no {needs}; {expected}")
+  return module

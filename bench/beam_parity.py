@@ -69,9 +69,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
-import os
 import sys
 import time
 from types import ModuleType
@@ -81,27 +79,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import environment
+from bench import environment, load_flax_example
 from mt_flax import decode
 from mt_flax.special_ids import BOS_ID, EOS_ID, PAD_ID
 
 
 def load_flax_decode(path: str) -> ModuleType:
-  """Imports the Flax WMT example's ``decode.py`` from ``path``.
-
-  Raises:
-    FileNotFoundError: one-line reason when ``path`` is not a file.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--flax-decode {path!r} is not a file; expected a copy of "
-                            "google/flax examples/wmt/decode.py")
-  spec = importlib.util.spec_from_file_location("flax_wmt_decode", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "beam_search"):
-    raise FileNotFoundError(f"--flax-decode {path!r} has no beam_search; expected "
-                            "google/flax examples/wmt/decode.py")
-  return module
+  """Imports the Flax WMT example's ``decode.py`` from ``path`` (one-line
+  FileNotFoundError when it is not that file)."""
+  return load_flax_example(path, "--flax-decode", "decode.py", "beam_search")
 
 
 def _bridged_logits(logits: jax.Array, step: jax.Array, limits: jax.Array) -> jax.Array:

@@ -20,7 +20,6 @@ example's roofline bound and HBM to mt_flax's (above 1: mt_flax's is the smaller
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bench import load_flax_example
 from mt_flax import compile as aot
 from mt_flax.config import load_config
 from mt_flax.data import bucketing
@@ -47,14 +47,8 @@ def _with_hlo(row: dict, text: str, name: str, hlo_out: str | None) -> dict:
 
 def load_example(folder: str):
   """The example's ``models`` module, imported from ``folder``."""
-  path = os.path.join(folder, "models.py")
-  if not os.path.exists(path):
-    raise SystemExit(f"--flax-wmt {folder}: no models.py there; expected the examples/wmt "
-                     "folder of a Flax checkout")
-  spec = importlib.util.spec_from_file_location("flax_wmt_models", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_flax_example(os.path.join(folder, "models.py"), "--flax-wmt", "models.py",
+                           "Transformer")
 
 
 def example_step(models, variant: str, warmup: int = 4000):
@@ -159,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
   if not args.mt_flax_only:
     if not args.flax_wmt:
       parser.error("--flax-wmt DIR is needed (or --mt-flax-only)")
-    out["flax_wmt"] = summary(compile_example(load_example(args.flax_wmt), args.variant,
+    try:
+      models = load_example(args.flax_wmt)
+    except FileNotFoundError as e:
+      sys.exit(str(e))
+    out["flax_wmt"] = summary(compile_example(models, args.variant,
                                               topology, devices, args.rows, args.length,
                                               args.top, args.hlo_out))
     out["roofline_ratio"] = out["flax_wmt"]["roofline_ms"] / out["mt_flax"]["roofline_ms"]

@@ -84,6 +84,17 @@ def test_beam_parity_refuses_a_missing_flax_example_in_one_line(tmp_path, monkey
   assert "examples/wmt/decode.py" in message
 
 
+def test_wmt_example_compile_refuses_a_folder_without_the_example_in_one_line(tmp_path):
+  from bench import wmt_example_compile
+  (tmp_path / "models.py").write_text("x = 1\n")          # a models.py, not the example's
+  for folder, why in ((tmp_path / "missing", "is not a file"), (tmp_path, "has no Transformer")):
+    with pytest.raises(FileNotFoundError) as refused:
+      wmt_example_compile.load_example(str(folder))
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and "--flax-wmt" in message and why in message
+    assert "examples/wmt/models.py" in message
+
+
 def test_beam_parity_bridged_logits_follow_the_forced_eos_rule():
   import jax
   import jax.numpy as jnp
