@@ -323,7 +323,8 @@ def compile_steps(config: ml_collections.ConfigDict, topology: Topology, buckets
   train_fn = partitioner.compile_train_step(steps.make_train_step(
       model, optimizer, label_smoothing=float(config.label_smoothing),
       grad_accum_steps=int(config.grad_accum_steps),
-      learning_rate_fn=steps.make_schedule(config), jit=False))
+      learning_rate_fn=steps.make_schedule(config), grad_norm=bool(config.log_grad_norm),
+      jit=False))
   eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
   batch_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
   reports = []

@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.adam_eps = 1e-9
   c.weight_decay = 0.0              # AdamW, on matrices only
   c.grad_clip_norm = 1.0            # global-norm clipping; 0 = none
+  c.log_grad_norm = True            # the gradients' global norm in every train line (on a
+                                    # TPU it joins the AdamW update: docs/performance.md)
   c.allow_low_precision_params = False  # train a model.param_dtype narrower than float32
                                     # (AdamW's moments then as narrow); refused otherwise
   c.grad_accum_steps = 1            # microbatches per update (same update, less memory)

@@ -1,7 +1,7 @@
 """Run logging: ``metrics.jsonl`` (one JSON object per line) and TensorBoard event files.
 
-Train lines: ``{"step", "loss", "nll", "learning_rate", "grad_norm", "tokens_per_s",
-"padding_efficiency", "steps_per_s", ...}``; validation lines:
+Train lines: ``{"step", "loss", "nll", "learning_rate", "grad_norm" (with
+``log_grad_norm``), "tokens_per_s", "padding_efficiency", "steps_per_s", ...}``; validation lines:
 ``{"step", "split": "validation", "eval_loss", "eval_accuracy", "eval_perplexity", ...}``.
 Only process 0 writes. Every (re)start cuts both back to the step it starts from
 (the restored checkpoint's, 0 for a fresh start): lines and TensorBoard events

@@ -25,6 +25,8 @@ _FLOATS = ("bf16", "f16", "f32", "f64")
 _HLO_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "float64": "f64"}
 # The reductions that must be float32, by the module their op names pass through.
 REDUCTIONS = {"layer norm": "_norm/", "softmax": "attn/", "loss": "output_loss"}
+# Reductions that are exact in any dtype (a max of bfloat16 values is one of them).
+EXACT = ("reduce_max", "reduce_min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +67,10 @@ def audit(hlo: str, compute_dtype: Any, state: Any = None) -> list[str]:
 
   Matmuls must read ``compute_dtype`` operands; a gradient matmul may take a float32
   cotangent where its forward matmul was asked for a float32 result (attention
-  logits). The reductions of :data:`REDUCTIONS` must exist and be float32 (others,
-  such as the sums over the batch that make bias gradients, may not), and so must
-  every float leaf of ``state.params`` and ``state.opt_state`` (arrays or
-  ``jax.ShapeDtypeStruct``) when ``state`` is given.
+  logits). The reductions of :data:`REDUCTIONS` must exist and be float32 bar the exact
+  ones (:data:`EXACT`; others, such as the sums over the batch that make bias gradients,
+  may not), and so must every float leaf of ``state.params`` and ``state.opt_state``
+  (arrays or ``jax.ShapeDtypeStruct``) when ``state`` is given.
   """
   want = _HLO_NAMES.get(jnp.dtype(compute_dtype).name)
   if want is None:
@@ -85,7 +87,8 @@ def audit(hlo: str, compute_dtype: Any, state: Any = None) -> list[str]:
                     f"e.g. {bad[0].operands} in {bad[0].name}")
   for what, marker in REDUCTIONS.items():
     found = [op for op in ops if op.kind == "reduce" and marker in op.name]
-    wrong = [op for op in found if op.dtype != "f32" or set(op.operands) != {"f32"}]
+    wrong = [op for op in found if (op.dtype != "f32" or set(op.operands) != {"f32"})
+             and op.name.rsplit("/", 1)[-1] not in EXACT]
     if not found:
       problems.append(f"no {what} reduction (an op named '*{marker}*') found in the HLO")
     elif wrong:

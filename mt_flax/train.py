@@ -376,7 +376,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, preemption: "
     batch_shapes = _agree_on_shapes(config, shapes, partitioner.rows)
     train_fn = partitioner.compile_train_step(steps.make_train_step(
         model, optimizer, label_smoothing=float(config.label_smoothing), grad_accum_steps=accum,
-        learning_rate_fn=steps.make_schedule(config), jit=False))
+        learning_rate_fn=steps.make_schedule(config), grad_norm=bool(config.log_grad_norm),
+        jit=False))
     with MetricWriter(workdir, enabled=sharding.is_primary(), resume_step=start) as writer:
       # batches built and placed on the devices by a thread, data.prefetch steps ahead
       place, finish = _batch_placer(partitioner, batch_shapes,
@@ -575,8 +576,9 @@ def _write_train_metrics(run: _Run, pending: list, timer: Throughput,
 
 
 def _divergence_message(run: _Run, step: int, metrics: dict) -> str:
-  stopped = (f"loss or gradients are not finite at step {step} (loss={float(metrics['loss'])}, "
-             f"grad_norm={float(metrics['grad_norm'])}); stopped. ")
+  norm = f", grad_norm={float(metrics['grad_norm'])}" if "grad_norm" in metrics else ""
+  stopped = (f"loss or gradients are not finite at step {step} (loss={float(metrics['loss'])}"
+             f"{norm}); stopped. ")
   directory, latest = run.checkpoints.directory, run.checkpoints.latest_step()
   if not run.verified:
     return stopped + (f"This run resumed from checkpoint step {run.start} of {directory}, saved "

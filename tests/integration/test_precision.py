@@ -57,7 +57,7 @@ def test_bf16_train_step_has_bf16_matmuls_and_fp32_norms_softmax_loss_and_state(
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_bf16_logits_are_summed_in_fp32_not_rounded_to_bf16(tiny_model, ragged_batch, tie):
-  """The logits that the loss and beam search read: bf16 products summed in fp32."""
+  """The logits that evaluation and beam search read: bf16 products summed in fp32."""
   model, params = tiny_model(dtype="bfloat16", tie_output=tie, share_embeddings=tie)
   src, tgt = ragged_batch(21, rows=3, s_len=7, t_len=5)
   logits, (states, (kernel, bias)) = jax.jit(lambda p: (
@@ -69,6 +69,28 @@ def test_bf16_logits_are_summed_in_fp32_not_rounded_to_bf16(tiny_model, ragged_b
   np.testing.assert_array_equal(logits, want)
   rounded = want.astype(jnp.bfloat16).astype(jnp.float32)
   assert float(jnp.abs(logits - rounded).max()) > 1e-3
+
+
+def test_bf16_training_keeps_bf16_logits_and_reduces_them_in_fp32(tiny_model, ragged_batch):
+  """Differentiated, the loss reads the logits as the bf16 matmul emits them (rounded once)
+  and sums in fp32; evaluated, it reads fp32 logits."""
+  model, params = tiny_model(dtype="bfloat16")
+  src, tgt = ragged_batch(5, rows=3, s_len=7, t_len=6)
+  labels = np.concatenate([tgt[:, 1:], np.zeros_like(tgt[:, :1])], axis=1)
+  weights = (labels != PAD_ID).astype(np.float32)
+  states, (kernel, bias) = model.apply({"params": params}, src, tgt,
+                                       method=Transformer.states_and_output_layer)
+  exact = jnp.dot(states, kernel, preferred_element_type=jnp.float32)
+  rounded = exact.astype(jnp.bfloat16).astype(jnp.float32)
+  assert float(jnp.abs(exact - rounded).max()) > 1e-3
+  want = {name: float(jnp.sum(steps.token_losses(z, labels, 0.1)[0] * weights))
+          for name, z in (("exact", exact), ("rounded", rounded))}
+  sums = lambda s, k: steps.output_loss_sums(s, k, bias, labels, weights, 0.1)[0]
+  trained, _ = jax.value_and_grad(sums, argnums=(0, 1))(states, kernel)
+  evaluated = sums(states, kernel)
+  assert float(trained) == pytest.approx(want["rounded"], rel=1e-5)
+  assert float(evaluated) == pytest.approx(want["exact"], rel=1e-5)
+  assert abs(want["rounded"] - want["exact"]) > 1e-5 * abs(want["exact"])
 
 
 def test_bf16_params_with_adamw_are_refused_before_the_workdir_is_written(tmp_path, call_main):

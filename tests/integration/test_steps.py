@@ -205,6 +205,22 @@ def test_train_step_learns_and_reports_metrics(setup):
   assert losses[-1] < 0.6 * losses[0]
 
 
+def test_train_step_without_the_gradient_norm_makes_the_same_update(setup):
+  model, opt, step, state0 = setup
+  quiet = steps.make_train_step(model, opt, label_smoothing=0.1, grad_norm=False,
+                                learning_rate_fn=steps.make_schedule(train_config()))
+  batch = make_batch(4)
+  (a, ma), (b, mb) = step(fresh(state0), batch), quiet(fresh(state0), batch)
+  assert "grad_norm" in ma and "grad_norm" not in mb and float(mb["finite"]) == 1.0
+  assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
+  # a non-finite loss is still caught
+  nan = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state0.params)
+  _, m = quiet(fresh(state0).replace(params=nan), batch)
+  assert float(m["finite"]) == 0.0
+
+
 def test_gradient_accumulation_matches_full_batch(setup):
   model, opt, full_step, state0 = setup
   batch = make_batch(3, rows=8)
