@@ -284,3 +284,17 @@ def test_non_finite_loss_is_flagged(setup):
   bad = fresh(state).replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
   _, m = step(bad, make_batch(6))
   assert float(m["finite"]) == 0.0
+
+
+def test_loss_chunks_off_the_cpu_hold_one_devices_rows():
+  """Under a mesh the logits budget counts the rows one device holds: Transformer base at
+  64 x 64 bf16 tokens per chip and a 32k vocabulary makes two chunks on any number of chips."""
+  from mt_flax import sharding
+  assert steps._time_chunk(64, 64, 32000, 2, steps.DEVICE_LOSS_CHUNK_BYTES) == 32
+  assert steps._time_chunk(8, 96, 8000, 4, steps.DEVICE_LOSS_CHUNK_BYTES) == 96
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  rows = jax.device_count() * 64
+  seen = []
+  partitioner = sharding.JitPartitioner(mesh)
+  jax.jit(partitioner.in_context(lambda: seen.append(steps._rows_per_device(rows))))()
+  assert seen == [64] and steps._rows_per_device(rows) == rows
