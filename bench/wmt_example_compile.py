@@ -37,7 +37,10 @@ from mt_flax.data import bucketing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 32000
+
+
 def _with_hlo(row: dict, text: str, name: str, hlo_out: str | None) -> dict:
+  """``row``, after writing ``text`` to ``hlo_out/name.hlo`` when ``hlo_out`` is given."""
   if hlo_out:
     os.makedirs(hlo_out, exist_ok=True)
     with open(os.path.join(hlo_out, f"{name}.hlo"), "w") as f:
