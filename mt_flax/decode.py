@@ -289,9 +289,11 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def padded_width(n: int) -> int:
-  """The smallest of 16, 24, 32, 48, 64, 96, ... (steps of x1.5 / x4/3) that holds ``n``."""
-  width = MIN_WIDTH
+def padded_width(n: int, min_width: int = MIN_WIDTH) -> int:
+  """The smallest of 16, 24, 32, 48, 64, 96, ... (steps of x1.5 / x4/3) that holds ``n``;
+  ``min_width`` replaces 16 (the config's ``decode.min_width``: at ``data.max_len`` every
+  batch has one width, one program to compile)."""
+  width = min_width
   while True:
     if n <= width:
       return width
@@ -300,8 +302,8 @@ def padded_width(n: int) -> int:
     width *= 2
 
 
-def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
-                 max_tokens: int = 4096) -> list[tuple[int, int, list[int]]]:
+def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64, max_tokens: int = 4096,
+                 min_width: int = MIN_WIDTH) -> list[tuple[int, int, list[int]]]:
   """Groups sources by padded width: a list of (rows, width, source indices).
 
   Widths come from :func:`padded_width`; the row count is a power of two
@@ -311,7 +313,7 @@ def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
   """
   groups: dict[int, list[int]] = {}
   for i, n in enumerate(lengths):
-    width = padded_width(n)
+    width = padded_width(n, min_width)
     groups.setdefault(width, []).append(i)
   plan = []
   for width in sorted(groups):
@@ -327,7 +329,7 @@ def plan_batches(lengths: Sequence[int], *, max_sentences: int = 64,
 def decode_ids(model: Transformer, params, sources: Sequence[Sequence[int]], *,
                beam_size: int = 1, alpha: float = 0.6, max_len_a: float = 1.5,
                max_len_b: float = 10.0, cached: bool = True, beam_rule: str = "t5x",
-               max_sentences: int = 64, max_tokens: int = 4096,
+               max_sentences: int = 64, max_tokens: int = 4096, min_width: int = MIN_WIDTH,
                partitioner: Optional[JitPartitioner] = None) -> list[list[int]]:
   """Translates token-id sources (as the model reads them) into target ids.
 
@@ -341,7 +343,7 @@ def decode_ids(model: Transformer, params, sources: Sequence[Sequence[int]], *,
   outputs: list[list[int]] = [[] for _ in sources]
   todo = [i for i, s in enumerate(sources) if len(s)]
   plan = plan_batches([len(sources[i]) for i in todo], max_sentences=max_sentences,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, min_width=min_width)
   params = nn.meta.unbox(params)
   multiple = partitioner.global_batch_multiple if partitioner else 1
   for rows, width, chunk in plan:

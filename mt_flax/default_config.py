@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
                                     # background thread ahead of the step; 0 = off (built
                                     # when the step needs it)
   c.data.eval_max_examples = 0      # validation pairs for the loss (first N); 0 = all
+  c.data.eval_shapes = 8            # most (S, T) shapes of validation batches (compiles)
   c.data.eval_src_len_edges = (10, 20, 40, 80)  # source-length slices of the eval report
   c.data.eval_long_examples = 50    # longest test pairs kept as the "long" stress slice
 
@@ -96,4 +97,6 @@ def get_config() -> ml_collections.ConfigDict:
                                     # no alive beam can win; "fairseq": EOS in the first K, stop at K
   c.decode.max_len_a = 1.5          # longest output = a * source length + b tokens
   c.decode.max_len_b = 10
+  c.decode.min_width = 16           # narrowest padded source width of a decode batch (widths
+                                    # grow x1.5/x4/3); data.max_len: one shape to compile
   return c

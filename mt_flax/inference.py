@@ -35,13 +35,16 @@ class Trained:
 
 
 def decode_settings(config: ml_collections.ConfigDict, beam_size: Optional[int] = None) -> dict:
-  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b``, ``beam_rule`` of ``config.decode``."""
+  """``beam_size``, ``alpha``, ``max_len_a``, ``max_len_b``, ``beam_rule`` and ``min_width`` of
+  ``config.decode``."""
   d = config.decode
   out = {"beam_size": int(d.beam_size if beam_size is None else beam_size),
          "alpha": float(d.alpha), "max_len_a": float(d.max_len_a), "max_len_b": float(d.max_len_b),
-         "beam_rule": str(d.beam_rule)}
+         "beam_rule": str(d.beam_rule), "min_width": int(d.min_width)}
   if out["beam_size"] < 1:
     raise ConfigError(f"beam size {out['beam_size']}: expected an integer >= 1")
+  if out["min_width"] < 1:
+    raise ConfigError(f"decode.min_width={out['min_width']}: expected an integer >= 1")
   if out["beam_rule"] not in decode.BEAM_RULES:
     raise ConfigError(f"decode.beam_rule={out['beam_rule']!r}: expected one of "
                       f"{', '.join(decode.BEAM_RULES)}")

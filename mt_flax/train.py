@@ -604,7 +604,7 @@ def _make_validate(config, model, tokenizer, partitioner) -> Callable[[Any], dic
   examples = data.eval_examples(config, tokenizer, "validation")
   batches = [square_eval_batch(_host_batch(b)) for b, _ in data.eval_batches(
       examples, int(config.batch_tokens), batch_multiple=partitioner.global_batch_multiple,
-      length_multiple=int(config.data.length_multiple))]
+      num_shapes=int(config.data.eval_shapes), length_multiple=int(config.data.length_multiple))]
   eval_fn = partitioner.compile_eval_step(steps.make_eval_step(model, jit=False))
   subset = examples[:max(int(config.eval_bleu_examples), 0)]
 

@@ -142,12 +142,16 @@ CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """The processes the tests start, and the train commands run in this process, share one
-  JAX compilation cache in the session's temporary folder (each xdist worker its own; never
-  the user's ``~/.cache``): a program compiled by one run, such as the ``:test`` variant's
+  """This process and the processes the tests start share one JAX compilation cache in the
+  session's temporary folder (each xdist worker its own; never the user's ``~/.cache``),
+  every program cached: a program compiled by one run, such as the ``:test`` variant's
   train step, is loaded by the next."""
   saved = {k: os.environ.get(k) for k in CACHE_ENV}
-  os.environ.update(zip(CACHE_ENV, (str(tmp_path_factory.mktemp("jax_cache")), "0")))
+  folder = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ.update(zip(CACHE_ENV, (folder, "0")))
+  # this process too: the in-process runs of the :test variant load what another compiled
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   yield
   for key, value in saved.items():
     if value is None:
