@@ -41,15 +41,15 @@ def get_config(variant: str = "default"):
     # What the tests train: the same data and schedule, a model of 1+1 layers and d_model 32
     # with a 256-piece vocabulary, 24 steps, every step logged, a validation and a checkpoint
     # every 12 steps; dropout on, so that resumed runs must restore the dropout RNG too.
-    # Short outputs (decode.max_len_b) keep decoding a barely trained model quick; one
-    # validation shape and one decode width make one program of each to compile.
+    # Outputs of at most 8 tokens keep decoding a barely trained model (it never ends a
+    # sentence) quick; one validation shape and one decode width make one program of each.
     c.update(num_train_steps=24, warmup_steps=8, checkpoint_every_steps=12, eval_every_steps=12,
              log_every_steps=1, eval_bleu_examples=4, best_metric="eval_loss", best_mode="min",
              progress_bar=False)
     c.data.update(vocab_size=256, num_buckets=1, eval_max_examples=24, eval_shapes=1)
     c.model.update(d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
                    mlp_dim=64, dropout_rate=0.1)
-    c.decode.update(max_len_b=2, min_width=96)
+    c.decode.update(max_len_a=0.0, max_len_b=8, min_width=96)
   elif variant != "default":
     raise ValueError(f"unknown variant {variant!r}; expected default or test")
   return c

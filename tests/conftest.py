@@ -183,8 +183,15 @@ class TinyTraining:
     return [f"--config.{k.replace('__', '.')}={v}" for k, v in kw.items()]
 
   def new_workdir(self, folder, name: str) -> str:
-    workdir = Path(folder) / name
-    shutil.copytree(self.tokenizer_dir, workdir / "tokenizer")
+    """``folder/name`` (a local folder or gs://) holding a copy of the session's tokenizer."""
+    if not str(folder).startswith("gs://"):
+      shutil.copytree(self.tokenizer_dir, Path(folder) / name / "tokenizer")
+      return str(Path(folder) / name)
+    from etils import epath
+    workdir = epath.Path(folder) / name
+    for src in self.tokenizer_dir.rglob("*"):
+      if src.is_file():
+        (workdir / "tokenizer" / src.relative_to(self.tokenizer_dir)).write_bytes(src.read_bytes())
     return str(workdir)
 
   @staticmethod

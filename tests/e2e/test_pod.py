@@ -98,12 +98,12 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, pod_env, tin
                                                        tmp_path, mode, call_main, capsys):
   argv, losses = ["--config", CONFIG, *overrides(mode)], tiny_training.losses
   on_gcs = mode == "jit_data_fsdp_tensor"     # the other reads the gs:// workdir after training
-  single = (gcs_emulator.path(f"single_{mode}") if on_gcs
-            else tiny_training.new_workdir(tmp_path, "single"))
+  bucket = gcs_emulator.path("")      # every workdir starts with the session's tokenizer
+  single = tiny_training.new_workdir(bucket if on_gcs else tmp_path, f"single_{mode}")
   one = train.train_and_evaluate(load_config(CONFIG, overrides(mode)), single)
   assert one["step"] == STEPS
 
-  workdir = gcs_emulator.path(f"pod_{mode}")
+  workdir = tiny_training.new_workdir(bucket, f"pod_{mode}")
   status = pod_train(gcs_emulator, pod_env, argv, workdir, tmp_path, mode,
                      sigterm_after=4 if on_gcs else 2, kill=on_gcs)
   log = lambda: "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.log")))
