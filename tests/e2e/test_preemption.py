@@ -22,12 +22,12 @@ def run_cli(workdir: str, args: list[str], env: dict) -> subprocess.Popen:
 
 
 def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
-  """SIGTERM after checkpoint 20, resume, SIGKILL after checkpoint 140 with steps logged
+  """SIGTERM after checkpoint 50, resume, SIGKILL after checkpoint 150 with steps logged
   past it, resume: same losses, and each step logged once."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
              + os.environ["MT_FLAX_TEST_XLA_FLAGS"],
              JAX_PLATFORMS="cpu")
-  args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=20,
+  args = tiny_training.overrides(num_train_steps=300, checkpoint_every_steps=50,
                                  eval_every_steps=1000)
   reference = tiny_training.new_workdir(tmp_path, "uninterrupted")
   code, err = tiny_training.finish(run_cli(reference, args, env))
@@ -37,16 +37,16 @@ def test_preempted_runs_resume_exactly(tmp_path, tiny_training):
 
   workdir = tiny_training.new_workdir(tmp_path, "interrupted")
   proc = run_cli(workdir, args, env)
-  tiny_training.wait(tiny_training.has_checkpoint(workdir, 20), proc, "checkpoint 20", 240)
+  tiny_training.wait(tiny_training.has_checkpoint(workdir, 50), proc, "checkpoint 50", 240)
   proc.send_signal(signal.SIGTERM)
   code, err = tiny_training.finish(proc)
   assert code == train.PREEMPTED_EXIT, err[-2000:]        # saved and stopped, not finished
   assert "SIGTERM: saved checkpoint step" in err
 
   proc = run_cli(workdir, args, env)
-  checkpointed = tiny_training.has_checkpoint(workdir, 140)
-  tiny_training.wait(lambda: checkpointed() and max(tiny_training.losses(workdir)) >= 145, proc,
-                     "checkpoint 140 and step 145", 240)
+  checkpointed = tiny_training.has_checkpoint(workdir, 150)
+  tiny_training.wait(lambda: checkpointed() and max(tiny_training.losses(workdir)) >= 155, proc,
+                     "checkpoint 150 and step 155", 240)
   proc.send_signal(signal.SIGKILL)
   code, err = tiny_training.finish(proc)
   assert code == -signal.SIGKILL, err[-2000:]
