@@ -148,7 +148,7 @@ def splash(q: Array, k: Array, v: Array, structure: masks.Structure) -> Array:
   which match nothing, so added and padded keys are never read. Lowered for TPU
   it is the Mosaic kernel, for any other platform the same kernel interpreted.
   A Mosaic kernel cannot be partitioned by XLA: under a mesh (see
-  :meth:`mt_flax.sharding.Sharding.in_context`) each device runs it on its own
+  :meth:`mt_flax.sharding.JitPartitioner.in_context`) each device runs it on its own
   rows and heads, as the logical axis rules shard them.
   """
   run = functools.partial(_splash_rows, causal=structure.causal)

@@ -146,10 +146,10 @@ def format_table(result: dict) -> str:
 
 
 def tie_marks(systems: Sequence[tuple[str, Sequence[str]]], references: Sequence[str], *,
-              metric: str = "BLEU", samples: int = SAMPLES,
-              alpha: float = SIGNIFICANCE) -> dict[str, str]:
+              metric: str = "BLEU") -> dict[str, str]:
   """Marks for a ranked table: ``"best"`` for the top run by ``metric``, ``"tie"`` for runs
-  not significantly different from it (paired bootstrap p >= ``alpha``), ``""`` otherwise.
+  not significantly different from it (paired bootstrap p >= :data:`SIGNIFICANCE`), ``""``
+  otherwise.
 
   ``systems``: (name, hypotheses) of runs scored on the same ``references``;
   ``metric``: ``"BLEU"`` or ``"chrF2"``.
@@ -163,15 +163,15 @@ def tie_marks(systems: Sequence[tuple[str, Sequence[str]]], references: Sequence
   scorer = BLEU() if metric == "BLEU" else CHRF()
   scores = {name: scorer.corpus_score(list(h), [list(references)]).score for name, h in systems}
   order = sorted(systems, key=lambda s: -scores[s[0]])
-  table, _ = paired_bootstrap(order, references, samples=samples)
+  table, _ = paired_bootstrap(order, references)
   marks = {order[0][0]: "best"}
   for (name, _), s in zip(order[1:], table[metric][1:]):
-    marks[name] = "tie" if s.p_value >= alpha else ""
+    marks[name] = "tie" if s.p_value >= SIGNIFICANCE else ""
   return marks
 
 
-def run_tie_marks(workdirs: dict[str, str], split: str = "test", *, metric: str = "BLEU",
-                  samples: int = SAMPLES) -> dict[str, str]:
+def run_tie_marks(workdirs: dict[str, str], split: str = "test", *,
+                  metric: str = "BLEU") -> dict[str, str]:
   """:func:`tie_marks` of the runs (name -> workdir) that ``eval`` has scored on ``split``.
 
   Runs without eval outputs get no mark (they are left out of the dict); the
@@ -188,5 +188,4 @@ def run_tie_marks(workdirs: dict[str, str], split: str = "test", *, metric: str 
   if not runs:
     return {}
   references = check_same_references(runs)
-  return tie_marks([(r.name, r.hypotheses) for r in runs], references, metric=metric,
-                   samples=samples)
+  return tie_marks([(r.name, r.hypotheses) for r in runs], references, metric=metric)

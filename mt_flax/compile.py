@@ -359,10 +359,9 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, shapes: str = 
   topology = parse_topology(topology_name)
   devices = tpu_devices(topology)
   try:
-    batch_ways = sharding.mesh_shape(config.mesh, len(devices))
+    ways = sharding.batch_shards(config.mesh, len(devices))
   except ValueError as e:
     raise CompileError(f"{e} (topology {topology.name} has {len(devices)} chips)") from None
-  ways = batch_ways[0] * batch_ways[1]
   row_multiple = max(ways, topology.hosts) * int(config.grad_accum_steps)
   buckets, src_vocab, tgt_vocab = batch_shapes(config, row_multiple, shapes=shapes,
                                                workdir=workdir)

@@ -265,15 +265,13 @@ def stream_scores(hypotheses: Sequence[str],
 
 
 def validation_bleu(config: ml_collections.ConfigDict, model, params, tokenizer,
-                    examples: Sequence[dict], *, beam_size: Optional[int] = None,
-                    partitioner=None) -> dict:
-  """Decodes ``examples`` (from ``data.eval_examples``) and scores them.
+                    examples: Sequence[dict], *, partitioner=None) -> dict:
+  """Decodes ``examples`` (from ``data.eval_examples``) greedily and scores them.
 
-  Greedy unless ``beam_size`` is given; batched by length and jitted (one
-  compile per batch shape, reused across calls), over ``partitioner``'s mesh if
-  given. ``params`` may be boxed. Returns ``{"bleu": float, "chrf": float}``.
+  Batched by length and jitted (one compile per batch shape, reused across calls),
+  over ``partitioner``'s mesh if given. ``params`` may be boxed. Returns
+  ``{"bleu": float, "chrf": float}``.
   """
-  hyps = translate_examples(config, model, params, tokenizer, examples,
-                            beam_size=beam_size or 1, partitioner=partitioner)
+  hyps = translate_examples(config, model, params, tokenizer, examples, partitioner=partitioner)
   scores = corpus_scores(hyps, [one_line(ex["ref_text"]) for ex in examples])
   return {"bleu": scores["bleu"], "chrf": scores["chrf"]}

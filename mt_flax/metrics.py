@@ -183,10 +183,6 @@ class MetricWriter:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb_write(step, tb_summary.scalar(f"{split}/{k}", v))
 
-  def write_text(self, tag: str, text: str, step: int = 0) -> None:
-    if self.enabled and self._tb is not None:
-      self._tb_write(step, tb_summary.text(tag, text))
-
   def flush(self) -> None:
     if self.enabled:
       self._file.flush(**({"force": True} if isinstance(self._file, _RewrittenFile) else {}))

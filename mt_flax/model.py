@@ -141,8 +141,7 @@ def _matrix_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=Non
   axes, the backward products contract two axes at once and XLA's CPU backend
   copies a transposed kernel or gradient for them on every step; reshaped to
   ``[rows, K] x [K, cols]`` (free for row-major arrays) it does not. On a TPU the
-  opposite holds: its tiled layouts make those reshapes copies (Transformer base at
-  64 x 64 tokens per chip on v5e: 2.8 GiB more accessed per step), so other platforms
+  opposite holds: its tiled layouts make those reshapes copies, so other platforms
   keep ``lax.dot_general`` (``jax.lax.platform_dependent`` picks one when lowering).
   Same values, same parameters.
   """

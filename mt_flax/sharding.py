@@ -232,6 +232,18 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def axes_size(shape: Mapping[str, int], axes: Any = BATCH_AXES) -> int:
+  """Devices along ``axes`` (a mesh axis name, several or None) of a mesh ``shape`` (name ->
+  size); by default the batch shards."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(shape[n] for n in names)
+
+
+def batch_shards(mesh_cfg: Any, num_devices: int) -> int:
+  """The slices a batch is cut into (the data x fsdp ways) of ``mesh_cfg`` on ``num_devices``."""
+  return axes_size(dict(zip(MESH_AXES, mesh_shape(mesh_cfg, num_devices))))
+
+
 def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
@@ -241,12 +253,8 @@ def make_mesh(mesh_cfg: Any, devices: Optional[Sequence[jax.Device]] = None) -> 
 
 def _divisible_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
   """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[n] for n in names)
-    out.append(axes if names and dim % size == 0 else None)
-  return P(*out)
+  return P(*(axes if axes and dim % axes_size(mesh.shape, axes) == 0 else None
+             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh,
@@ -261,11 +269,6 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh,
   return jax.tree.map(
       lambda x, spec: NamedSharding(mesh, _divisible_spec(x.shape, spec, mesh)),
       shapes, mesh_specs)
-
-
-def batch_shards(mesh: Mesh) -> int:
-  """Number of distinct slices the batch dimension is cut into."""
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -434,17 +437,10 @@ def mesh_row_shares(sharding: NamedSharding,
 
   ``process_of`` maps a device to its process (tests may pretend one process is several).
   """
-  num = _row_blocks(sharding)
+  spec = tuple(sharding.spec)
+  num = axes_size(sharding.mesh.shape, spec[0] if spec else None)   # blocks of the rows
   index = sharding.devices_indices_map((num,))
   return row_shares([(process_of(d), idx[0].start or 0) for d, idx in index.items()], num)
-
-
-def _row_blocks(sharding: NamedSharding) -> int:
-  """Blocks the batch (first) dimension is cut into: the product of its mesh axes."""
-  spec = tuple(sharding.spec)
-  axes = spec[0] if spec else None
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(sharding.mesh.shape[n] for n in names)
 
 
 # ----------------------------------------------------------------------------- partitioners
@@ -478,7 +474,7 @@ class JitPartitioner:
   @property
   def global_batch_multiple(self) -> int:
     """Rows of a global batch must be a multiple of this (the batch shards)."""
-    return batch_shards(self.mesh)
+    return axes_size(self.mesh.shape)
 
   def setup(self, boxed_init: Callable[[jax.Array], Any], rng: jax.Array) -> None:
     """Derives the state shardings from the logical axis names of ``boxed_init(rng)``."""

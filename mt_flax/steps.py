@@ -28,6 +28,7 @@ from flax import linen as nn
 
 from mt_flax.config import with_defaults
 from mt_flax.model import Transformer, init_params
+from mt_flax.sharding import axes_size
 from mt_flax.special_ids import PAD_ID
 
 Array = jax.Array
@@ -183,9 +184,7 @@ def _rows_per_device(rows: int) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return rows
-  axes = nn.logical_to_mesh_axes(("batch",))[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return max(1, rows // math.prod(mesh.shape[a] for a in axes))
+  return max(1, rows // axes_size(mesh.shape, nn.logical_to_mesh_axes(("batch",))[0]))
 
 
 def _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing: float,
@@ -194,9 +193,7 @@ def _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing: 
   respect to (states, kernel, bias), computed in the same pass, a few positions at a time
   (the batch axis whole, so its sharding stays). On the CPU chunks hold
   :data:`LOSS_CHUNK_BYTES` of logits; elsewhere :data:`DEVICE_LOSS_CHUNK_BYTES` per device,
-  as each chunk reads the output kernel again. Transformer base at 64 x 64 tokens per chip
-  on v5e: 8 chunks access 2.8 GiB more per step than one; 2 chunks 0.22 GiB more, for
-  0.05 GiB less HBM (the logits are the largest temporary)."""
+  fewer and larger, as each chunk reads the output kernel again."""
   args = states, kernel, bias, labels, weights
   pass_ = lambda chunk: lambda *a: _output_loss_pass(*a, label_smoothing, with_grads, chunk)
   batch, length, vocab = states.shape[0], states.shape[1], kernel.shape[-1]
@@ -208,9 +205,8 @@ def _output_loss_chunks(states, kernel, bias, labels, weights, label_smoothing: 
 
 def _logits_dtype(states: Array, with_grads: bool):
   """Differentiated (training), the logits are kept in the states' dtype, as a bfloat16
-  matmul emits them: float32 logits there are the step's largest array, read three times
-  (Transformer base at 64 x 64 tokens per chip on v5e: 1.0 GiB more per step, 0.25 GiB more
-  HBM). Every sum over them is float32, and evaluation keeps float32 logits."""
+  matmul emits them: float32 logits there are the step's largest array, read three times.
+  Every sum over them is float32, and evaluation keeps float32 logits."""
   return states.dtype if with_grads else jnp.float32
 
 
@@ -364,9 +360,8 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer,
   ``nll``, ``accuracy``, ``grad_norm`` (before clipping; only with ``grad_norm``),
   ``learning_rate``, ``tokens`` (non-pad targets) and ``finite`` (1.0 if the loss, and with
   ``grad_norm`` the gradients, are finite; non-finite gradients make the next loss so).
-  Compiled for a TPU, the norm's reduction over every gradient joins the AdamW update and
-  makes it read its operands through extra copies (Transformer base at 64 x 64 tokens per
-  chip on v5e: 1.2 GiB, 5% more bytes per step).
+  On a TPU the norm's reduction joins the AdamW update, which then reads its operands
+  through extra copies: ``grad_norm=False`` spares them.
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   # the mean is taken inside the differentiated loss (the token count is known from the

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -128,9 +127,7 @@ def _run_layout(config: ml_collections.ConfigDict) -> dict:
   fsdp ways; every device under pmap) cut the rows of every global batch, so they and the
   config decide the global batches, whichever processes load them."""
   count = jax.device_count()
-  shards = count if config.parallelism == "pmap" else math.prod(
-      n for a, n in zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, count))
-      if a in sharding.BATCH_AXES)
+  shards = count if config.parallelism == "pmap" else sharding.batch_shards(config.mesh, count)
   return {"process_count": jax.process_count(), "device_count": count, "batch_shards": shards}
 
 
@@ -220,10 +217,9 @@ def _batch_placer(partitioner, allowed: frozenset = frozenset(), on_thread: bool
   ``on_thread``, copies this process's rows to its own devices (no collective); otherwise
   ``finish`` copies them when the step takes the batch.
 
-  On the CPU backend the copy stays with the step, so the thread makes no JAX call: with
-  the copies on the thread, a training step over 8 simulated CPU devices on 2 cores hung
-  once, 5 of its devices waiting in an all-reduce for 3 that never started (XLA's CPU
-  client runs device programs on one thread pool, and the waiting programs held it).
+  On the CPU backend the copy stays with the step, so the thread makes no JAX call: XLA's
+  CPU client runs every device's program on one thread pool, which programs waiting in a
+  collective can hold while the others never start.
   """
   def build(raw: dict) -> tuple[dict, tuple[int, int]]:
     batch = _host_batch(raw)
@@ -413,13 +409,11 @@ def train_loop(run: _Run, state: Any, preemption: "_Preemption") -> dict:
   processes, every step, with no collective, on one. A signal thus stops the run at
   most ``sync_every_steps - 1`` steps later.
 
-  Not JAX's preemption service (``multihost_utils.reached_preemption_sync_point``,
-  a local check per step, 0.2 us against 8 ms for a gather on 2 CPU processes): its
-  SIGTERM handler is installed in C++ by ``jax.distributed.initialize`` and replaced
-  by :class:`_Preemption`'s, which one host and Ctrl-C need (with ours installed, no
-  process ever reaches its sync point); a SIGTERM before its first call is never
-  reached by a run resumed at a later step (tried: none of steps 100-299); and the
-  lock's state and the save's would still need a gather.
+  Not JAX's preemption service (``multihost_utils.reached_preemption_sync_point``): its
+  SIGTERM handler, installed in C++ by ``jax.distributed.initialize``, is replaced by
+  :class:`_Preemption`'s, which one host and Ctrl-C need; a SIGTERM before its first call
+  is missed by a run resumed at a later step; and the lock's and the save's state would
+  still need a gather.
   """
   c = run.config
   num_steps, step, last_eval = int(c.num_train_steps), run.start, {}

@@ -6,16 +6,13 @@
     examples = eval_examples(config, tokenizer, "validation")
     for batch, indices in eval_batches(examples, config.batch_tokens): ...
 """
-from mt_flax.data.pipeline import (batch_efficiency, encode_pair, eval_batches, eval_examples,
-                                   train_iterator, train_shapes, training_set)
+from mt_flax.data.pipeline import (eval_batches, eval_examples, train_iterator, train_shapes,
+                                   training_set)
 from mt_flax.data.prefetch import Prefetcher
-from mt_flax.data.sources import DataError, get_builder, load_pairs, split_sizes
-from mt_flax.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer,
-                                    load_or_train_tokenizer)
+from mt_flax.data.sources import DataError, load_pairs
+from mt_flax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "DataError", "Prefetcher", "Tokenizer",
-    "batch_efficiency",
-    "encode_pair", "eval_batches", "eval_examples", "get_builder", "load_or_train_tokenizer",
-    "load_pairs", "split_sizes", "train_iterator", "train_shapes", "training_set",
+    "DataError", "Prefetcher", "Tokenizer", "eval_batches", "eval_examples",
+    "load_or_train_tokenizer", "load_pairs", "train_iterator", "train_shapes", "training_set",
 ]

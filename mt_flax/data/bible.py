@@ -31,7 +31,7 @@ from etils import epath
 from pysword.modules import SwordModules
 
 from mt_flax.data import osis, overlap
-from mt_flax.data.downloads import locate
+from mt_flax.data.downloads import OurBuilder, locate
 from mt_flax.errors import DataError
 
 MODULES = {"en": "engWEB2015eb", "es": "spaRV1909eb"}
@@ -164,15 +164,8 @@ def assign_splits(pairs: list[tuple[str, str, str]], num_validation: int = NUM_V
   return splits
 
 
-class BibleEnEs(tfds.core.GeneratorBasedBuilder):
+class BibleEnEs(OurBuilder, tfds.core.GeneratorBasedBuilder):
   """World English Bible (engWEB2015eb) and Reina-Valera 1909 (spaRV1909eb), verse-aligned."""
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # This file; TFDS's own lookup goes through package resources, which needs the
-    # `importlib_resources` backport on some installs.
-    return epath.Path(__file__)
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "WEB 2020 text / RV1909 2.60; 1,000 validation and test verses.",
@@ -221,10 +214,7 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
     by_split: dict[str, list[tuple[str, str, str]]] = {"train": [], "validation": [], "test": []}
     for pair in pairs:
       by_split[splits[pair[0]]].append(pair)
-    # TFDS writes no empty split; the metadata says which ones are empty.
-    self.info.metadata["empty_splits"] = [n for n, items in by_split.items() if not items]
-    return {name: self._generate_examples(items) for name, items in by_split.items()
-            if items}
+    return self._nonempty_splits(by_split)
 
   def _generate_examples(self, pairs: list[tuple[str, str, str]]
                          ) -> Iterator[tuple[str, dict[str, str]]]:

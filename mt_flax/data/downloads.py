@@ -1,4 +1,5 @@
-"""Downloaded archives of our TFDS builders: the manual folder, or a download.
+"""Downloaded archives of our TFDS builders (the manual folder, or a download), and what
+the builders share (:class:`OurBuilder`).
 
 An archive is looked for first in the manual folder (`data.manual_dir`, else
 the environment variable `MT_FLAX_MANUAL_DIR`, else TFDS's
@@ -8,6 +9,7 @@ builders, so the imports point one way.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import urllib.parse
@@ -77,3 +79,20 @@ def locate(dl_manager: tfds.download.DownloadManager, filename: str, url: str | 
       f"{dataset}: {filename} not found in {folder} and downloading {urls[0]} failed "
       f"({'; '.join(reasons)}); put {filename} into {folder}, or into a folder named by "
       f"data.manual_dir or ${MANUAL_DIR_ENV}{hint}")
+
+
+class OurBuilder:
+  """Mixed into our builders, before ``tfds.core.GeneratorBasedBuilder``."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # The builder's own file; TFDS's own lookup goes through package resources, which needs
+    # the `importlib_resources` backport on some installs.
+    return epath.Path(inspect.getfile(cls))
+
+  def _nonempty_splits(self, by_split: dict[str, list]) -> dict:
+    """The generators of the splits with examples: TFDS writes no empty split, so the
+    metadata (``empty_splits``) names the empty ones."""
+    self.info.metadata["empty_splits"] = [n for n, items in by_split.items() if not items]
+    return {name: self._generate_examples(items) for name, items in by_split.items() if items}

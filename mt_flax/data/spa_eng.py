@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mt_flax.data import overlap
-from mt_flax.data.downloads import locate
+from mt_flax.data.downloads import OurBuilder, locate
 from mt_flax.data.overlap import sentence_key
 from mt_flax.errors import DataError
 
@@ -126,15 +126,8 @@ def read_spa_txt(path: epath.PathLike) -> bytes:
     return archive.read(names[0])
 
 
-class SpaEng(tfds.core.GeneratorBasedBuilder):
+class SpaEng(OurBuilder, tfds.core.GeneratorBasedBuilder):
   """English–Spanish Tatoeba pairs, split by components over both sides."""
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # This file; TFDS's own lookup goes through package resources, which needs the
-    # `importlib_resources` backport on some installs.
-    return epath.Path(__file__)
 
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
@@ -179,10 +172,7 @@ class SpaEng(tfds.core.GeneratorBasedBuilder):
         "num_malformed": len(malformed),
         "malformed": [dataclasses.asdict(m) for m in malformed],
     })
-    # TFDS writes no empty split; the metadata says which ones are empty.
-    self.info.metadata["empty_splits"] = [n for n, items in by_split.items() if not items]
-    return {name: self._generate_examples(items) for name, items in by_split.items()
-            if items}
+    return self._nonempty_splits(by_split)
 
   def _generate_examples(self, pairs: list[Pair]):
     for pair in pairs:
