@@ -4,8 +4,7 @@
 
 - ``params``, ``opt_state``: the state arrays (saved asynchronously, sharded as trained);
 - ``train``: ``{"step", "rng"}``;
-- ``data``: the data-iterator state, one JSON file per process (Grain's handler); a
-  process that saved none (the run resumed on other processes) reads process 0's;
+- ``data``: the data-iterator state, one JSON file per process (Grain's handler);
 - ``config``: the resolved config;
 - ``digests``: a 64-bit fingerprint of every saved array (path -> hex), computed
   on the devices that hold it, and the SHA-256 of the data state.
@@ -14,12 +13,11 @@ The manager keeps the last ``keep_checkpoints`` steps and the best step by the
 validation metric ``best_metric`` (``best_mode`` "min" or "max"), which is
 attached to the checkpoints saved right after validation.
 
-Every restore checks the arrays it read against ``digests`` and checks that the
-parameters are finite. A checkpoint that cannot be read or fails those checks
-is reported in one line; training moves it to ``workdir/checkpoints_unreadable/``
-and uses the previous one, inference (read-only) just uses the previous one.
-A fingerprint is of the global array, so arrays split over processes are
-covered, and a checkpoint verifies under any other sharding or process count.
+Every restore checks the arrays it read against ``digests`` and that the parameters
+are finite. A fingerprint is of the global array, so a checkpoint verifies under any
+sharding or process count. A checkpoint that cannot be read or fails those checks is
+reported in one line; training moves it to ``workdir/checkpoints_unreadable/`` and
+uses the previous one, inference (read-only) just uses the previous one.
 :class:`Checkpointer` is what the training loop uses.
 """
 from __future__ import annotations
@@ -32,6 +30,7 @@ import math
 import os
 import sys
 import threading
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import grain
@@ -50,18 +49,15 @@ from mt_flax.config import with_defaults
 from mt_flax.errors import CheckpointError, SaveFailed, VerificationError
 from mt_flax.runlog import failure_cause
 
-
-class _QuietOrbax(logging.Filter):
-  """Drops Orbax warnings about things we do on purpose: checkpoints saved between
-  validations carry no metrics; inference opens the directory read-only."""
-  EXPECTED = ("did not provide metrics", "read_only=True", "directory is read only")
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not any(text in message for text in self.EXPECTED)
+_path = paths.as_path
+_log = logging.getLogger(__name__)
 
 
-logging.getLogger("absl").addFilter(_QuietOrbax())
+# Orbax warns about things done here on purpose: checkpoints saved between validations carry
+# no metrics; inference opens the directory read-only.
+_EXPECTED_WARNINGS = ("did not provide metrics", "read_only=True", "directory is read only")
+logging.getLogger("absl").addFilter(
+    lambda record: not any(text in record.getMessage() for text in _EXPECTED_WARNINGS))
 
 
 # ----------------------------------------------------------------------------- digests
@@ -69,18 +65,6 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 DIGEST_ALGORITHM = "fmix32x2"   # what _leaf_check computes; other digests are not read
 _MIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 _SEEDS = (np.uint32(0x9E3779B9), np.uint32(0x7F4A7C15))
-
-
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def leaf_path(path: Sequence[Any]) -> str:
-  """``decoder_1/mlp/Dense_0/kernel`` for a jax key path (dict, attribute or index keys)."""
-  return "/".join(_key_name(e) for e in path)
 
 
 def _fmix(x: jax.Array) -> jax.Array:
@@ -96,13 +80,10 @@ def _words(x: jax.Array) -> jax.Array:
   """The bits of every element as uint32 (8-byte elements: two words on a last axis)."""
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32)
-  size = x.dtype.itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(
-        jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32)   # 8 bytes -> [..., 2]
+  if x.dtype.itemsize < 4:
+    narrow = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
 
 
 def _leaf_check(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,7 +109,8 @@ _tree_check = jax.jit(lambda tree: jax.tree.map(_leaf_check, tree))  # one compi
 
 def dispatch_checks(tree: Any, prefix: str) -> Callable[[], tuple[dict[str, str], list[str]]]:
   """Starts the fingerprints and finiteness checks of a tree of arrays; returns a function that
-  waits for them: ``() -> ({prefix/leaf path: fingerprint hex}, paths holding NaN or inf)``.
+  waits for them: ``() -> ({prefix/leaf path: fingerprint hex}, paths holding NaN or inf)``;
+  a leaf path reads ``decoder_1/mlp/Dense_0/kernel``.
 
   One compiled program on the arrays' own devices (every process must start
   it); every process gets the same answer, sharded or not. Starting it does not
@@ -141,7 +123,7 @@ def dispatch_checks(tree: Any, prefix: str) -> Callable[[], tuple[dict[str, str]
     host = [np.asarray(c.addressable_data(0)) for c in checks]
     digests, non_finite = {}, []
     for (path, _), sums, finite in zip(leaves, host[0::2], host[1::2]):
-      name = f"{prefix}/{leaf_path(path)}"
+      name = f"{prefix}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
       digests[name] = "".join(f"{int(v):08x}" for v in sums)
       if not finite:
         non_finite.append(name)
@@ -158,100 +140,48 @@ def data_digest(data_state: Optional[dict]) -> str:
   return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
 
 
-def _state_digests(state: Any, data_state: Optional[dict]) -> Callable[[], dict]:
-  """Starts the digests of a state being saved; returns a function that waits for them."""
-  params, opt_state = dispatch_checks(state.params, "params"), dispatch_checks(state.opt_state,
-                                                                                "opt_state")
-  data = data_digest(data_state)
-  return lambda: {"algorithm": DIGEST_ALGORITHM, "arrays": {**params()[0], **opt_state()[0]},
-                  "data": data}
-
-
 class _DigestHandler(ocp.JsonCheckpointHandler):
   """The ``digests`` item: its JSON is written by Orbax's background thread, which waits for
   the device to finish the fingerprints, so the training thread never does."""
 
   async def async_save(self, directory: epath.Path, item: Any = None, args: Any = None):
-    pending = args.item
-
     async def write() -> None:
-      digests = pending()
+      digests = args.item()
       if sharding.is_primary():
         (directory / "metadata").write_text(json.dumps(digests))
     return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="mt_flax_digests")]
 
 
-@ocp.args.register_with_handler(_DigestHandler, for_save=True)
+# Orbax uses a handler only with args registered for both save and restore (:func:`verify`
+# reads the digests' file itself).
+@ocp.args.register_with_handler(_DigestHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
-class _DigestSave(ocp.args.CheckpointArgs):
-  item: Callable[[], dict]     # waits for and returns the digests
-
-
-@ocp.args.register_with_handler(_DigestHandler, for_restore=True)
-@dataclasses.dataclass
-class _DigestRestore(ocp.args.CheckpointArgs):
-  item: Any = None
-
-
-def _read_digests(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
-  """The ``digests`` item of ``step``; None for a checkpoint saved without one (or with another
-  algorithm)."""
-  if not has_digests(manager, step):
-    return None
-  saved = manager.restore(step, args=ocp.args.Composite(digests=_DigestRestore())).digests
-  return saved if saved.get("algorithm") == DIGEST_ALGORITHM else None
+class _DigestArgs(ocp.args.CheckpointArgs):
+  item: Optional[Callable[[], dict]] = None     # waits for and returns the digests
 
 
 def verify(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None,
-           data_state: Any = None, check_data: bool = False) -> bool:
-  """Checks restored arrays against the digests saved with ``step`` and that params are finite.
-
-  Returns whether digests were found (False: only finiteness was checked).
+           data_state: Any = None, check_data: bool = False) -> None:
+  """Checks restored arrays against the digests saved with ``step`` (when it has digests of
+  this algorithm) and that params are finite.
 
   Raises:
     VerificationError: a digest differs or a parameter is NaN/inf (one-line reason).
   """
-  saved = _read_digests(manager, step)
+  folder = epath.Path(manager.directory) / str(step) / "digests"
+  saved = json.loads((folder / "metadata").read_text()) if folder.exists() else {}
   digests, non_finite = check_tree(params, "params")
-  if saved is not None:
+  if saved.get("algorithm") == DIGEST_ALGORITHM:
     if opt_state is not None:
       digests.update(check_tree(opt_state, "opt_state")[0])
     bad = [name for name, value in digests.items()
            if name in saved["arrays"] and saved["arrays"][name] != value]
     if bad:
       raise VerificationError(f"{bad[0]} differs from the digest saved with it")
-    if check_data and jax.process_index() == 0 and data_digest(data_state) != saved["data"]:
+    if check_data and sharding.is_primary() and data_digest(data_state) != saved["data"]:
       raise VerificationError("the data-iterator state differs from the digest saved with it")
   if non_finite:
     raise VerificationError(f"{non_finite[0]} holds NaN or inf values")
-  return saved is not None
-
-
-def has_digests(manager: ocp.CheckpointManager, step: int) -> bool:
-  """Whether ``step`` was saved with digests (so a restore of it was verified)."""
-  return (epath.Path(manager.directory) / str(step) / "digests").exists()
-
-
-class _IteratorState:
-  """A data-iterator state captured when the save starts (Grain's handler reads it)."""
-
-  def __init__(self, state: Optional[dict] = None):
-    self.state = state
-
-  def get_state(self) -> bytes:
-    return json.dumps(self.state).encode()
-
-
-_path = paths.as_path
-
-
-def _metric_fn(best_metric: str, best_mode: str):
-  worst = math.inf if best_mode == "min" else -math.inf
-  def fn(metrics: dict) -> float:
-    value = metrics.get(best_metric, worst) if isinstance(metrics, dict) else worst
-    value = float(value)
-    return worst if math.isnan(value) else value
-  return fn
 
 
 def remove_temporary(directory, step: Optional[int] = None) -> list[str]:
@@ -260,15 +190,13 @@ def remove_temporary(directory, step: Optional[int] = None) -> list[str]:
 
   Best effort: a folder that a writer still fills ("Directory not empty") is logged and
   left, and the next training run removes it before it starts."""
-  pattern = f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"
   removed = []
-  for tmp in _path(directory).glob(pattern):
+  for tmp in _path(directory).glob(f"{step if step is not None else '*'}.orbax-checkpoint-tmp*"):
     try:
       tmp.rmtree(missing_ok=True)
+      removed.append(tmp.name)
     except OSError:
-      logging.getLogger(__name__).exception("removing %s", tmp)
-      continue
-    removed.append(tmp.name)
+      _log.exception("removing %s", tmp)
   return removed
 
 
@@ -281,7 +209,11 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
   """A ``CheckpointManager`` over ``workdir/checkpoints`` keeping the last ``keep`` and the best."""
   if best_mode not in ("min", "max"):
     raise ValueError(f"best_mode={best_mode!r}: expected 'min' or 'max'")
-  metric_fn = _metric_fn(best_metric, best_mode)
+  worst = math.inf if best_mode == "min" else -math.inf
+
+  def metric_fn(metrics: dict) -> float:
+    value = float(metrics.get(best_metric, worst) if isinstance(metrics, dict) else worst)
+    return worst if math.isnan(value) else value
   policy = ocp_managers.AnyPreservationPolicy([
       ocp_managers.LatestN(n=max(int(keep), 1)),
       ocp_managers.BestN(get_metric_fn=metric_fn, reverse=best_mode == "min", n=1,
@@ -290,7 +222,6 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
   options = ocp.CheckpointManagerOptions(
       best_fn=metric_fn, best_mode=best_mode, preservation_policy=policy,
       enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-  directory = _path(workdir) / CHECKPOINT_DIR
   # Orbax splits a replicated array among its replicas, each writing a slice; a slice costs
   # a dispatch per device (and on the first save a compile per device and shape), so only
   # arrays whose slices reach REPLICA_SLICE_BYTES are split (a model's embeddings and
@@ -298,13 +229,11 @@ def make_manager(workdir: str, *, keep: int = 2, best_metric: str = "eval_loss",
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(
           min_slice_bytes_for_replica_parallel=REPLICA_SLICE_BYTES), override=True)
-  handlers = {"params": ocp.StandardCheckpointHandler(),
-              "opt_state": ocp.StandardCheckpointHandler(),
-              "train": ocp.StandardCheckpointHandler(),
-              "data": grain.checkpoint.CheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler(),
-              "digests": _DigestHandler()}
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+  handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state", "train")}
+  handlers.update(data=grain.checkpoint.CheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+                  digests=_DigestHandler())
+  return ocp.CheckpointManager(_path(workdir) / CHECKPOINT_DIR, options=options,
+                               item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Optional[dict],
@@ -314,28 +243,25 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Opti
   ``data_state`` is this process's ``iterator.get_state()`` taken now. The
   digests of the arrays are computed here, from the state being saved.
   """
+  checks = [dispatch_checks(state.params, "params"), dispatch_checks(state.opt_state, "opt_state")]
+  data, data_json = data_digest(data_state), json.dumps(data_state).encode()
+
+  def digests() -> dict:     # called by Orbax's background thread (_DigestHandler)
+    return {"algorithm": DIGEST_ALGORITHM,
+            "arrays": {k: v for wait in checks for k, v in wait()[0].items()}, "data": data}
+
   args = ocp.args.Composite(
-      digests=_DigestSave(_state_digests(state, data_state)),
+      digests=_DigestArgs(digests),
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
-      data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+      # Grain's handler asks an iterator for its state; this one is the state taken now.
+      data=grain.checkpoint.CheckpointSave(types.SimpleNamespace(get_state=lambda: data_json)),
       config=ocp.args.JsonSave(config.to_dict()))
   manager.save(step, args=args, metrics=metrics, force=True)
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
-  args = ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-      train=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng}))
-  out = manager.restore(step, args=args)
-  state = abstract_state.replace(params=out.params, opt_state=out.opt_state,
-                                 step=out.train["step"], rng=out.train["rng"])
-  if int(state.step) != step:
-    raise ValueError(f"holds step {int(state.step)}, not {step}")
-  return state, _read_data_state(manager, step)
-
+# ----------------------------------------------------------------------------- restore
 
 def _read_data_state(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
   """This process's data-iterator state saved with ``step``, or process 0's when this process
@@ -355,7 +281,7 @@ def _read_data_state(manager: ocp.CheckpointManager, step: int) -> Optional[dict
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   """Moves an unreadable step out of the manager's directory (kept for inspection)."""
-  if jax.process_index() == 0:
+  if sharding.is_primary():
     src = epath.Path(manager.directory) / str(step)
     dst = epath.Path(manager.directory).parent / UNREADABLE_DIR / str(step)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -377,57 +303,87 @@ def _reason(e: Exception) -> str:
   return f"is unreadable ({type(e).__name__}: {text})"
 
 
+def _first_good(manager: ocp.CheckpointManager, steps: Sequence[int],
+                read: Callable[[int], Any], set_aside: bool) -> tuple[Any, int]:
+  """``(read(step), step)`` for the first of ``steps`` that ``read`` reads and verifies.
+
+  Every step that fails is reported on stderr: training (``set_aside``) moves it to
+  ``UNREADABLE_DIR`` and reports it at once, one line each; inference leaves the
+  directory alone and names the failed steps in one line with the step it uses.
+
+  Raises:
+    CheckpointError: none of ``steps`` is good.
+  """
+  errors = []
+  for step in steps:
+    try:
+      result = read(step)
+    except Exception as e:  # pylint: disable=broad-except  (any read failure: try older)
+      why = _reason(e)
+      errors.append(f"step {step} {why}")
+      if set_aside:
+        print(f"mt_flax: checkpoint step {step} in {manager.directory} {why}; moved to "
+              f"{UNREADABLE_DIR}/ and using the previous one", file=sys.stderr, flush=True)
+        _set_aside(manager, step)
+      continue
+    if errors and not set_aside:
+      print(f"mt_flax: checkpoint {'; '.join(errors)}; using step {step} instead",
+            file=sys.stderr, flush=True)
+    return result, step
+  if set_aside:
+    raise CheckpointError(
+        f"no good checkpoint in {manager.directory}: step(s) {', '.join(map(str, steps))} "
+        f"failed and were moved to {UNREADABLE_DIR}/; re-run to start again from step 0")
+  raise CheckpointError(f"no good checkpoint in {manager.directory} ({'; '.join(errors)})")
+
+
 def restore_latest_good(manager: ocp.CheckpointManager,
                         abstract_state: Any) -> Optional[tuple[Any, Optional[dict], int]]:
   """Restores the newest checkpoint that reads and verifies into ``abstract_state``'s shapes.
 
   Returns ``(state, data_state, step)`` or None when there is no checkpoint.
-  Newer steps that cannot be read or fail :func:`verify` are reported on stderr
-  (one line each) and set aside.
+  Newer steps that cannot be read or fail :func:`verify` on any process are
+  reported on stderr (one line each) and set aside.
 
   Raises:
     CheckpointError: there were checkpoints but none was good.
   """
-  failed = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  def read(step: int) -> tuple[Any, Optional[dict], int]:
+    out = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+        train=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng})))
+    state = abstract_state.replace(params=out.params, opt_state=out.opt_state,
+                                   step=out.train["step"], rng=out.train["rng"])
+    if int(state.step) != step:
+      raise ValueError(f"holds step {int(state.step)}, not {step}")
+    data_state, bad = _read_data_state(manager, step), None
     try:
-      state, data_state = _restore_step(manager, step, abstract_state)
-      bad = None
-      try:
-        verify(manager, step, state.params, state.opt_state, data_state, check_data=True)
-      except VerificationError as e:
-        bad = e
-      if sharding.any_process(bad is not None):
-        raise bad or VerificationError("another process found it damaged")
-      return state, data_state, step
-    except Exception as e:  # pylint: disable=broad-except  (any read failure: try older)
-      print(f"mt_flax: checkpoint step {step} in {manager.directory} {_reason(e)}; moved to "
-            f"{UNREADABLE_DIR}/ and using the previous one", file=sys.stderr, flush=True)
-      failed.append(step)
-      _set_aside(manager, step)
-  if failed:
-    raise CheckpointError(
-        f"no good checkpoint in {manager.directory}: step(s) {', '.join(map(str, failed))} "
-        f"failed and were moved to {UNREADABLE_DIR}/; re-run to start again from step 0")
-  return None
+      verify(manager, step, state.params, state.opt_state, data_state, check_data=True)
+    except VerificationError as e:
+      bad = e
+    if sharding.any_process(bad is not None):
+      raise bad or VerificationError("another process found it damaged")
+    return state, data_state, step
+
+  steps = sorted(manager.all_steps(), reverse=True)
+  return _first_good(manager, steps, read, set_aside=True)[0] if steps else None
 
 
 class Checkpointer:
   """The checkpoints of one training run: restore, save in the background, poll, close.
 
-  Every process makes one and calls the same methods in the same order (Orbax
-  writes from all of them). A save that fails, in its synchronous part or in the
-  background, is raised as one :class:`SaveFailed` line by the next
-  :meth:`save`, :meth:`poll`, :meth:`settle` or :meth:`close`, after its temporary
-  folder is removed; the previous checkpoint stays intact. A run that lost the
-  workdir lock (``lost``) saves nothing more. Used as a context manager, it waits
-  for the save in flight and closes on the way out.
+  Every process makes one and calls the same methods in the same order (Orbax writes from
+  all of them). A save that fails, in its synchronous part or in the background, is raised
+  as one :class:`SaveFailed` line by the next :meth:`save`, :meth:`poll`, :meth:`settle` or
+  :meth:`close`, after its temporary folder is removed; the previous checkpoint stays
+  intact. A run that lost the workdir lock (``lost``) saves nothing more. Used as a context
+  manager, it waits for the save in flight and closes on the way out.
 
-  How the save in flight went is agreed by a gather over the processes: one in
-  :meth:`save` (with the lock's state) and :meth:`poll`; a caller that gathers
-  anyway (the training loop at its sync points) sends :meth:`status` along and
-  hands the agreed flags to :meth:`settle`, with no gather of its own. Between
-  those, nothing here is collective.
+  How the save in flight went is agreed by a gather over the processes: one in :meth:`save`
+  (with the lock's state) and :meth:`poll`; a caller that gathers anyway (the training loop
+  at its sync points) sends :meth:`status` along and hands the agreed flags to
+  :meth:`settle`, with no gather of its own. Between those, nothing here is collective.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict,
@@ -449,12 +405,12 @@ class Checkpointer:
     self.close()
 
   def restore(self, abstract_state: Any) -> Optional[tuple[Any, Optional[dict], int]]:
-    """``(state, data_state, step)`` of the newest good checkpoint (see
-    :func:`restore_latest_good`), or None."""
+    """:func:`restore_latest_good` of this run's checkpoints."""
     return restore_latest_good(self.manager, abstract_state)
 
   def verified(self, step: int) -> bool:
-    return has_digests(self.manager, step)
+    """Whether ``step`` was saved with digests (so a restore of it was verified)."""
+    return (self.directory / str(step) / "digests").exists()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -508,13 +464,9 @@ class Checkpointer:
 
   def poll(self, wait: bool = False) -> None:
     """Checks the save in flight (waits for it with ``wait``) with one gather; raises SaveFailed
-    if it failed.
-
-    Every process stops together: each reports whether its part is still running and failed.
-    """
-    if self.saving is None:
-      return
-    self.settle(*sharding.any_of_processes(self.status(wait)))
+    if it failed on any process, so every process stops together."""
+    if self.saving is not None:
+      self.settle(*sharding.any_of_processes(self.status(wait)))
 
   def close(self) -> None:
     """Waits for the save in flight, closes the manager and removes what a failed save left.
@@ -526,7 +478,7 @@ class Checkpointer:
       try:
         part()
       except Exception:  # pylint: disable=broad-except
-        logging.getLogger(__name__).exception("closing the checkpoints")
+        _log.exception("closing the checkpoints")
     join_orbax_threads()
     if sharding.is_primary():
       remove_temporary(self.directory)
@@ -548,19 +500,17 @@ class Checkpointer:
 def join_orbax_threads(timeout: float = 60) -> None:
   """Waits for Orbax's writer threads, raising nothing.
 
-  After a failed save Orbax raises on its first failed thread while others may
-  still write; what they wrote can only be removed after them. Their ``join``
-  re-raises the thread's own failure, which is the save's, already reported by
-  whoever waited for the save. (Writes orphaned inside tensorstore cannot be
-  waited for: the next run removes those.)
+  After a failed save Orbax raises on its first failed thread while others may still write;
+  what they wrote can only be removed after them. Their ``join`` re-raises the thread's own
+  failure, which is the save's, already reported. (Writes orphaned inside tensorstore cannot
+  be waited for: the next run removes those.)
   """
   for thread in threading.enumerate():
     if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
       try:
         thread.join(timeout=timeout)
       except Exception:  # pylint: disable=broad-except
-        logging.getLogger(__name__).debug("orbax thread %s ended with an error", thread.name,
-                                          exc_info=True)
+        _log.debug("orbax thread %s ended with an error", thread.name, exc_info=True)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -570,43 +520,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise CheckpointError(f"no {CONFIG_FILE} in workdir {workdir!r}; expected the workdir of a "
                           "`python -m mt_flax train` run")
   return with_defaults(json.loads(path.read_text()), os.fspath(path))
-
-
-def restore_for_inference(workdir: str, which: str = "best", placed: Optional[Any] = None
-                          ) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """Loads ``(config, params, step)`` from a training workdir for decoding (on the default
-  device, or with every array in the sharding ``placed``).
-
-  ``which``: "best" (best validation metric; the latest if none was validated)
-  or "latest". A step that does not read or verify is named on stderr and the
-  next newest is used.
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
-  if not _path(workdir).is_dir():
-    raise CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir of a "
-                          "`python -m mt_flax train` run")
-  config = read_config(workdir)
-  manager = read_only_manager(workdir)
-  steps = sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    raise CheckpointError(f"no checkpoints in {manager.directory}; train first")
-  first = manager.best_step() if which == "best" else steps[0]
-  errors = []
-  for step in [first] + [s for s in steps if s != first]:
-    try:
-      params = restore_params(manager, step, placed)
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step} {_reason(e)}")
-      continue
-    if errors:
-      print(f"mt_flax: checkpoint {'; '.join(errors)}; using step {step} instead",
-            file=sys.stderr, flush=True)
-    return config, params, int(step)
-  raise CheckpointError(f"no good checkpoint in {manager.directory} ({'; '.join(errors)})")
-
-
-# ----------------------------------------------------------------------------- averaged params
 
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
@@ -636,6 +549,33 @@ def restore_params(manager: ocp.CheckpointManager, step: int, placed: Optional[A
   verify(manager, step, params)
   return params
 
+
+def restore_for_inference(workdir: str, which: str = "best", placed: Optional[Any] = None
+                          ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """Loads ``(config, params, step)`` from a training workdir for decoding (on the default
+  device, or with every array in the sharding ``placed``).
+
+  ``which``: "best" (best validation metric; the latest if none was validated)
+  or "latest". A step that does not read or verify is named on stderr and the
+  next newest is used; nothing is moved (the workdir may be read-only).
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: expected 'best' or 'latest'")
+  if not _path(workdir).is_dir():
+    raise CheckpointError(f"workdir {workdir!r} does not exist; expected the workdir of a "
+                          "`python -m mt_flax train` run")
+  config = read_config(workdir)
+  manager = read_only_manager(workdir)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"no checkpoints in {manager.directory}; train first")
+  first = manager.best_step() if which == "best" else steps[0]
+  params, step = _first_good(manager, [first] + [s for s in steps if s != first],
+                             lambda s: restore_params(manager, s, placed), set_aside=False)
+  return config, params, int(step)
+
+
+# ----------------------------------------------------------------------------- averaged params
 
 def save_averaged(workdir: str, params: Any, info: dict) -> str:
   """Writes ``params`` and ``info`` to ``workdir/averaged/`` (replacing it); returns the path.
