@@ -30,10 +30,13 @@ from pathlib import Path
 
 # XLA ends a process whose CPU collective has waited 40 s for its device threads; with 8
 # simulated devices on 2 busy cores (two xdist workers, subprocess runs beside them) that
-# happens. This process and every one the tests start wait longer.
+# happens. This process and every one the tests start wait longer. They also compile
+# without LLVM's optimisations: a tiny train step compiles in about half the time and runs
+# about 3x slower, and the tests compile far more than they run.
 os.environ["MT_FLAX_TEST_XLA_FLAGS"] = (
     "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
-    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
+    "--xla_backend_optimization_level=0")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       + os.environ["MT_FLAX_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -56,7 +56,7 @@ def test_default_run_trains_evaluates_and_samples_then_reuses_the_run(tmp_path, 
   run_dir = tiny_training.new_workdir(tmp_path, "run")
   env = {**os.environ, "MT_FLAX_NO_SETUP": "1", "MT_FLAX_RUN_DIR": run_dir,
          "MT_FLAX_EVAL_ARGS": "--max-examples 8 --beam 1 --long-examples 0"}
-  env.pop("XLA_FLAGS", None)  # one CPU device
+  env["XLA_FLAGS"] = os.environ["MT_FLAX_TEST_XLA_FLAGS"]  # one CPU device
   first = subprocess.run([LAUNCH, *flags], capture_output=True, text=True, env=env, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
   for stage in ("1/3 training", "2/3 evaluating", "3/3 sample translations", "done in"):

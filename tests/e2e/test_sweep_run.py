@@ -29,7 +29,7 @@ def sweep_command(sweep_file: str, sweep_dir: str, flags: list[str]) -> list[str
 
 def one_device_env() -> dict[str, str]:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device: the sweep, not sharding, is under test
+  env["XLA_FLAGS"] = os.environ["MT_FLAX_TEST_XLA_FLAGS"]  # one CPU device
   env.update(PYTHONPATH=ROOT)
   return env
 
