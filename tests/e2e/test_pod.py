@@ -149,6 +149,6 @@ def test_emulated_pod_resumes_on_gcs_like_one_process(gcs_emulator, pod_env, tin
                    b"In the beginning God created the heavens and the earth.\nAnd God said.\n")
   out, err = capsys.readouterr()
   assert code == 0 and len(out.splitlines()) == 2, err[-3000:]
-  code = call_main(audit.main, ["--workdir", workdir])
+  code = call_main(audit.main, ["--workdir", workdir, "--batches", "1", "--rows", "2"])
   out, err = capsys.readouterr()
   assert code == 0, err[-3000:] + out[-3000:]
